@@ -1,0 +1,54 @@
+# tunnel — every task is a make target. `make demo` runs the main job, `make test` the tests.
+CARGO        ?= cargo
+FUZZ_SECONDS ?= 60
+MUSL_TARGET  := x86_64-unknown-linux-musl
+BIN          := target/release/tunnel
+STATIC_BIN   := target/$(MUSL_TARGET)/release/tunnel
+
+.PHONY: all build release test lint fmt demo bench fuzz static clean
+
+all: build
+
+build:
+	$(CARGO) build
+
+release:
+	$(CARGO) build --release
+
+## test: unit tests, then the black-box tests against the built binary
+test:
+	$(CARGO) build
+	$(CARGO) test -- --test-threads=2
+
+## lint: formatting check and clippy with warnings as errors
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+## demo: signal server, demo upstream, serve and proxy on loopback; one streamed request
+demo: release
+	$(BIN) demo
+
+## bench: figures side by side (signal server; tunnel vs. direct)
+bench: release
+	$(CARGO) build --release --example bench 2>/dev/null || true
+	$(BIN) bench
+
+## fuzz: run the frame-codec fuzzer for FUZZ_SECONDS (nightly + cargo-fuzz)
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz
+	cd fuzz && $(CARGO) +nightly fuzz run frame -- -max_total_time=$(FUZZ_SECONDS)
+
+## static: stripped, fully static x86_64 musl binary; prints its size
+static:
+	@rustup target list --installed | grep -qx $(MUSL_TARGET) || rustup target add $(MUSL_TARGET)
+	@command -v musl-gcc >/dev/null || (apt-get update -qq && apt-get install -y -qq musl-tools)
+	CC_x86_64_unknown_linux_musl=musl-gcc $(CARGO) build --release --target $(MUSL_TARGET)
+	@file $(STATIC_BIN) | grep -q 'static' || (echo "not a static binary" && false)
+	@ls -l $(STATIC_BIN) | awk '{ printf "static binary: %s, %d bytes (%.2f MiB)\n", $$9, $$5, $$5/1048576 }'
+
+clean:
+	$(CARGO) clean

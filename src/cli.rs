@@ -1,0 +1,233 @@
+//! Command-line interface: the argh definitions of `tunnel signal | serve | proxy`, with their
+//! environment-variable fallbacks. Parsed by `main.rs`; the option structs are handed to the
+//! mode drivers (`signal::run`, `tunnel::serve`, `tunnel::proxy`).
+
+use argh::FromArgs;
+
+/// Peer-to-peer HTTP tunnel over WebRTC data channels, and the signaling server that introduces
+/// the peers. Logs go to stderr; set RUST_LOG=debug for one line per request.
+#[derive(FromArgs, Debug)]
+pub struct Cli {
+    /// print the version and exit
+    #[argh(switch)]
+    pub version: bool,
+
+    #[argh(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+pub enum Command {
+    Signal(SignalOpts),
+    Serve(ServeOpts),
+    Proxy(ProxyOpts),
+}
+
+/// Run the rendezvous server: WebSocket signaling (p2p-llm-tunnel, WebLLM or ChronoFlux dialect),
+/// the agent SSE/REST API, a STUN responder, /healthz and /metrics, all on one port.
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand, name = "signal")]
+pub struct SignalOpts {
+    /// TCP port (default: 8787 for the tunnel dialect, 8080 webllm, 8089 chronoflux; or $PORT)
+    #[argh(option)]
+    pub port: Option<u16>,
+
+    /// address to bind: HOST or HOST:PORT or [V6]:PORT (default 0.0.0.0); a port here wins over
+    /// --port
+    #[argh(option)]
+    pub listen: Option<String>,
+
+    /// wire dialect: tunnel (default), webllm or chronoflux
+    #[argh(option, default = "String::from(\"tunnel\")")]
+    pub dialect: String,
+
+    /// members per room in the tunnel dialect (default 2); above 2, messages may carry "to"
+    #[argh(option, default = "2")]
+    pub max_peers: usize,
+
+    /// webllm dialect: deliver signal/direct to any registered device, as the original did,
+    /// instead of only within the sender's room
+    #[argh(switch)]
+    pub webllm_global_signal: bool,
+
+    /// ICE server URL handed to agent API clients (repeatable), e.g. stun:stun.example.org:3478
+    #[argh(option)]
+    pub ice_server: Vec<String>,
+
+    /// shared secret for per-session TURN credentials (coturn use-auth-secret)
+    #[argh(option)]
+    pub turn_secret: Option<String>,
+
+    /// TURN URL the minted credentials are for (repeatable), e.g. turn:turn.example.org:3478
+    #[argh(option)]
+    pub turn_url: Vec<String>,
+
+    /// lifetime of minted TURN credentials in seconds (default 86400)
+    #[argh(option, default = "86400")]
+    pub turn_ttl: u64,
+
+    /// UDP port of the STUN responder (default: the TCP port)
+    #[argh(option)]
+    pub stun_port: Option<u16>,
+
+    /// do not answer STUN binding requests
+    #[argh(switch)]
+    pub no_stun: bool,
+
+    /// largest WebSocket message or HTTP body accepted, in bytes (default 65536)
+    #[argh(option, default = "65536")]
+    pub max_message: usize,
+
+    /// most simultaneous connections; more are refused (default 50000)
+    #[argh(option, default = "50000")]
+    pub max_connections: usize,
+
+    /// messages per second one WebSocket may send, sustained; bursts of twice that pass
+    /// (default 1000)
+    #[argh(option, default = "1000")]
+    pub rate_limit: u32,
+}
+
+/// Expose an upstream HTTP service (an LLM server, any HTTP API) through the tunnel: the provider.
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand, name = "serve")]
+pub struct ServeOpts {
+    /// signaling server URL, ws:// or wss:// (env TUNNEL_SIGNAL); without it, serve hosts the
+    /// signal server itself on --signal-listen
+    #[argh(option)]
+    pub signal: Option<String>,
+
+    /// where the built-in signal server listens when --signal is not given (default 0.0.0.0:8787)
+    #[argh(option)]
+    pub signal_listen: Option<String>,
+
+    /// room name both peers join (env TUNNEL_ROOM)
+    #[argh(option)]
+    pub room: Option<String>,
+
+    /// upstream base URL, http://host:port[/base] (env TUNNEL_UPSTREAM)
+    #[argh(option)]
+    pub upstream: Option<String>,
+
+    /// path prefix stripped from request paths before forwarding (default /)
+    #[argh(option)]
+    pub advertise: Option<String>,
+
+    /// STUN server HOST:PORT for the server-reflexive candidate (default: the signal server)
+    #[argh(option)]
+    pub stun: Option<String>,
+
+    /// local IP address to use for ICE (repeatable; env TUNNEL_ICE_ADDR, comma-separated);
+    /// default: every usable local address
+    #[argh(option)]
+    pub ice_addr: Vec<String>,
+
+    /// TURN server URL (env TUNNEL_TURN); accepted for compatibility, relaying is not supported
+    #[argh(option)]
+    pub turn: Option<String>,
+
+    /// TURN user name (env TUNNEL_TURN_USER)
+    #[argh(option)]
+    pub turn_user: Option<String>,
+
+    /// TURN password (env TUNNEL_TURN_PASS)
+    #[argh(option)]
+    pub turn_pass: Option<String>,
+}
+
+/// Listen locally and carry every HTTP request through the tunnel to the provider: the consumer.
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand, name = "proxy")]
+pub struct ProxyOpts {
+    /// signaling server URL, ws:// or wss:// (env TUNNEL_SIGNAL)
+    #[argh(option)]
+    pub signal: Option<String>,
+
+    /// room name both peers join (env TUNNEL_ROOM)
+    #[argh(option)]
+    pub room: Option<String>,
+
+    /// local address the HTTP proxy listens on (env TUNNEL_LISTEN; default 127.0.0.1:8000)
+    #[argh(option)]
+    pub listen: Option<String>,
+
+    /// STUN server HOST:PORT for the server-reflexive candidate (default: the signal server)
+    #[argh(option)]
+    pub stun: Option<String>,
+
+    /// local IP address to use for ICE (repeatable; env TUNNEL_ICE_ADDR, comma-separated);
+    /// default: every usable local address
+    #[argh(option)]
+    pub ice_addr: Vec<String>,
+
+    /// TURN server URL (env TUNNEL_TURN); accepted for compatibility, relaying is not supported
+    #[argh(option)]
+    pub turn: Option<String>,
+
+    /// TURN user name (env TUNNEL_TURN_USER)
+    #[argh(option)]
+    pub turn_user: Option<String>,
+
+    /// TURN password (env TUNNEL_TURN_PASS)
+    #[argh(option)]
+    pub turn_pass: Option<String>,
+}
+
+/// `flag` if given, else the environment variable `var` if set and not empty.
+pub fn flag_or_env(flag: &Option<String>, var: &str) -> Option<String> {
+    flag.clone()
+        .or_else(|| std::env::var(var).ok().filter(|v| !v.is_empty()))
+}
+
+/// Splits a `HOST`, `HOST:PORT`, `[V6]` or `[V6]:PORT` listen spec into host and optional port.
+pub fn split_host_port(spec: &str) -> Result<(String, Option<u16>), String> {
+    let bad = || format!("invalid address '{spec}': expected HOST, HOST:PORT or [IPv6]:PORT");
+    if let Some(rest) = spec.strip_prefix('[') {
+        let (host, after) = rest.split_once(']').ok_or_else(bad)?;
+        let port = match after {
+            "" => None,
+            p => Some(
+                p.strip_prefix(':')
+                    .ok_or_else(bad)?
+                    .parse()
+                    .map_err(|_| bad())?,
+            ),
+        };
+        return Ok((host.to_string(), port));
+    }
+    match spec.matches(':').count() {
+        0 => Ok((spec.to_string(), None)),
+        1 => {
+            let (host, port) = spec.split_once(':').ok_or_else(bad)?;
+            Ok((host.to_string(), Some(port.parse().map_err(|_| bad())?)))
+        }
+        // A bare IPv6 address without brackets and without port.
+        _ => Ok((spec.to_string(), None)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_forms() {
+        assert_eq!(
+            split_host_port("0.0.0.0").unwrap(),
+            ("0.0.0.0".into(), None)
+        );
+        assert_eq!(
+            split_host_port("127.0.0.1:9").unwrap(),
+            ("127.0.0.1".into(), Some(9))
+        );
+        assert_eq!(
+            split_host_port("[::1]:80").unwrap(),
+            ("::1".into(), Some(80))
+        );
+        assert_eq!(split_host_port("[::1]").unwrap(), ("::1".into(), None));
+        assert_eq!(split_host_port("::1").unwrap(), ("::1".into(), None));
+        assert!(split_host_port("h:notaport").is_err());
+        assert!(split_host_port("[::1]x").is_err());
+    }
+}

@@ -1,0 +1,10 @@
+//! `tunnel`: a peer-to-peer HTTP tunnel over WebRTC data channels, and the signaling server that
+//! introduces the peers. The binary (`src/main.rs`), the black-box tests and the fuzz targets all
+//! use this library. Every protocol is a sans-IO core; each mode has one mio driver.
+
+pub mod cli;
+pub mod frame;
+pub mod http1;
+pub mod signal;
+pub mod stun;
+pub mod util;
