@@ -5,7 +5,7 @@ MUSL_TARGET  := x86_64-unknown-linux-musl
 BIN          := target/release/tunnel
 STATIC_BIN   := target/$(MUSL_TARGET)/release/tunnel
 
-.PHONY: all build release test lint fmt demo bench fuzz static clean
+.PHONY: all build release test test-deps lint fmt demo bench fuzz static clean
 
 all: build
 
@@ -16,9 +16,16 @@ release:
 	$(CARGO) build --release
 
 ## test: unit tests, then the black-box tests against the built binary
-test:
+test: test-deps
 	$(CARGO) build
 	$(CARGO) test -- --test-threads=2
+
+# The agent API guide's Python and Node clients run in the tests: httpx and eventsource@2.
+AGENT_CLIENTS := target/tmp/agent-clients
+test-deps:
+	@python3 -c 'import httpx' 2>/dev/null || pip install -q httpx
+	@test -d $(AGENT_CLIENTS)/node_modules/eventsource || \
+	  (mkdir -p $(AGENT_CLIENTS) && npm install --silent --no-audit --no-fund --prefix $(AGENT_CLIENTS) eventsource@2)
 
 ## lint: formatting check and clippy with warnings as errors
 lint:

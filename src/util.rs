@@ -88,6 +88,29 @@ pub fn hmac_sha1(key: &[u8], message: &[u8]) -> [u8; 20] {
     outer.finalize().into()
 }
 
+/// This host's non-loopback IPv4 addresses, read from /proc/net/fib_trie (Linux); empty
+/// elsewhere. Used for start-up banners and as default ICE host candidates.
+pub fn local_ipv4_addrs() -> Vec<std::net::Ipv4Addr> {
+    let Ok(text) = std::fs::read_to_string("/proc/net/fib_trie") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    let mut last: Option<std::net::Ipv4Addr> = None;
+    for line in text.lines() {
+        let t = line.trim_start();
+        if let Some(addr) = t.strip_prefix("|-- ") {
+            last = addr.trim().parse().ok();
+        } else if t.starts_with("/32 host LOCAL") {
+            if let Some(ip) = last.take() {
+                if !ip.is_loopback() && !found.contains(&ip) {
+                    found.push(ip);
+                }
+            }
+        }
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

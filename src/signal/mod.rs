@@ -1,6 +1,165 @@
-//! (being written)
+//! `tunnel signal`: the rendezvous server. Resolves the command line into a `server::Config`,
+//! prints the start-up lines each dialect's users expect, and runs the one-thread mio driver.
+//! `tunnel serve` without `--signal` starts the same server on a thread of its own (`spawn`).
 
-/// Runs the signal server until it is killed.
-pub fn run(_opts: crate::cli::SignalOpts) -> Result<(), String> {
-    Err("signal server is not built yet".into())
+pub mod agent;
+pub mod chronoflux;
+pub mod dialect;
+pub mod server;
+pub mod tunnel_rooms;
+pub mod webllm;
+
+use std::net::{IpAddr, SocketAddr};
+
+use crate::cli::{split_host_port, SignalOpts};
+use agent::IceConfig;
+use server::{Config, Server};
+
+/// The dialects `--dialect` accepts.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum DialectKind {
+    Tunnel,
+    WebLlm,
+    ChronoFlux,
+}
+
+impl DialectKind {
+    fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "tunnel" => Ok(DialectKind::Tunnel),
+            "webllm" => Ok(DialectKind::WebLlm),
+            "chronoflux" => Ok(DialectKind::ChronoFlux),
+            other => Err(format!(
+                "unknown dialect '{other}': expected tunnel, webllm or chronoflux"
+            )),
+        }
+    }
+
+    fn default_port(self) -> u16 {
+        match self {
+            DialectKind::Tunnel => 8787,
+            DialectKind::WebLlm => 8080,
+            DialectKind::ChronoFlux => 8089,
+        }
+    }
+}
+
+/// Builds the server configuration from the command line (and `PORT`).
+pub fn config(opts: &SignalOpts) -> Result<(Config, DialectKind), String> {
+    let kind = DialectKind::parse(&opts.dialect)?;
+    let env_port = match std::env::var("PORT") {
+        Ok(p) if !p.is_empty() => Some(
+            p.parse::<u16>()
+                .map_err(|_| format!("invalid PORT environment variable '{p}'"))?,
+        ),
+        _ => None,
+    };
+    let (host, listen_port) = match &opts.listen {
+        Some(spec) => split_host_port(spec)?,
+        None => ("0.0.0.0".to_string(), None),
+    };
+    let ip: IpAddr = host
+        .parse()
+        .map_err(|_| format!("invalid listen address '{host}': expected an IP address"))?;
+    let port = listen_port
+        .or(opts.port)
+        .or(env_port)
+        .unwrap_or(kind.default_port());
+    if opts.max_peers < 2 {
+        return Err("--max-peers must be at least 2".into());
+    }
+    if opts.max_message < 1024 {
+        return Err("--max-message must be at least 1024 bytes".into());
+    }
+    if opts.turn_secret.is_some() == opts.turn_url.is_empty() {
+        return Err("--turn-secret and --turn-url go together".into());
+    }
+    let dialect: Box<dyn dialect::Dialect + Send> = match kind {
+        DialectKind::Tunnel => Box::new(tunnel_rooms::TunnelRooms::new(opts.max_peers)),
+        DialectKind::WebLlm => Box::new(webllm::WebLlm::new(opts.webllm_global_signal, port)),
+        DialectKind::ChronoFlux => Box::new(chronoflux::ChronoFlux::new()),
+    };
+    let stun = if opts.no_stun {
+        None
+    } else {
+        Some(SocketAddr::new(ip, opts.stun_port.unwrap_or(0)))
+    };
+    let cfg = Config {
+        listen: SocketAddr::new(ip, port),
+        stun,
+        dialect,
+        ice: IceConfig {
+            urls: opts.ice_server.clone(),
+            turn_secret: opts.turn_secret.clone(),
+            turn_urls: opts.turn_url.clone(),
+            turn_ttl: opts.turn_ttl,
+            own_stun_port: None,
+        },
+        max_message: opts.max_message,
+        max_connections: opts.max_connections.max(1),
+        rate_limit: opts.rate_limit,
+    };
+    Ok((cfg, kind))
+}
+
+/// `tunnel signal`: runs the server in this thread until it is killed.
+pub fn run(opts: SignalOpts) -> Result<(), String> {
+    let (cfg, kind) = config(&opts)?;
+    let mut server = Server::bind(cfg)?;
+    announce(&server, kind);
+    server.run()
+}
+
+/// Starts a tunnel-dialect signal server on its own thread; returns its TCP and STUN addresses.
+pub fn spawn(listen: SocketAddr) -> Result<(SocketAddr, Option<SocketAddr>), String> {
+    let cfg = Config {
+        listen,
+        stun: Some(SocketAddr::new(listen.ip(), 0)),
+        dialect: Box::new(tunnel_rooms::TunnelRooms::new(2)),
+        ice: IceConfig::default(),
+        max_message: 64 * 1024,
+        max_connections: 1024,
+        rate_limit: 1000,
+    };
+    let mut server = Server::bind(cfg)?;
+    let addrs = (server.local_addr(), server.stun_addr());
+    std::thread::Builder::new()
+        .name("signal".into())
+        .spawn(move || {
+            if let Err(e) = server.run() {
+                log::error!("signal server stopped: {e}");
+            }
+        })
+        .map_err(|e| format!("cannot start the signal server thread: {e}"))?;
+    Ok(addrs)
+}
+
+fn announce(server: &Server, kind: DialectKind) {
+    let addr = server.local_addr();
+    let shown = match addr {
+        SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
+        SocketAddr::V4(a) => a.to_string(),
+    };
+    log::info!("listening on ws://{shown}");
+    match kind {
+        DialectKind::Tunnel => {}
+        DialectKind::ChronoFlux => log::info!("dialect: chronoflux"),
+        DialectKind::WebLlm => {
+            log::info!("dialect: webllm");
+            let port = addr.port();
+            let mut banner = format!(
+                "\n🔗 WebLLM Signaling Server Started\n\n   Local:    http://localhost:{port}\n"
+            );
+            for ip in crate::util::local_ipv4_addrs() {
+                banner.push_str(&format!(
+                    "   Network:  http://{ip}:{port}\n   WS URL:   ws://{ip}:{port}\n"
+                ));
+            }
+            banner.push_str("\n   Share the WS URL with other devices on your network.\n");
+            println!("{banner}");
+        }
+    }
+    if let Some(stun) = server.stun_addr() {
+        log::info!("STUN responder on udp {stun}");
+    }
 }

@@ -1,0 +1,207 @@
+//! Shared helpers for the black-box tests: start the built `tunnel` binary, wait for its log
+//! lines with a deadline, and talk WebSocket / HTTP to it on loopback.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tungstenite::{Message, WebSocket};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tunnel");
+
+/// A running `tunnel` process, killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    lines: Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl Proc {
+    pub fn start(args: &[&str], envs: &[(&str, &str)]) -> Proc {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .env_remove("PORT")
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn tunnel");
+        let (tx, rx) = channel();
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Proc {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits (up to `secs`) for an output line containing `needle`; returns it.
+    pub fn wait_line(&mut self, needle: &str, secs: u64) -> String {
+        if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+            return l.clone();
+        }
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no line containing {needle:?} within {secs}s; output so far:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Takes the lines printed so far without waiting.
+    pub fn drain(&mut self) -> &[String] {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+        &self.seen
+    }
+
+    /// Waits for the process to exit (up to `secs`), returning its exit code.
+    pub fn wait_exit(&mut self, secs: u64) -> Option<i32> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::park_timeout(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `tunnel signal` on an ephemeral loopback port with extra args; returns it and its address.
+pub fn signal(extra: &[&str]) -> (Proc, SocketAddr) {
+    let mut args = vec!["signal", "--listen", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    let mut p = Proc::start(&args, &[]);
+    let line = p.wait_line("listening on ws://", 10);
+    let addr = line
+        .rsplit("ws://")
+        .next()
+        .and_then(|a| a.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("cannot read the address in {line:?}"));
+    (p, addr)
+}
+
+pub type Ws = WebSocket<TcpStream>;
+
+/// Opens a WebSocket to `addr` with `path`.
+pub fn ws(addr: SocketAddr, path: &str) -> Ws {
+    let stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let url = format!("ws://{addr}{path}");
+    let (ws, _) = tungstenite::client(url.as_str(), stream).expect("websocket handshake");
+    ws
+}
+
+pub fn send(ws: &mut Ws, text: &str) {
+    ws.send(Message::text(text)).expect("send");
+}
+
+/// The next text message, parsed (pings and pongs skipped).
+pub fn recv(ws: &mut Ws) -> Value {
+    loop {
+        match ws.read().expect("read message") {
+            Message::Text(t) => {
+                return serde_json::from_str(t.as_str()).expect("server sent JSON")
+            }
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected message {other:?}"),
+        }
+    }
+}
+
+/// A raw HTTP/1.1 exchange: sends `request` bytes, returns (status, head, body) read until the
+/// server closes or `Content-Length` is satisfied.
+pub fn http(addr: SocketAddr, request: &str) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    read_response(&mut s)
+}
+
+pub fn read_response(s: &mut TcpStream) -> (u16, String, String) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).to_string();
+                let status = head
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                return (status, head, body);
+            }
+        }
+        let n = s.read(&mut chunk).expect("read response");
+        assert!(n > 0, "connection closed mid-response: {:?}", String::from_utf8_lossy(&buf));
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+pub fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {
+    http(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
+    )
+}
+
+pub fn post(addr: SocketAddr, path: &str, body: &str) -> (u16, String, String) {
+    http(
+        addr,
+        &format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
