@@ -1,0 +1,31 @@
+//! Replays the committed fuzz seed corpus (`fuzz/corpus/frame/`) through the frame codec's fuzz
+//! entry point on stable Rust, so `cargo test` catches regressions the fuzzer once found.
+
+use std::fs;
+use std::path::Path;
+
+#[test]
+fn frame_corpus_replays_cleanly() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/frame");
+    let mut replayed = 0;
+    for entry in fs::read_dir(&dir).expect("fuzz/corpus/frame is committed") {
+        let path = entry.expect("readable corpus entry").path();
+        if !path.is_file() {
+            continue;
+        }
+        let data = fs::read(&path).expect("readable corpus file");
+        tunnel::frame::fuzz_one(&data);
+        // Seeds named `bad_*` are malformed on purpose; every other seed is a valid frame.
+        let malformed = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("bad_"));
+        assert_eq!(
+            tunnel::frame::Message::decode(&data).is_err(),
+            malformed,
+            "{path:?}"
+        );
+        replayed += 1;
+    }
+    assert!(replayed >= 10, "only {replayed} corpus files in {dir:?}");
+}
