@@ -44,10 +44,16 @@ bench: release
 	$(CARGO) build --release --example bench 2>/dev/null || true
 	$(BIN) bench
 
-## fuzz: run the frame-codec fuzzer for FUZZ_SECONDS (nightly + cargo-fuzz)
+## fuzz: run each fuzz target (frame codec, HTTP/1.1 codec) for FUZZ_SECONDS (nightly +
+## cargo-fuzz); new inputs go to target/fuzz-corpus, the committed seeds stay as they are
 fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz
-	cd fuzz && $(CARGO) +nightly fuzz run frame -- -max_total_time=$(FUZZ_SECONDS)
+	@rustup toolchain list | grep -q nightly || rustup toolchain install nightly --profile minimal
+	@for t in frame http1; do \
+	  mkdir -p target/fuzz-corpus/$$t && \
+	  (cd fuzz && $(CARGO) +nightly fuzz run $$t ../target/fuzz-corpus/$$t corpus/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS)) || exit 1; \
+	done
 
 ## static: stripped, fully static x86_64 musl binary; prints its size
 static:

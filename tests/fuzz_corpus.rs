@@ -1,5 +1,5 @@
-//! Replays the committed fuzz seed corpus (`fuzz/corpus/frame/`) through the frame codec's fuzz
-//! entry point on stable Rust, so `cargo test` catches regressions the fuzzer once found.
+//! Replays the committed fuzz seed corpora (`fuzz/corpus/frame/`, `fuzz/corpus/http1/`) through the
+//! codecs' fuzz entry points on stable Rust, so `cargo test` catches what the fuzzers once found.
 
 use std::fs;
 use std::path::Path;
@@ -28,4 +28,18 @@ fn frame_corpus_replays_cleanly() {
         replayed += 1;
     }
     assert!(replayed >= 10, "only {replayed} corpus files in {dir:?}");
+}
+
+#[test]
+fn http1_corpus_replays_cleanly() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/http1");
+    let mut replayed = 0;
+    for entry in fs::read_dir(&dir).expect("fuzz/corpus/http1 is committed") {
+        let path = entry.expect("readable corpus entry").path();
+        if path.is_file() {
+            tunnel::http1::fuzz_one(&fs::read(&path).expect("readable corpus file"));
+            replayed += 1;
+        }
+    }
+    assert!(replayed >= 8, "only {replayed} corpus files in {dir:?}");
 }

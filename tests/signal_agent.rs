@@ -83,21 +83,34 @@ fn connect_signal_leave_in_every_dialect() {
         let jb = b.expect("joined");
         let b_id = jb["id"].as_str().unwrap().to_string();
         assert_eq!(b.expect("roster"), json!([a_id, b_id]));
-        assert_eq!(a.expect("roster"), json!([a_id, b_id]), "room names are trimmed and upper-cased");
+        assert_eq!(
+            a.expect("roster"),
+            json!([a_id, b_id]),
+            "room names are trimmed and upper-cased"
+        );
 
         let signal = json!({"sdp": {"type": "offer", "sdp": "v=0\r\n"}, "connectionMode": "lan"});
         let body = json!({"sender": a_id, "to": b_id, "token": a_tok, "signal": signal});
         let (status, head, reply) = post(addr, "/api/signal?room=agent-room", &body.to_string());
         assert_eq!((status, reply.as_str()), (200, r#"{"success":true}"#));
         assert!(head.contains("Access-Control-Allow-Origin: *"));
-        assert_eq!(b.expect("signal"), json!({"sender": a_id, "signal": signal}));
+        assert_eq!(
+            b.expect("signal"),
+            json!({"sender": a_id, "signal": signal})
+        );
 
         let missing = json!({"sender": a_id, "token": a_tok}).to_string();
         let (status, _, reply) = post(addr, "/api/signal?room=agent-room", &missing);
-        assert_eq!((status, reply.as_str()), (400, r#"{"error":"Missing required parameters"}"#));
+        assert_eq!(
+            (status, reply.as_str()),
+            (400, r#"{"error":"Missing required parameters"}"#)
+        );
         let forged = json!({"sender": a_id, "to": b_id, "token": "nope", "signal": {}}).to_string();
         let (status, _, reply) = post(addr, "/api/signal?room=agent-room", &forged);
-        assert_eq!((status, reply.as_str()), (403, r#"{"error":"Unauthorized: invalid session token"}"#));
+        assert_eq!(
+            (status, reply.as_str()),
+            (403, r#"{"error":"Unauthorized: invalid session token"}"#)
+        );
 
         let leave = json!({"sender": a_id, "token": a_tok}).to_string();
         let (status, _, reply) = post(addr, "/api/leave?room=agent-room", &leave);
@@ -111,8 +124,9 @@ fn rate_limit_burst_then_429() {
     let (_server, addr) = signal(&[]);
     let mut a = Sse::open(addr, "room=rl");
     let ja = a.expect("joined");
-    let body = json!({"sender": ja["id"], "to": ja["id"], "token": ja["token"], "signal": {"n": 1}})
-        .to_string();
+    let body =
+        json!({"sender": ja["id"], "to": ja["id"], "token": ja["token"], "signal": {"n": 1}})
+            .to_string();
     // One keep-alive connection, as the seed's httpx client uses.
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -127,7 +141,10 @@ fn rate_limit_burst_then_429() {
         let (status, _, reply) = read_response(&mut s);
         statuses.push(status);
         if status == 429 {
-            assert_eq!(reply, r#"{"error":"Too Many Requests: signaling rate limit exceeded"}"#);
+            assert_eq!(
+                reply,
+                r#"{"error":"Too Many Requests: signaling rate limit exceeded"}"#
+            );
             break;
         }
     }
@@ -136,7 +153,10 @@ fn rate_limit_burst_then_429() {
     assert!((50..58).contains(&ok), "{statuses:?}");
     assert_eq!(statuses.last(), Some(&429));
     let (_, _, metrics) = get(addr, "/metrics");
-    assert!(metrics.contains("tunnel_signal_rate_limited_total 1"), "{metrics}");
+    assert!(
+        metrics.contains("tunnel_signal_rate_limited_total 1"),
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -146,8 +166,14 @@ fn reconnect_keeps_the_id_and_a_wrong_token_is_refused() {
     let ja = a.expect("joined");
     let (id, tok) = (ja["id"].as_str().unwrap(), ja["token"].as_str().unwrap());
     drop(a);
-    let (status, _, body) = get(addr, &format!("/api/connect?room=re&session_id={id}&token=wrong"));
-    assert_eq!((status, body.as_str()), (403, r#"{"error":"Unauthorized: invalid session token"}"#));
+    let (status, _, body) = get(
+        addr,
+        &format!("/api/connect?room=re&session_id={id}&token=wrong"),
+    );
+    assert_eq!(
+        (status, body.as_str()),
+        (403, r#"{"error":"Unauthorized: invalid session token"}"#)
+    );
     let mut again = Sse::open(addr, &format!("room=RE&session_id={id}&token={tok}"));
     let j2 = again.expect("joined");
     assert_eq!(j2["id"], id);
@@ -167,7 +193,10 @@ fn cors_preflight_and_missing_room() {
     assert!(head.contains("Access-Control-Allow-Methods: GET, POST, OPTIONS"));
     assert!(head.contains("Access-Control-Allow-Headers: Content-Type"));
     let (status, _, body) = get(addr, "/api/connect");
-    assert_eq!((status, body.as_str()), (400, r#"{"error":"Missing required parameters"}"#));
+    assert_eq!(
+        (status, body.as_str()),
+        (400, r#"{"error":"Missing required parameters"}"#)
+    );
 }
 
 #[test]

@@ -18,7 +18,10 @@ fn webllm_golden_transcript() {
 
     let mut a = ws(addr, "/");
     send(&mut a, r#"{"type":"join-room","token":"ABC"}"#);
-    send(&mut a, r#"{"type":"register","deviceId":"dev-a","deviceName":"Mac-deva"}"#);
+    send(
+        &mut a,
+        r#"{"type":"register","deviceId":"dev-a","deviceName":"Mac-deva"}"#,
+    );
     // The ignored join-room produced nothing: the first answer is to register.
     assert_eq!(text(&mut a), r#"{"type":"registered","deviceId":"dev-a"}"#);
     send(&mut a, r#"{"type":"join-room","token":"ABC123"}"#);
@@ -27,7 +30,10 @@ fn webllm_golden_transcript() {
         r#"{"type":"room-joined","token":"ABC123","peers":[]}"#
     );
     let mut b = ws(addr, "/any/path");
-    send(&mut b, r#"{"type":"register","deviceId":"dev-b","deviceName":"Lin-devb"}"#);
+    send(
+        &mut b,
+        r#"{"type":"register","deviceId":"dev-b","deviceName":"Lin-devb"}"#,
+    );
     assert_eq!(text(&mut b), r#"{"type":"registered","deviceId":"dev-b"}"#);
     send(&mut b, r#"{"type":"join-room","token":"ABC123"}"#);
     assert_eq!(
@@ -51,7 +57,10 @@ fn webllm_golden_transcript() {
         text(&mut a),
         r#"{"type":"broadcast","data":{"k":1},"fromId":"dev-b","fromName":"Lin-devb"}"#
     );
-    send(&mut b, r#"{"type":"direct","targetId":"dev-a","data":"hi"}"#);
+    send(
+        &mut b,
+        r#"{"type":"direct","targetId":"dev-a","data":"hi"}"#,
+    );
     assert_eq!(
         text(&mut a),
         r#"{"type":"direct","data":"hi","fromId":"dev-b","fromName":"Lin-devb"}"#
@@ -81,9 +90,15 @@ fn webllm_signal_is_room_scoped_unless_global() {
         let (_server, addr) = signal(&args);
         let mut a = ws(addr, "/");
         let mut b = ws(addr, "/");
-        send(&mut a, r#"{"type":"register","deviceId":"a","deviceName":"A"}"#);
+        send(
+            &mut a,
+            r#"{"type":"register","deviceId":"a","deviceName":"A"}"#,
+        );
         recv(&mut a);
-        send(&mut b, r#"{"type":"register","deviceId":"b","deviceName":"B"}"#);
+        send(
+            &mut b,
+            r#"{"type":"register","deviceId":"b","deviceName":"B"}"#,
+        );
         recv(&mut b);
         send(&mut b, r#"{"type":"direct","targetId":"a","data":1}"#);
         // A marker after it: whatever A gets first tells whether the direct went through.
@@ -97,14 +112,20 @@ fn webllm_signal_is_room_scoped_unless_global() {
 fn chronoflux_golden_transcript() {
     let (_server, addr) = signal(&["--dialect", "chronoflux"]);
     let mut a = ws(addr, "/");
-    assert_eq!(text(&mut a), r#"{"type":"welcome","peerId":"peer-1","peers":[]}"#);
+    assert_eq!(
+        text(&mut a),
+        r#"{"type":"welcome","peerId":"peer-1","peers":[]}"#
+    );
     let mut b = ws(addr, "/");
     assert_eq!(
         text(&mut b),
         r#"{"type":"welcome","peerId":"peer-2","peers":["peer-1"]}"#
     );
     assert_eq!(text(&mut a), r#"{"type":"peer-joined","peerId":"peer-2"}"#);
-    send(&mut a, r#"{"type":"join-room","room":"lab","metadata":{"kind":"browser"}}"#);
+    send(
+        &mut a,
+        r#"{"type":"join-room","room":"lab","metadata":{"kind":"browser"}}"#,
+    );
     assert_eq!(text(&mut a), r#"{"type":"room-peers","peers":[]}"#);
     send(&mut b, r#"{"type":"join-room","room":"lab"}"#);
     assert_eq!(
@@ -115,13 +136,19 @@ fn chronoflux_golden_transcript() {
         text(&mut a),
         r#"{"type":"peer-joined-room","peerId":"peer-2","metadata":{}}"#
     );
-    send(&mut b, r#"{"type":"signal","to":"peer-1","signal":{"type":"offer","sdp":"v=0"}}"#);
+    send(
+        &mut b,
+        r#"{"type":"signal","to":"peer-1","signal":{"type":"offer","sdp":"v=0"}}"#,
+    );
     assert_eq!(
         text(&mut a),
         r#"{"type":"signal","from":"peer-2","signal":{"type":"offer","sdp":"v=0"}}"#
     );
     send(&mut a, r#"{"type":"broadcast","data":[1,2]}"#);
-    assert_eq!(text(&mut b), r#"{"type":"broadcast","from":"peer-1","data":[1,2]}"#);
+    assert_eq!(
+        text(&mut b),
+        r#"{"type":"broadcast","from":"peer-1","data":[1,2]}"#
+    );
     send(&mut a, r#"{"type":"telemetry","telemetry":{"H":0.8}}"#);
     assert_eq!(
         text(&mut b),
@@ -130,7 +157,10 @@ fn chronoflux_golden_transcript() {
     send(&mut a, "garbage");
     let mut c = ws(addr, "/");
     let welcome = recv(&mut c);
-    assert_eq!(welcome, json!({"type":"welcome","peerId":"peer-3","peers":["peer-1","peer-2"]}));
+    assert_eq!(
+        welcome,
+        json!({"type":"welcome","peerId":"peer-3","peers":["peer-1","peer-2"]})
+    );
     assert_eq!(recv(&mut a)["peerId"], "peer-3");
     assert_eq!(recv(&mut b)["peerId"], "peer-3");
     b.close(None).unwrap();
@@ -143,7 +173,9 @@ fn chronoflux_golden_transcript() {
 
     let (status, head, body) = get(addr, "/anything");
     assert_eq!(status, 200);
-    assert!(head.to_ascii_lowercase().contains("content-type: text/plain"));
+    assert!(head
+        .to_ascii_lowercase()
+        .contains("content-type: text/plain"));
     assert_eq!(body, "ChronoFlux Signaling Server\n");
 }
 
@@ -153,9 +185,15 @@ fn default_ports_per_dialect() {
         // The test holds the default port itself (or something else already does), so the
         // server must fail to bind it and name it: proof of which port it picked.
         let _hold = std::net::TcpListener::bind(("127.0.0.1", port));
-        let mut p = Proc::start(&["signal", "--dialect", dialect, "--listen", "127.0.0.1"], &[]);
+        let mut p = Proc::start(
+            &["signal", "--dialect", dialect, "--listen", "127.0.0.1"],
+            &[],
+        );
         assert_eq!(p.wait_exit(10), Some(1));
         let out = p.drain().join("\n");
-        assert!(out.contains(&format!("cannot listen on 127.0.0.1:{port}")), "{out}");
+        assert!(
+            out.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+            "{out}"
+        );
     }
 }

@@ -30,7 +30,10 @@ impl Pair {
     }
 
     fn check(&mut self, n: u32) {
-        send(&mut self.a, &format!(r#"{{"type":"candidate","candidate":"{n}"}}"#));
+        send(
+            &mut self.a,
+            &format!(r#"{{"type":"candidate","candidate":"{n}"}}"#),
+        );
         assert_eq!(recv(&mut self.b)["candidate"], n.to_string());
     }
 }
@@ -106,8 +109,17 @@ fn hostile_websocket_input_is_contained() {
     raw.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n\x81\x02{}").unwrap();
     let mut all = Vec::new();
     let _ = raw.read_to_end(&mut all);
-    let close_at = all.windows(2).position(|w| w == [0x88, 2]).expect("close frame");
-    assert_eq!(u16::from_be_bytes([all[close_at + 2], all[close_at + 3]]), 1002);
+    let body = all
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("101 head")
+        + 4;
+    assert_eq!(all[body], 0x88, "a close frame after the 101");
+    let close_at = body;
+    assert_eq!(
+        u16::from_be_bytes([all[close_at + 2], all[close_at + 3]]),
+        1002
+    );
     pair.check(5);
 
     server.drain();
@@ -121,14 +133,19 @@ fn slow_and_bad_http_heads_are_dropped() {
 
     // Slow loris: half a head, then nothing. The server must hang up within its 10 s limit.
     let mut slow = TcpStream::connect(addr).unwrap();
-    slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ").unwrap();
-    slow.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
     let started = Instant::now();
     let mut buf = [0u8; 64];
     let n = slow.read(&mut buf).unwrap_or(0);
     assert_eq!(n, 0, "closed without an answer");
     let waited = started.elapsed();
-    assert!(waited >= Duration::from_secs(8) && waited < Duration::from_secs(14), "{waited:?}");
+    assert!(
+        waited >= Duration::from_secs(8) && waited < Duration::from_secs(14),
+        "{waited:?}"
+    );
     pair.check(1);
 
     // A head that never ends: 431 and closed.
@@ -146,10 +163,16 @@ fn slow_and_bad_http_heads_are_dropped() {
     let (status, _, _) = http(addr, "\x16\x03\x01garbage\r\n\r\n");
     assert_eq!(status, 400);
     // A WebSocket upgrade without a key: 400.
-    let (status, _, _) = http(addr, "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n");
+    let (status, _, _) = http(
+        addr,
+        "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    );
     assert_eq!(status, 400);
     // A body over the cap: 413.
-    let (status, _, _) = http(addr, "POST /api/signal?room=x HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n");
+    let (status, _, _) = http(
+        addr,
+        "POST /api/signal?room=x HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n",
+    );
     assert_eq!(status, 413);
     pair.check(2);
 }
@@ -160,10 +183,16 @@ fn max_connections_refuses_the_extra_ones() {
     let mut pair = Pair::new(addr);
     let _third = ws(addr, "/");
     let mut extra = TcpStream::connect(addr).unwrap();
-    extra.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     let _ = extra.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
     let mut buf = [0u8; 16];
-    assert_eq!(extra.read(&mut buf).unwrap_or(0), 0, "the fourth connection is closed");
+    assert_eq!(
+        extra.read(&mut buf).unwrap_or(0),
+        0,
+        "the fourth connection is closed"
+    );
     pair.check(1);
 }
 
@@ -197,7 +226,8 @@ fn healthz_and_metrics() {
 fn stun_binding_on_the_same_port() {
     let (_server, addr) = signal(&[]);
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
     let tid = tunnel::stun::new_transaction_id();
     let req = tunnel::stun::binding_request(&tid);
     let mut buf = [0u8; 1500];
@@ -215,7 +245,9 @@ fn stun_binding_on_the_same_port() {
     sock.send_to(b"hello", addr).unwrap();
     sock.send_to(&req, addr).unwrap();
     let (n, _) = sock.recv_from(&mut buf).unwrap();
-    assert!(tunnel::stun::parse_binding_response(&buf[..n], &tid).unwrap().is_some());
+    assert!(tunnel::stun::parse_binding_response(&buf[..n], &tid)
+        .unwrap()
+        .is_some());
 
     let (_server, addr) = signal(&["--no-stun"]);
     sock.send_to(&req, addr).unwrap();

@@ -11,7 +11,8 @@ fn is_uuid_v4(s: &str) -> bool {
         && [8, 13, 18, 23].iter().all(|&i| b[i] == b'-')
         && b[14] == b'4'
         && matches!(b[19], b'8' | b'9' | b'a' | b'b')
-        && s.chars().all(|c| c == '-' || c.is_ascii_digit() || ('a'..='f').contains(&c))
+        && s.chars()
+            .all(|c| c == '-' || c.is_ascii_digit() || ('a'..='f').contains(&c))
 }
 
 fn text(ws: &mut Ws) -> String {
@@ -115,7 +116,11 @@ fn golden_transcript() {
 
     let (status, head, body) = get(addr, "/whatever");
     assert_eq!(status, 426);
-    assert!(head.to_ascii_lowercase().contains("content-type: text/plain"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain"),
+        "{head}"
+    );
     assert_eq!(body, "Upgrade Required");
 }
 
@@ -131,12 +136,18 @@ fn candidate_values_are_relayed_opaquely_in_sender_order() {
     recv(&mut a);
     let cand = r#"{\"candidate\":\"candidate:1 1 udp 2130706431 127.0.0.1 5000 typ host\",\"sdpMid\":\"0\",\"sdpMLineIndex\":0,\"usernameFragment\":\"u\"}"#;
     for i in 0..50 {
-        send(&mut a, &format!(r#"{{"type":"candidate","candidate":"{cand}{i}"}}"#));
+        send(
+            &mut a,
+            &format!(r#"{{"type":"candidate","candidate":"{cand}{i}"}}"#),
+        );
     }
     send(&mut a, r#"{"type":"offer","sdp":{"nested":[1,2.5,"x"]}}"#);
     for i in 0..50 {
         let m = recv(&mut b);
-        assert_eq!(m["candidate"].as_str().unwrap(), format!("{}{i}", cand.replace("\\\"", "\"")));
+        assert_eq!(
+            m["candidate"].as_str().unwrap(),
+            format!("{}{i}", cand.replace("\\\"", "\""))
+        );
     }
     assert_eq!(recv(&mut b)["sdp"], json!({"nested":[1,2.5,"x"]}));
 }

@@ -223,8 +223,13 @@ impl Agent {
             }
         };
         self.streams.insert(conn, id.clone());
-        let token = self.sessions.get(&id).map(|s| s.token.clone()).unwrap_or_default();
-        let joined = json!({"id": id, "token": token, "iceServers": self.ice_servers(&id, host, wall)});
+        let token = self
+            .sessions
+            .get(&id)
+            .map(|s| s.token.clone())
+            .unwrap_or_default();
+        let joined =
+            json!({"id": id, "token": token, "iceServers": self.ice_servers(&id, host, wall)});
         out.event(conn, "joined", &joined);
         self.roster(&room, out);
         log::debug!("agent: session {id} connected to room '{room}'");
@@ -245,7 +250,13 @@ impl Agent {
     }
 
     /// `POST /api/signal?room=R` with `{"sender","to","token","signal"}`.
-    pub fn signal(&mut self, room: Option<&str>, body: &[u8], now: Instant, out: &mut SseOut) -> Reply {
+    pub fn signal(
+        &mut self,
+        room: Option<&str>,
+        body: &[u8],
+        now: Instant,
+        out: &mut SseOut,
+    ) -> Reply {
         let room = normalize_room(room.unwrap_or(""));
         let Ok(body) = serde_json::from_slice::<Value>(body) else {
             return Reply::missing();
@@ -348,7 +359,9 @@ impl Agent {
         let stale: Vec<String> = self
             .sessions
             .iter()
-            .filter(|(_, s)| s.stream.is_none() && now.saturating_duration_since(s.last_active) >= SESSION_TTL)
+            .filter(|(_, s)| {
+                s.stream.is_none() && now.saturating_duration_since(s.last_active) >= SESSION_TTL
+            })
             .map(|(id, _)| id.clone())
             .collect();
         for id in stale {
@@ -396,24 +409,62 @@ mod tests {
         let t0 = Instant::now();
         let mut out = SseOut::default();
         agent
-            .connect(1, Some(" room "), None, None, "h", t0, SystemTime::now(), &mut out)
+            .connect(
+                1,
+                Some(" room "),
+                None,
+                None,
+                "h",
+                t0,
+                SystemTime::now(),
+                &mut out,
+            )
             .unwrap();
         agent
-            .connect(2, Some("ROOM"), None, None, "h", t0, SystemTime::now(), &mut out)
+            .connect(
+                2,
+                Some("ROOM"),
+                None,
+                None,
+                "h",
+                t0,
+                SystemTime::now(),
+                &mut out,
+            )
             .unwrap();
         let a = data_of(&out.events[0].1);
         let b = data_of(&out.events[2].1);
-        let body = json!({"sender": a["id"], "token": a["token"], "to": b["id"], "signal": {"x": 1}})
-            .to_string();
+        let body =
+            json!({"sender": a["id"], "token": a["token"], "to": b["id"], "signal": {"x": 1}})
+                .to_string();
         let statuses: Vec<u16> = (0..51)
-            .map(|_| agent.signal(Some("room"), body.as_bytes(), t0, &mut out).status)
+            .map(|_| {
+                agent
+                    .signal(Some("room"), body.as_bytes(), t0, &mut out)
+                    .status
+            })
             .collect();
         assert!(statuses[..50].iter().all(|s| *s == 200));
         assert_eq!(statuses[50], 429);
         let later = t0 + Duration::from_millis(200);
-        assert_eq!(agent.signal(Some("room"), body.as_bytes(), later, &mut out).status, 200);
-        assert_eq!(agent.signal(Some("room"), body.as_bytes(), later, &mut out).status, 200);
-        assert_eq!(agent.signal(Some("room"), body.as_bytes(), later, &mut out).status, 429);
+        assert_eq!(
+            agent
+                .signal(Some("room"), body.as_bytes(), later, &mut out)
+                .status,
+            200
+        );
+        assert_eq!(
+            agent
+                .signal(Some("room"), body.as_bytes(), later, &mut out)
+                .status,
+            200
+        );
+        assert_eq!(
+            agent
+                .signal(Some("room"), body.as_bytes(), later, &mut out)
+                .status,
+            429
+        );
     }
 
     #[test]
@@ -422,10 +473,28 @@ mod tests {
         let t0 = Instant::now();
         let mut out = SseOut::default();
         agent
-            .connect(1, Some("r"), None, None, "h", t0, SystemTime::now(), &mut out)
+            .connect(
+                1,
+                Some("r"),
+                None,
+                None,
+                "h",
+                t0,
+                SystemTime::now(),
+                &mut out,
+            )
             .unwrap();
         agent
-            .connect(2, Some("r"), None, None, "h", t0, SystemTime::now(), &mut out)
+            .connect(
+                2,
+                Some("r"),
+                None,
+                None,
+                "h",
+                t0,
+                SystemTime::now(),
+                &mut out,
+            )
             .unwrap();
         agent.stream_closed(1, t0);
         let mut out = SseOut::default();
@@ -434,8 +503,14 @@ mod tests {
         agent.keepalive(t0 + Duration::from_secs(80), &mut out);
         agent.prune(t0 + Duration::from_secs(91), &mut out);
         assert_eq!(agent.sessions(), 1);
-        let roster = out.events.iter().find(|(c, e)| *c == 2 && e.starts_with("event: roster"));
-        assert_eq!(data_of(&roster.unwrap().1).as_array().map(Vec::len), Some(1));
+        let roster = out
+            .events
+            .iter()
+            .find(|(c, e)| *c == 2 && e.starts_with("event: roster"));
+        assert_eq!(
+            data_of(&roster.unwrap().1).as_array().map(Vec::len),
+            Some(1)
+        );
     }
 
     #[test]

@@ -47,7 +47,9 @@ impl ChronoFlux {
     }
 
     fn conn_of(&self, id: &str) -> Option<ConnId> {
-        self.peers.values().find_map(|p| (p.id == id).then_some(p.conn))
+        self.peers
+            .values()
+            .find_map(|p| (p.id == id).then_some(p.conn))
     }
 
     /// Other peers in the same room as `conn` (both without a room counts as the same room).
@@ -124,11 +126,17 @@ impl Dialect for ChronoFlux {
                 }
             }
             "signal" => {
-                let target = msg.get("to").and_then(Value::as_str).and_then(|to| self.conn_of(to));
+                let target = msg
+                    .get("to")
+                    .and_then(Value::as_str)
+                    .and_then(|to| self.conn_of(to));
                 match target {
                     Some(c) => {
                         let signal = msg.get("signal").cloned().unwrap_or(Value::Null);
-                        out.send(c, &json!({"type": "signal", "from": from, "signal": signal}));
+                        out.send(
+                            c,
+                            &json!({"type": "signal", "from": from, "signal": signal}),
+                        );
                     }
                     None => log::debug!("chronoflux: signal from {from} to unknown peer dropped"),
                 }
@@ -160,7 +168,11 @@ impl Dialect for ChronoFlux {
     }
 
     fn on_close(&mut self, conn: ConnId, out: &mut Outbox) {
-        let Some(p) = self.by_conn.remove(&conn).and_then(|n| self.peers.remove(&n)) else {
+        let Some(p) = self
+            .by_conn
+            .remove(&conn)
+            .and_then(|n| self.peers.remove(&n))
+        else {
             return;
         };
         let left = json!({"type": "peer-left", "peerId": p.id});
@@ -170,7 +182,11 @@ impl Dialect for ChronoFlux {
     }
 
     fn rooms(&self) -> usize {
-        let mut rooms: Vec<&String> = self.peers.values().filter_map(|p| p.room.as_ref()).collect();
+        let mut rooms: Vec<&String> = self
+            .peers
+            .values()
+            .filter_map(|p| p.room.as_ref())
+            .collect();
         rooms.sort();
         rooms.dedup();
         rooms.len()
@@ -201,7 +217,11 @@ mod tests {
         core.on_text(2, r#"{"type":"join-room","room":"x"}"#, &mut out);
         core.on_text(2, r#"{"type":"telemetry","telemetry":{"H":1}}"#, &mut out);
         let mut out = Outbox::default();
-        core.on_text(3, r#"{"type":"join-room","room":"x","metadata":{"a":1}}"#, &mut out);
+        core.on_text(
+            3,
+            r#"{"type":"join-room","room":"x","metadata":{"a":1}}"#,
+            &mut out,
+        );
         let room_peers: Value = serde_json::from_str(&out.msgs[0].1).unwrap();
         assert_eq!(
             room_peers,

@@ -74,7 +74,6 @@ struct WsConn {
     ws: WebSocket<TcpStream>,
     tokens: f64,
     refilled: Instant,
-    closing: bool,
 }
 
 struct SseConn {
@@ -505,14 +504,21 @@ impl Server {
     fn http_error(&mut self, id: ConnId, status: u16, text: &str) {
         self.metrics.errors += 1;
         log::debug!("connection {id}: {status} {text}");
-        let resp = http1::simple_response(status, "text/plain", text.as_bytes(), &[("Connection", "close")]);
+        let resp = http1::simple_response(
+            status,
+            "text/plain",
+            text.as_bytes(),
+            &[("Connection", "close")],
+        );
         self.respond(id, resp, false, Instant::now());
     }
 
     fn route(&mut self, id: ConnId, req: Request, body: Vec<u8>, keep_alive: bool, now: Instant) {
         let path = req.path().to_string();
         let method = req.method.to_ascii_uppercase();
-        let host = http1::header(&req.headers, "host").unwrap_or("").to_string();
+        let host = http1::header(&req.headers, "host")
+            .unwrap_or("")
+            .to_string();
         log::debug!("connection {id}: {method} {}", req.target);
         if http1::header(&req.headers, "upgrade").is_some() {
             return self.upgrade(id, &req);
@@ -520,32 +526,40 @@ impl Server {
         let cors = [
             ("Access-Control-Allow-Origin", "*"),
             ("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
-            ("Access-Control-Allow-Headers", "Content-Type, Authorization"),
+            (
+                "Access-Control-Allow-Headers",
+                "Content-Type, Authorization",
+            ),
             ("Access-Control-Max-Age", "86400"),
         ];
         let json_reply = |status: u16, body: &serde_json::Value| {
-            http1::simple_response(status, "application/json", body.to_string().as_bytes(), &cors)
+            http1::simple_response(
+                status,
+                "application/json",
+                body.to_string().as_bytes(),
+                &cors,
+            )
         };
         let resp = match (method.as_str(), path.as_str()) {
             ("OPTIONS", _) => http1::simple_response(204, "text/plain", b"", &cors),
             ("GET", "/api/connect") => return self.sse_connect(id, &req, &host, now),
             ("POST", "/api/signal") => {
                 let mut out = SseOut::default();
-                let reply = self
-                    .agent
-                    .signal(req.query_param("room").as_deref(), &body, now, &mut out);
+                let reply =
+                    self.agent
+                        .signal(req.query_param("room").as_deref(), &body, now, &mut out);
                 self.deliver_sse(out, now);
                 json_reply(reply.status, &reply.body)
             }
             ("POST", "/api/leave") => {
                 let mut out = SseOut::default();
-                let reply = self.agent.leave(req.query_param("room").as_deref(), &body, &mut out);
+                let reply = self
+                    .agent
+                    .leave(req.query_param("room").as_deref(), &body, &mut out);
                 self.deliver_sse(out, now);
                 json_reply(reply.status, &reply.body)
             }
-            (_, p) if p.starts_with("/api/") => {
-                json_reply(404, &json!({"error": "Not found"}))
-            }
+            (_, p) if p.starts_with("/api/") => json_reply(404, &json!({"error": "Not found"})),
             ("GET" | "HEAD", "/healthz") => {
                 let body = json!({
                     "status": "ok",
@@ -566,7 +580,11 @@ impl Server {
                 http1::simple_response(page.status, page.content_type, page.body.as_bytes(), &[])
             }
         };
-        let resp = if method == "HEAD" { head_only(resp) } else { resp };
+        let resp = if method == "HEAD" {
+            head_only(resp)
+        } else {
+            resp
+        };
         self.respond(id, resp, keep_alive, now);
     }
 
@@ -581,13 +599,48 @@ impl Server {
                 "# HELP tunnel_signal_{name} {help}\n# TYPE tunnel_signal_{name} {kind}\ntunnel_signal_{name} {value}\n"
             ));
         };
-        metric("connections", "gauge", "Open client connections.", self.live as u64);
-        metric("rooms", "gauge", "Rooms with members (WebSocket and agent API).", self.rooms() as u64);
-        metric("agent_sessions", "gauge", "Agent API sessions.", self.agent.sessions() as u64);
-        metric("messages_relayed_total", "counter", "Messages delivered to a client.", self.metrics.relayed);
-        metric("errors_total", "counter", "Errors answered or connections refused.", self.metrics.errors);
-        metric("rate_limited_total", "counter", "Messages refused by a rate limit.", self.metrics.rate_limited);
-        metric("uptime_seconds", "counter", "Seconds since start.", self.started.elapsed().as_secs());
+        metric(
+            "connections",
+            "gauge",
+            "Open client connections.",
+            self.live as u64,
+        );
+        metric(
+            "rooms",
+            "gauge",
+            "Rooms with members (WebSocket and agent API).",
+            self.rooms() as u64,
+        );
+        metric(
+            "agent_sessions",
+            "gauge",
+            "Agent API sessions.",
+            self.agent.sessions() as u64,
+        );
+        metric(
+            "messages_relayed_total",
+            "counter",
+            "Messages delivered to a client.",
+            self.metrics.relayed,
+        );
+        metric(
+            "errors_total",
+            "counter",
+            "Errors answered or connections refused.",
+            self.metrics.errors,
+        );
+        metric(
+            "rate_limited_total",
+            "counter",
+            "Messages refused by a rate limit.",
+            self.metrics.rate_limited,
+        );
+        metric(
+            "uptime_seconds",
+            "counter",
+            "Seconds since start.",
+            self.started.elapsed().as_secs(),
+        );
         s
     }
 
@@ -733,9 +786,6 @@ impl Server {
             loop {
                 match w.ws.read() {
                     Ok(Message::Text(t)) => {
-                        if w.closing {
-                            continue;
-                        }
                         let elapsed = now.saturating_duration_since(w.refilled).as_secs_f64();
                         w.tokens = (w.tokens + elapsed * rate).min(2.0 * rate);
                         w.refilled = now;
@@ -791,22 +841,24 @@ impl Server {
         self.flush(id, now);
     }
 
-    /// Starts the closing handshake with `code`; the connection lingers until the peer answers.
+    /// Sends a close frame with `code` and stops reading WebSocket frames: after a protocol
+    /// or size error the frame decoder is in an unknown state. The socket lingers until the
+    /// peer hangs up.
     fn ws_close(&mut self, id: ConnId, code: CloseCode, reason: &'static str, now: Instant) {
-        if let Some(Some(Conn {
-            state: State::Ws(w),
-            ..
-        })) = self.conns.get_mut(id)
-        {
-            if !w.closing {
-                w.closing = true;
-                let _ = w.ws.close(Some(CloseFrame {
-                    code,
-                    reason: reason.into(),
-                }));
-            }
-        }
-        // The peer is gone from the room now, whatever it still sends.
+        let Some(Some(conn)) = self.conns.get_mut(id) else {
+            return;
+        };
+        let State::Ws(mut w) = std::mem::replace(&mut conn.state, State::Moving) else {
+            return;
+        };
+        let _ = w.ws.close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        }));
+        let _ = w.ws.flush();
+        let stream = w.ws.into_inner();
+        let _ = stream.shutdown(Shutdown::Write);
+        conn.state = State::Linger(stream);
         let mut out = Outbox::default();
         self.cfg.dialect.on_close(id, &mut out);
         self.deliver(out);
@@ -825,9 +877,6 @@ impl Server {
             else {
                 continue;
             };
-            if w.closing {
-                continue;
-            }
             self.metrics.relayed += 1;
             match w.ws.write(Message::text(text)) {
                 Ok(()) => touched.push(id),
@@ -881,12 +930,16 @@ impl Server {
         };
         match h.after_write {
             Some(AfterWrite::Upgrade(rest)) => {
-                let ws = WebSocket::from_partially_read(h.stream, rest, Role::Server, Some(self.ws_config));
+                let ws = WebSocket::from_partially_read(
+                    h.stream,
+                    rest,
+                    Role::Server,
+                    Some(self.ws_config),
+                );
                 conn.state = State::Ws(Box::new(WsConn {
                     ws,
                     tokens: 2.0 * f64::from(self.cfg.rate_limit.max(1)),
                     refilled: now,
-                    closing: false,
                 }));
                 conn.deadline = None;
                 let mut out = Outbox::default();
@@ -940,9 +993,7 @@ impl Server {
             match conn.state {
                 State::Ws(mut w) => {
                     let _ = self.poll.registry().deregister(w.ws.get_mut());
-                    if !w.closing {
-                        self.cfg.dialect.on_close(id, &mut out);
-                    }
+                    self.cfg.dialect.on_close(id, &mut out);
                 }
                 State::Sse(mut s) => {
                     let _ = self.poll.registry().deregister(&mut s.stream);

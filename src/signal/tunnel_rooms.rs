@@ -67,7 +67,11 @@ impl TunnelRooms {
         let Some(sender) = self.members.get(&conn) else {
             return out.error(conn, "must join a room first");
         };
-        let room = self.rooms.get(&sender.room).map(Vec::as_slice).unwrap_or(&[]);
+        let room = self
+            .rooms
+            .get(&sender.room)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
         let target = match msg.get("to").and_then(Value::as_str) {
             Some(to) => match room
                 .iter()
@@ -197,7 +201,11 @@ mod tests {
         assert_eq!(out[0].0, 3);
         let out = say(&mut core, 2, r#"{"type":"offer","sdp":"s"}"#);
         assert_eq!(out[0].0, 1, "without `to`, the first other member");
-        let out = say(&mut core, 3, r#"{"type":"candidate","candidate":"c","to":"nobody"}"#);
+        let out = say(
+            &mut core,
+            3,
+            r#"{"type":"candidate","candidate":"c","to":"nobody"}"#,
+        );
         assert_eq!(out[0].0, 3);
         assert_eq!(out[0].1["type"], "error");
         let out = say(&mut core, 4, r#"{"type":"join","room":"r"}"#);

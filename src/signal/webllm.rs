@@ -151,7 +151,8 @@ impl WebLlm {
                 let Some(code) = self.devices.get(id).and_then(|d| d.room.clone()) else {
                     return;
                 };
-                let fwd = json!({"type": "broadcast", "data": data, "fromId": id, "fromName": name});
+                let fwd =
+                    json!({"type": "broadcast", "data": data, "fromId": id, "fromName": name});
                 for m in self.rooms.get(&code).into_iter().flatten() {
                     if m != id {
                         if let Some(d) = self.devices.get(m) {
@@ -266,12 +267,24 @@ mod tests {
     #[test]
     fn newer_registration_survives_the_older_socket_closing() {
         let mut core = WebLlm::new(false, 8080);
-        say(&mut core, 1, r#"{"type":"register","deviceId":"d","deviceName":"n"}"#);
-        say(&mut core, 2, r#"{"type":"register","deviceId":"d","deviceName":"n"}"#);
+        say(
+            &mut core,
+            1,
+            r#"{"type":"register","deviceId":"d","deviceName":"n"}"#,
+        );
+        say(
+            &mut core,
+            2,
+            r#"{"type":"register","deviceId":"d","deviceName":"n"}"#,
+        );
         let mut out = Outbox::default();
         core.on_close(1, &mut out);
         assert_eq!(core.clients(), 1);
-        say(&mut core, 3, r#"{"type":"register","deviceId":"e","deviceName":"m"}"#);
+        say(
+            &mut core,
+            3,
+            r#"{"type":"register","deviceId":"e","deviceName":"m"}"#,
+        );
         say(&mut core, 2, r#"{"type":"join-room","token":"R"}"#);
         say(&mut core, 3, r#"{"type":"join-room","token":"R"}"#);
         let out = say(&mut core, 3, r#"{"type":"direct","targetId":"d","data":1}"#);
@@ -282,8 +295,16 @@ mod tests {
     fn signal_stays_in_the_room_unless_global() {
         for global in [false, true] {
             let mut core = WebLlm::new(global, 8080);
-            say(&mut core, 1, r#"{"type":"register","deviceId":"a","deviceName":"A"}"#);
-            say(&mut core, 2, r#"{"type":"register","deviceId":"b","deviceName":"B"}"#);
+            say(
+                &mut core,
+                1,
+                r#"{"type":"register","deviceId":"a","deviceName":"A"}"#,
+            );
+            say(
+                &mut core,
+                2,
+                r#"{"type":"register","deviceId":"b","deviceName":"B"}"#,
+            );
             say(&mut core, 1, r#"{"type":"join-room","token":"X"}"#);
             say(&mut core, 2, r#"{"type":"join-room","token":"Y"}"#);
             let out = say(

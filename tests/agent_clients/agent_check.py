@@ -4,7 +4,14 @@ import asyncio
 import sys
 import time
 
+import httpx
+
 from seed_client import AgentSignalingClient
+
+# The guide's connect() reads the stream with `async for line in response.iter_lines()`, but
+# httpx's streaming responses of an AsyncClient only offer that as aiter_lines() (every httpx
+# release since 0.18). The alias below is the only concession; the client class is unchanged.
+httpx.Response.iter_lines = httpx.Response.aiter_lines
 
 
 async def until(cond, what, timeout=10.0):

@@ -141,9 +141,7 @@ pub fn send(ws: &mut Ws, text: &str) {
 pub fn recv(ws: &mut Ws) -> Value {
     loop {
         match ws.read().expect("read message") {
-            Message::Text(t) => {
-                return serde_json::from_str(t.as_str()).expect("server sent JSON")
-            }
+            Message::Text(t) => return serde_json::from_str(t.as_str()).expect("server sent JSON"),
             Message::Ping(_) | Message::Pong(_) => continue,
             other => panic!("unexpected message {other:?}"),
         }
@@ -184,7 +182,11 @@ pub fn read_response(s: &mut TcpStream) -> (u16, String, String) {
             }
         }
         let n = s.read(&mut chunk).expect("read response");
-        assert!(n > 0, "connection closed mid-response: {:?}", String::from_utf8_lossy(&buf));
+        assert!(
+            n > 0,
+            "connection closed mid-response: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
         buf.extend_from_slice(&chunk[..n]);
     }
 }
