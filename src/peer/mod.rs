@@ -32,6 +32,7 @@ use mio::net::UdpSocket;
 use mio::{Interest, Registry, Token};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::channel::ChannelId;
+use str0m::config::DtlsCert;
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
 
@@ -115,6 +116,8 @@ pub struct Link {
     reoffer_at: Option<Instant>,
     signaling: Signaling,
     sockets: Vec<UdpSock>,
+    /// Generated once: making a certificate is most of an `Rtc`'s set-up time.
+    dtls_cert: Option<DtlsCert>,
     session: Option<Session>,
     early_candidates: Vec<Candidate>,
     events: VecDeque<LinkEvent>,
@@ -176,6 +179,9 @@ impl Link {
             reoffer_at: None,
             signaling: Signaling::new(&cfg.room),
             sockets,
+            dtls_cert: str0m::crypto::from_feature_flags()
+                .dtls_provider
+                .generate_certificate(),
             session: None,
             early_candidates: Vec::new(),
             events: VecDeque::new(),
@@ -434,7 +440,11 @@ impl Link {
 
     /// A fresh `Rtc` with one host candidate per UDP socket.
     fn new_session(&self, offerer: bool, now: Instant) -> Session {
-        let mut rtc = Rtc::builder().build(now);
+        let mut config = Rtc::builder();
+        if let Some(cert) = &self.dtls_cert {
+            config = config.set_dtls_cert(cert.clone());
+        }
+        let mut rtc = config.build(now);
         let mut local_candidates = Vec::new();
         for s in &self.sockets {
             match Candidate::host(s.local, "udp") {

@@ -37,6 +37,7 @@ fn spawn_relay() -> SocketAddr {
 }
 
 fn serve_member(id: String, stream: std::net::TcpStream, members: Members) {
+    let _ = stream.set_nodelay(true);
     let Ok(mut ws) = stream.try_clone().map(tungstenite::accept) else {
         return;
     };
@@ -143,12 +144,18 @@ fn data(seen: &[LinkEvent]) -> Vec<u8> {
 
 #[test]
 fn two_links_connect_exchange_and_notice_loss() {
+    let _ = env_logger::builder()
+        .is_test(true)
+        .format_timestamp_millis()
+        .try_init();
     let relay = spawn_relay();
     let mut poll = Poll::new().expect("poll");
     let start = Instant::now();
     let mut a = Link::new(config(relay), poll.registry(), 0, Instant::now()).expect("link a");
     let mut b =
         Link::new(config(relay), poll.registry(), Link::TOKENS, Instant::now()).expect("link b");
+    // Link::new makes the DTLS certificate; what follows is signaling, ICE, DTLS, SCTP.
+    let created = Instant::now();
     assert!(a.owns(Token(0)) && a.owns(Token(63)) && !a.owns(Token(64)));
     assert!(b.owns(Token(64)) && !b.owns(Token(0)));
     assert!(!a.send(b"too early", Instant::now()));
@@ -162,7 +169,10 @@ fn two_links_connect_exchange_and_notice_loss() {
         |s| s.iter().all(|v| v.contains(&LinkEvent::ChannelOpen)),
     );
     let setup = start.elapsed();
-    println!("link set-up (Link::new to ChannelOpen on both): {setup:?}");
+    println!(
+        "link set-up: {setup:?} from the first Link::new, {:?} after both were created",
+        created.elapsed()
+    );
     assert!(setup < Duration::from_secs(5), "set-up took {setup:?}");
     assert!(a.is_open() && b.is_open());
 
@@ -243,6 +253,17 @@ fn two_links_connect_exchange_and_notice_loss() {
         |s| data(&s[0]) == b"again",
     );
     assert_eq!(count(&seen[1], &LinkEvent::ChannelLost), 1);
+
+    // C vanishes without a word (no bye, no DTLS close): the relay's peer-left is what tells B,
+    // well before ICE would notice (about 20 s).
+    drop(c);
+    let lost_at = Instant::now();
+    let mut seen2 = [Vec::new()];
+    run_until(&mut poll, &mut [&mut b], &mut seen2, "ChannelLost", |s| {
+        s[0].contains(&LinkEvent::ChannelLost)
+    });
+    assert!(lost_at.elapsed() < Duration::from_secs(5));
+    assert!(!b.is_open());
 }
 
 #[test]

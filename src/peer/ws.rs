@@ -124,6 +124,8 @@ impl WsClient {
         token: Token,
     ) -> io::Result<WsClient> {
         let mut stream = TcpStream::connect(addr)?;
+        // Signaling is a few small messages in a row (offer, candidates): no Nagle delay.
+        stream.set_nodelay(true)?;
         registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
         Ok(WsClient {
             url: url.to_string(),
