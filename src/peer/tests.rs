@@ -21,10 +21,11 @@ fn push(stream: &std::net::TcpStream, value: Value) {
 }
 
 /// A signal relay for one room of two: join/joined/peer-joined, relay with peerId, peer-left.
-fn spawn_relay() -> SocketAddr {
+fn spawn_relay() -> (SocketAddr, Members) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind relay");
     let addr = listener.local_addr().expect("relay addr");
     let members: Members = Arc::new(Mutex::new(Vec::new()));
+    let shared = members.clone();
     thread::spawn(move || {
         for (n, stream) in listener.incoming().enumerate() {
             let (Ok(stream), members) = (stream, members.clone()) else {
@@ -33,7 +34,7 @@ fn spawn_relay() -> SocketAddr {
             thread::spawn(move || serve_member(format!("peer-{n}"), stream, members));
         }
     });
-    addr
+    (addr, shared)
 }
 
 fn serve_member(id: String, stream: std::net::TcpStream, members: Members) {
@@ -148,7 +149,7 @@ fn two_links_connect_exchange_and_notice_loss() {
         .is_test(true)
         .format_timestamp_millis()
         .try_init();
-    let relay = spawn_relay();
+    let (relay, members) = spawn_relay();
     let mut poll = Poll::new().expect("poll");
     let start = Instant::now();
     let mut a = Link::new(config(relay), poll.registry(), 0, Instant::now()).expect("link a");
@@ -213,6 +214,31 @@ fn two_links_connect_exchange_and_notice_loss() {
         data(&s[1]).len() >= payload.len()
     });
     assert_eq!(data(&seen[1]), payload);
+
+    // The relay drops one member's WebSocket: that link reconnects (after 1 s) and rejoins, the
+    // other sees peer-left, and the two negotiate a new channel.
+    let kicked = members.lock().unwrap().first().map(|(_, s)| s.try_clone());
+    let _ = kicked
+        .expect("a member")
+        .expect("clone")
+        .shutdown(std::net::Shutdown::Both);
+    seen = [Vec::new(), Vec::new()];
+    run_until(
+        &mut poll,
+        &mut [&mut a, &mut b],
+        &mut seen,
+        "renegotiation",
+        |s| s.iter().all(|v| v.ends_with(&[LinkEvent::ChannelOpen])),
+    );
+    assert!(seen.iter().any(|v| v.contains(&LinkEvent::ChannelLost)));
+    assert!(a.send(b"after reconnect", Instant::now()));
+    run_until(
+        &mut poll,
+        &mut [&mut a, &mut b],
+        &mut seen,
+        "message",
+        |s| data(&s[1]) == b"after reconnect",
+    );
 
     // A leaves: B reports the loss once and goes back to waiting in the room.
     a.close(poll.registry());
