@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod frame;
 pub mod http1;
+pub mod peer;
 pub mod signal;
 pub mod stun;
 pub mod util;
