@@ -8,4 +8,5 @@ pub mod http1;
 pub mod peer;
 pub mod signal;
 pub mod stun;
+pub mod tunnel;
 pub mod util;

@@ -17,9 +17,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         None => Err("no command given; try `tunnel --help`".to_string()),
         Some(Command::Signal(opts)) => tunnel::signal::run(opts),
-        Some(Command::Serve(_)) | Some(Command::Proxy(_)) => {
-            Err("serve and proxy are not built yet".to_string())
-        }
+        Some(Command::Serve(opts)) => tunnel::tunnel::serve(opts),
+        Some(Command::Proxy(opts)) => tunnel::tunnel::proxy(opts),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,386 @@
+//! `tunnel serve` and `tunnel proxy`: HTTP over the WebRTC data channel. This module holds what
+//! both roles share — the command-line resolution, the framed channel with its send queue and
+//! keep-alive PINGs, and the one mio loop that drives the peer link and the role's sockets.
+//! `serve.rs` (provider) and `proxy.rs` (consumer) are the two roles; `main.rs` calls
+//! [`serve`] and [`proxy`].
+
+pub mod proxy;
+pub mod serve;
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use mio::event::Event;
+use mio::{Events, Poll, Registry, Token};
+
+use crate::cli::{flag_or_env, ProxyOpts, ServeOpts};
+use crate::frame::Message;
+use crate::peer::{default_ice_addrs, Link, LinkConfig, LinkEvent};
+
+/// Both sides PING this often.
+pub const PING_EVERY: Duration = Duration::from_secs(10);
+/// Features this implementation negotiates in HELLO/AGREE.
+pub const FEATURES: &[&str] = &["sse"];
+/// The link's tokens start here; the role's sockets use tokens from [`FIRST_SOCKET`].
+const LINK_BASE: usize = 1;
+/// First token of the role's own sockets (clients, upstream connections).
+pub const FIRST_SOCKET: usize = LINK_BASE + Link::TOKENS;
+/// Bytes one socket read takes at most: one body frame's payload.
+pub const READ_CHUNK: usize = crate::frame::MAX_BODY_CHUNK;
+
+/// The data channel as the roles see it: framed messages, a FIFO for frames the channel could
+/// not take yet, the HELLO/AGREE state and the PING timer.
+pub struct Channel {
+    pub link: Link,
+    queue: VecDeque<Vec<u8>>,
+    /// HELLO/AGREE completed on the current channel.
+    pub ready: bool,
+    next_ping: Option<Instant>,
+    encode_buf: Vec<u8>,
+}
+
+impl Channel {
+    fn new(link: Link) -> Self {
+        Channel {
+            link,
+            queue: VecDeque::new(),
+            ready: false,
+            next_ping: None,
+            encode_buf: Vec::new(),
+        }
+    }
+
+    /// Whether a producer may read more input now: the channel is open and nothing waits.
+    pub fn can_send(&self) -> bool {
+        self.link.is_open() && self.queue.is_empty()
+    }
+
+    /// Sends a frame, queueing it (in order) when the channel's buffer is full. Frames for a
+    /// closed channel are dropped: the streams they belong to have failed already.
+    pub fn send(&mut self, msg: &Message, now: Instant) {
+        if !self.link.is_open() {
+            return;
+        }
+        self.encode_buf.clear();
+        msg.encode(&mut self.encode_buf);
+        if self.queue.is_empty() && self.link.send(&self.encode_buf, now) {
+            return;
+        }
+        self.queue.push_back(std::mem::take(&mut self.encode_buf));
+    }
+
+    /// Moves queued frames into the channel while it takes them.
+    fn flush(&mut self, now: Instant) {
+        while let Some(frame) = self.queue.front() {
+            if !self.link.send(frame, now) {
+                return;
+            }
+            self.queue.pop_front();
+        }
+    }
+
+    fn opened(&mut self, now: Instant) {
+        self.queue.clear();
+        self.ready = false;
+        self.next_ping = Some(now + PING_EVERY);
+    }
+
+    fn lost(&mut self) {
+        self.queue.clear();
+        self.ready = false;
+        self.next_ping = None;
+    }
+
+    /// Answers PINGs; returns the message if the role must handle it.
+    fn keepalive<'a>(&mut self, msg: Message<'a>, now: Instant) -> Option<Message<'a>> {
+        match msg {
+            Message::Ping => {
+                self.send(&Message::Pong, now);
+                None
+            }
+            Message::Pong => None,
+            other => Some(other),
+        }
+    }
+}
+
+/// What a role does with the loop's events.
+pub trait Role {
+    /// A readiness event for one of the role's own tokens (>= FIRST_SOCKET, or 0).
+    fn on_socket(&mut self, ch: &mut Channel, registry: &Registry, event: &Event, now: Instant);
+    /// The data channel opened.
+    fn on_open(&mut self, ch: &mut Channel, now: Instant);
+    /// A frame arrived (PING/PONG already answered).
+    fn on_message(&mut self, ch: &mut Channel, registry: &Registry, msg: Message, now: Instant);
+    /// The channel is gone: every in-flight stream fails.
+    fn on_lost(&mut self, ch: &mut Channel, registry: &Registry, now: Instant);
+    /// The channel can take frames again: resume paused readers.
+    fn on_writable(&mut self, ch: &mut Channel, registry: &Registry, now: Instant);
+    /// Role timers (e.g. response timeouts).
+    fn on_timeout(&mut self, ch: &mut Channel, registry: &Registry, now: Instant);
+    fn next_deadline(&self) -> Option<Instant>;
+}
+
+/// The one loop: poll → feed the link and the role → drain link events → timers.
+fn run_loop(poll: &mut Poll, ch: &mut Channel, role: &mut dyn Role) -> Result<(), String> {
+    let mut events = Events::with_capacity(256);
+    loop {
+        let now = Instant::now();
+        let deadline = [ch.link.next_deadline(), ch.next_ping, role.next_deadline()]
+            .into_iter()
+            .flatten()
+            .min();
+        let timeout = deadline.map(|d| d.saturating_duration_since(now));
+        if let Err(e) = poll.poll(&mut events, timeout) {
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(format!("poll failed: {e}"));
+        }
+        let now = Instant::now();
+        for event in events.iter() {
+            if ch.link.owns(event.token()) {
+                ch.link.handle_event(poll.registry(), event, now);
+            } else {
+                role.on_socket(ch, poll.registry(), event, now);
+            }
+            drain_link(ch, role, poll.registry(), now);
+        }
+        let now = Instant::now();
+        if ch.link.next_deadline().is_some_and(|d| d <= now) {
+            ch.link.handle_timeout(poll.registry(), now);
+        }
+        if ch.next_ping.is_some_and(|d| d <= now) {
+            ch.next_ping = Some(now + PING_EVERY);
+            ch.send(&Message::Ping, now);
+        }
+        drain_link(ch, role, poll.registry(), now);
+        role.on_timeout(ch, poll.registry(), now);
+        drain_link(ch, role, poll.registry(), now);
+    }
+}
+
+fn drain_link(ch: &mut Channel, role: &mut dyn Role, registry: &Registry, now: Instant) {
+    while let Some(event) = ch.link.poll_event() {
+        match event {
+            LinkEvent::ChannelOpen => {
+                log::info!("peer connected");
+                ch.opened(now);
+                role.on_open(ch, now);
+            }
+            LinkEvent::Data(bytes) => match Message::decode(&bytes) {
+                Ok(msg) => {
+                    if let Some(msg) = ch.keepalive(msg, now) {
+                        role.on_message(ch, registry, msg, now);
+                    }
+                }
+                Err(e) => log::warn!("bad frame from peer ignored: {e}"),
+            },
+            LinkEvent::Writable => {
+                ch.flush(now);
+                if ch.can_send() {
+                    role.on_writable(ch, registry, now);
+                }
+            }
+            LinkEvent::ChannelLost => {
+                log::warn!("peer lost; waiting for it to come back");
+                ch.lost();
+                role.on_lost(ch, registry, now);
+            }
+        }
+    }
+}
+
+/// Local ICE addresses from `--ice-addr` and `TUNNEL_ICE_ADDR` (comma-separated), or the defaults.
+fn ice_addrs(flags: &[String]) -> Result<Vec<IpAddr>, String> {
+    let mut specs: Vec<String> = flags.to_vec();
+    if specs.is_empty() {
+        if let Ok(env) = std::env::var("TUNNEL_ICE_ADDR") {
+            specs.extend(
+                env.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from),
+            );
+        }
+    }
+    if specs.is_empty() {
+        return Ok(default_ice_addrs());
+    }
+    specs
+        .iter()
+        .map(|s| {
+            s.parse::<IpAddr>()
+                .map_err(|_| format!("invalid --ice-addr '{s}': expected an IP address"))
+        })
+        .collect()
+}
+
+fn stun_addr(flag: &Option<String>) -> Result<Option<SocketAddr>, String> {
+    let Some(spec) = flag else { return Ok(None) };
+    spec.to_socket_addrs()
+        .map_err(|e| format!("invalid --stun '{spec}': {e}"))?
+        .next()
+        .map(Some)
+        .ok_or_else(|| format!("--stun '{spec}' resolves to no address"))
+}
+
+fn warn_turn(turn: &Option<String>, user: &Option<String>, pass: &Option<String>) {
+    let turn = flag_or_env(turn, "TUNNEL_TURN");
+    let user = flag_or_env(user, "TUNNEL_TURN_USER");
+    let pass = flag_or_env(pass, "TUNNEL_TURN_PASS");
+    if turn.is_some() || user.is_some() || pass.is_some() {
+        log::warn!(
+            "TURN relaying is not supported yet: --turn/--turn-user/--turn-pass are ignored; \
+             peers must reach each other directly (host or STUN candidates)"
+        );
+    }
+}
+
+fn required(flag: &Option<String>, var: &str, name: &str, what: &str) -> Result<String, String> {
+    flag_or_env(flag, var).ok_or_else(|| format!("missing --{name} (or {var}): {what}"))
+}
+
+fn start_link(
+    poll: &Poll,
+    signal_url: String,
+    room: String,
+    ice: Vec<IpAddr>,
+    stun: Option<SocketAddr>,
+) -> Result<Channel, String> {
+    let link = Link::new(
+        LinkConfig {
+            signal_url,
+            room,
+            ice_addrs: ice,
+            stun,
+        },
+        poll.registry(),
+        LINK_BASE,
+        Instant::now(),
+    )?;
+    Ok(Channel::new(link))
+}
+
+/// `tunnel serve`: the provider.
+pub fn serve(opts: ServeOpts) -> Result<(), String> {
+    let room = required(&opts.room, "TUNNEL_ROOM", "room", "the room both peers join")?;
+    let upstream = required(
+        &opts.upstream,
+        "TUNNEL_UPSTREAM",
+        "upstream",
+        "the HTTP service to expose, e.g. http://127.0.0.1:11434",
+    )?;
+    let upstream = serve::Upstream::parse(&upstream)?;
+    let ice = ice_addrs(&opts.ice_addr)?;
+    let mut stun = stun_addr(&opts.stun)?;
+    warn_turn(&opts.turn, &opts.turn_user, &opts.turn_pass);
+    let signal_url = match flag_or_env(&opts.signal, "TUNNEL_SIGNAL") {
+        Some(url) => url,
+        None => {
+            let spec = opts.signal_listen.as_deref().unwrap_or("0.0.0.0:8787");
+            let (host, port) = crate::cli::split_host_port(spec)?;
+            let ip: IpAddr = host
+                .parse()
+                .map_err(|_| format!("invalid --signal-listen '{spec}': expected IP[:PORT]"))?;
+            let (addr, stun_local) =
+                crate::signal::spawn(SocketAddr::new(ip, port.unwrap_or(8787)))?;
+            let local_ip = if addr.ip().is_unspecified() {
+                IpAddr::from([127, 0, 0, 1])
+            } else {
+                addr.ip()
+            };
+            let url = format!("ws://{}", SocketAddr::new(local_ip, addr.port()));
+            log::info!(
+                "signal server (built in) listening on ws://{addr}; peers use ws://<this host>:{}",
+                addr.port()
+            );
+            if stun.is_none() {
+                stun = stun_local.map(|s| SocketAddr::new(local_ip, s.port()));
+            }
+            url
+        }
+    };
+    let advertise = opts.advertise.clone().unwrap_or_else(|| "/".into());
+    let mut poll = Poll::new().map_err(|e| format!("cannot create poll: {e}"))?;
+    log::info!("serving {} in room '{room}' via {signal_url}", upstream.url);
+    let mut ch = start_link(&poll, signal_url, room, ice, stun)?;
+    let mut role = serve::Serve::new(upstream, &advertise);
+    run_loop(&mut poll, &mut ch, &mut role)
+}
+
+/// `tunnel proxy`: the consumer.
+pub fn proxy(opts: ProxyOpts) -> Result<(), String> {
+    let signal_url = required(
+        &opts.signal,
+        "TUNNEL_SIGNAL",
+        "signal",
+        "the ws:// URL of the signal server the provider uses",
+    )?;
+    let room = required(&opts.room, "TUNNEL_ROOM", "room", "the room both peers join")?;
+    let listen = flag_or_env(&opts.listen, "TUNNEL_LISTEN").unwrap_or_else(|| "127.0.0.1:8000".into());
+    let listen: SocketAddr = listen
+        .parse()
+        .map_err(|_| format!("invalid --listen '{listen}': expected IP:PORT"))?;
+    let ice = ice_addrs(&opts.ice_addr)?;
+    let stun = stun_addr(&opts.stun)?;
+    warn_turn(&opts.turn, &opts.turn_user, &opts.turn_pass);
+    let mut poll = Poll::new().map_err(|e| format!("cannot create poll: {e}"))?;
+    let role = proxy::Proxy::bind(listen, poll.registry())?;
+    log::info!("proxy listening on http://{}", role.local_addr());
+    let mut ch = start_link(&poll, signal_url, room, ice, stun)?;
+    let mut role = role;
+    run_loop(&mut poll, &mut ch, &mut role)
+}
+
+/// Token of slab slot `i` of a role's sockets.
+pub fn token_of(i: usize) -> Token {
+    Token(FIRST_SOCKET + i)
+}
+
+/// Slab slot of a role token, if it is one.
+pub fn slot_of(token: Token) -> Option<usize> {
+    token.0.checked_sub(FIRST_SOCKET)
+}
+
+pub fn would_block(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock
+}
+
+/// Writes `out` to `stream` until done or WouldBlock; the written prefix is removed.
+pub fn write_out<W: io::Write>(stream: &mut W, out: &mut Vec<u8>) -> io::Result<()> {
+    let mut written = 0;
+    let result = loop {
+        if written == out.len() {
+            break Ok(());
+        }
+        match stream.write(&out[written..]) {
+            Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => written += n,
+            Err(e) if would_block(&e) => break Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(e),
+        }
+    };
+    out.drain(..written);
+    if out.is_empty() && out.capacity() > 256 * 1024 {
+        out.shrink_to(16 * 1024);
+    }
+    result
+}
+
+/// Reads once into `buf`'s spare room (up to `max` new bytes): Ok(0) is EOF.
+pub fn read_some<R: io::Read>(stream: &mut R, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+    let start = buf.len();
+    buf.resize(start + max, 0);
+    let result = loop {
+        match stream.read(&mut buf[start..]) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => break other,
+        }
+    };
+    buf.truncate(start + *result.as_ref().unwrap_or(&0));
+    result
+}

@@ -1,0 +1,620 @@
+//! The consumer role (`tunnel proxy`): a local HTTP/1.1 server whose every request travels
+//! through the data channel as REQ_HEADERS / REQ_BODY / REQ_END and whose response is written
+//! back as the RES_* frames arrive (chunked to the client when the provider gives no length), so
+//! an SSE token stream reaches the client token by token. Driven by `tunnel::run_loop`.
+
+use std::collections::HashMap;
+use std::net::{Shutdown, SocketAddr};
+use std::time::{Duration, Instant};
+
+use mio::event::Event;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Interest, Registry, Token};
+
+use super::{read_some, slot_of, token_of, write_out, Channel, Role, FEATURES, READ_CHUNK};
+use crate::frame::{body_chunks, Hello, Message, ReqHeaders, ResHeaders};
+use crate::http1::{self, BodyDecoder, BodyFraming, HeadError};
+
+/// No RES_HEADERS this long after the request: 504.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A client may queue this much unread response before its stream is cut (v1 has no flow
+/// control, so the only bound on a client that does not read is to stop serving it).
+const MAX_CLIENT_BACKLOG: usize = 16 << 20;
+/// Unparsed request bytes held per client before reading pauses.
+const MAX_INBUF: usize = 64 * 1024;
+
+const LISTENER: Token = Token(0);
+
+/// Where a client's current response stands.
+enum Resp {
+    /// No request in flight.
+    Idle,
+    /// Request sent; waiting for RES_HEADERS until the deadline.
+    Waiting { sid: u32, deadline: Instant },
+    /// Response head written; body frames are copied through.
+    Streaming { sid: u32, chunked: bool, bodyless: bool },
+}
+
+struct Client {
+    stream: TcpStream,
+    peer: SocketAddr,
+    inbuf: Vec<u8>,
+    out: Vec<u8>,
+    /// The request body still being forwarded: stream id and decoder.
+    req_body: Option<(u32, BodyDecoder)>,
+    resp: Resp,
+    /// The current request's method and whether the client keeps the connection.
+    method: String,
+    keep_alive: bool,
+    http10: bool,
+    started: Instant,
+    /// Reading stopped because the channel cannot take more; resumed on Writable.
+    paused: bool,
+    eof: bool,
+    /// Close once `out` is written.
+    closing: bool,
+}
+
+pub struct Proxy {
+    listener: TcpListener,
+    local: SocketAddr,
+    clients: Vec<Option<Client>>,
+    free: Vec<usize>,
+    /// Stream id → client slot.
+    streams: HashMap<u32, usize>,
+    next_sid: u32,
+}
+
+impl Proxy {
+    /// Binds the local HTTP listener.
+    pub fn bind(addr: SocketAddr, registry: &Registry) -> Result<Proxy, String> {
+        let mut listener =
+            TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        registry
+            .register(&mut listener, LISTENER, Interest::READABLE)
+            .map_err(|e| e.to_string())?;
+        let local = listener.local_addr().map_err(|e| e.to_string())?;
+        Ok(Proxy {
+            listener,
+            local,
+            clients: Vec::new(),
+            free: Vec::new(),
+            streams: HashMap::new(),
+            next_sid: 1,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    fn accept(&mut self, registry: &Registry, now: Instant) {
+        loop {
+            let (mut stream, peer) = match self.listener.accept() {
+                Ok(s) => s,
+                Err(e) if super::would_block(&e) => return,
+                Err(e) => {
+                    log::warn!("accept failed: {e}");
+                    return;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let slot = self.free.pop().unwrap_or_else(|| {
+                self.clients.push(None);
+                self.clients.len() - 1
+            });
+            if let Err(e) = registry.register(
+                &mut stream,
+                token_of(slot),
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                log::warn!("cannot register client {peer}: {e}");
+                self.free.push(slot);
+                continue;
+            }
+            self.clients[slot] = Some(Client {
+                stream,
+                peer,
+                inbuf: Vec::new(),
+                out: Vec::new(),
+                req_body: None,
+                resp: Resp::Idle,
+                method: String::new(),
+                keep_alive: true,
+                http10: false,
+                started: now,
+                paused: false,
+                eof: false,
+                closing: false,
+            });
+        }
+    }
+
+    /// Reads what the client sent (while there is room and the channel takes it) and acts on it.
+    fn pump(&mut self, slot: usize, ch: &mut Channel, registry: &Registry, now: Instant) {
+        loop {
+            let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
+                return;
+            };
+            let before = (c.inbuf.len(), c.out.len());
+            if !c.eof && !c.closing && c.inbuf.len() < MAX_INBUF {
+                if c.req_body.is_some() && !ch.can_send() {
+                    c.paused = true;
+                } else {
+                    match read_some(&mut c.stream, &mut c.inbuf, READ_CHUNK) {
+                        Ok(0) => c.eof = true,
+                        Ok(_) => {}
+                        Err(e) if super::would_block(&e) => {}
+                        Err(_) => c.eof = true,
+                    }
+                }
+            }
+            self.process(slot, ch, now);
+            self.flush(slot, registry);
+            let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
+                return;
+            };
+            if c.eof && matches!(c.resp, Resp::Idle) && c.req_body.is_none() {
+                // The client is done and nothing is in flight: finish writing, then close.
+                c.closing = true;
+                self.flush(slot, registry);
+                return;
+            }
+            let progressed = (c.inbuf.len(), c.out.len()) != before;
+            if !progressed || c.paused {
+                return;
+            }
+        }
+    }
+
+    /// Parses requests and forwards body bytes from the client's input buffer.
+    fn process(&mut self, slot: usize, ch: &mut Channel, now: Instant) {
+        loop {
+            let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
+                return;
+            };
+            if c.closing {
+                return;
+            }
+            if let Some((sid, dec)) = &mut c.req_body {
+                let sid = *sid;
+                if !ch.can_send() {
+                    c.paused = true;
+                    return;
+                }
+                let decoded = match dec.decode(&c.inbuf) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        log::debug!("client {}: bad request body: {e}", c.peer);
+                        self.abort(slot, ch, now);
+                        return;
+                    }
+                };
+                let (consumed, done) = (decoded.consumed, decoded.done);
+                for piece in body_chunks(decoded.data) {
+                    ch.send(&Message::ReqBody(sid, piece), now);
+                }
+                c.inbuf.drain(..consumed);
+                if done {
+                    ch.send(&Message::ReqEnd(sid), now);
+                    c.req_body = None;
+                    continue;
+                }
+                if c.eof {
+                    log::debug!("client {}: closed mid-body", c.peer);
+                    self.abort(slot, ch, now);
+                }
+                return;
+            }
+            if !matches!(c.resp, Resp::Idle) || c.inbuf.is_empty() {
+                return;
+            }
+            let (req, head_len) = match http1::parse_request(&c.inbuf) {
+                Ok(Some(parsed)) => parsed,
+                Ok(None) => return,
+                Err(HeadError::TooLarge) => return self.reject(slot, 431, "request head too large"),
+                Err(HeadError::Invalid(e)) => return self.reject(slot, 400, &format!("bad request: {e}")),
+            };
+            let framing = match req.body_framing() {
+                Ok(f) => f,
+                Err(e) => return self.reject(slot, 400, &format!("bad request: {e}")),
+            };
+            c.inbuf.drain(..head_len);
+            c.method = req.method.clone();
+            c.keep_alive = req.keep_alive();
+            c.http10 = req.minor_version == 0;
+            c.started = now;
+            if !ch.ready {
+                log::debug!("{} {}: 503 (tunnel not ready)", req.method, req.target);
+                let has_body = !matches!(framing, BodyFraming::None);
+                let c = self.clients[slot].as_mut();
+                if let Some(c) = c {
+                    c.out.extend_from_slice(&http1::simple_response(
+                        503,
+                        "text/plain",
+                        b"tunnel not ready",
+                        &[("Retry-After", "1")],
+                    ));
+                    // The body (if any) is not read: the connection ends after the answer.
+                    if has_body || !c.keep_alive {
+                        c.closing = true;
+                    }
+                }
+                continue;
+            }
+            let sid = self.next_sid;
+            self.next_sid = self.next_sid.wrapping_add(1).max(1);
+            let headers: Vec<(String, String)> = req
+                .headers
+                .iter()
+                .filter(|(n, _)| {
+                    !http1::is_hop_by_hop(n)
+                        && !n.eq_ignore_ascii_case("expect")
+                        && (!n.eq_ignore_ascii_case("content-length")
+                            || matches!(framing, BodyFraming::Length(_)))
+                })
+                .map(|(n, v)| (n.to_ascii_lowercase(), v.clone()))
+                .collect();
+            ch.send(
+                &Message::ReqHeaders(ReqHeaders {
+                    stream_id: sid,
+                    method: req.method.clone(),
+                    path: req.target.clone(),
+                    headers,
+                }),
+                now,
+            );
+            self.streams.insert(sid, slot);
+            let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
+                return;
+            };
+            c.resp = Resp::Waiting {
+                sid,
+                deadline: now + RESPONSE_TIMEOUT,
+            };
+            match framing {
+                BodyFraming::None | BodyFraming::UntilClose => ch.send(&Message::ReqEnd(sid), now),
+                BodyFraming::Length(0) => ch.send(&Message::ReqEnd(sid), now),
+                f => {
+                    if req.expects_continue() {
+                        c.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+                    }
+                    c.req_body = Some((sid, BodyDecoder::new(f)));
+                }
+            }
+        }
+    }
+
+    /// Answers an unparseable request and closes the connection.
+    fn reject(&mut self, slot: usize, status: u16, text: &str) {
+        if let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) {
+            log::debug!("client {}: {status} {text}", c.peer);
+            c.out.extend_from_slice(&http1::simple_response(
+                status,
+                "text/plain",
+                text.as_bytes(),
+                &[("Connection", "close")],
+            ));
+            c.closing = true;
+            c.inbuf.clear();
+        }
+    }
+
+    /// Ends a client connection at once; its stream's later frames are ignored.
+    fn abort(&mut self, slot: usize, _ch: &mut Channel, _now: Instant) {
+        if let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) {
+            if let Resp::Waiting { sid, .. } | Resp::Streaming { sid, .. } = c.resp {
+                self.streams.remove(&sid);
+            }
+            if let Some((sid, _)) = c.req_body.take() {
+                self.streams.remove(&sid);
+            }
+            c.resp = Resp::Idle;
+            c.out.clear();
+            c.closing = true;
+            c.eof = true;
+        }
+    }
+
+    /// Writes pending output; closes the connection when it is finished.
+    fn flush(&mut self, slot: usize, registry: &Registry) {
+        let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        let failed = write_out(&mut c.stream, &mut c.out).is_err();
+        if failed || (c.closing && c.out.is_empty()) {
+            self.close(slot, registry);
+        }
+    }
+
+    fn close(&mut self, slot: usize, registry: &Registry) {
+        let Some(mut c) = self.clients.get_mut(slot).and_then(Option::take) else {
+            return;
+        };
+        if let Resp::Waiting { sid, .. } | Resp::Streaming { sid, .. } = c.resp {
+            self.streams.remove(&sid);
+        }
+        if let Some((sid, _)) = c.req_body {
+            self.streams.remove(&sid);
+        }
+        let _ = c.stream.shutdown(Shutdown::Write);
+        let _ = registry.deregister(&mut c.stream);
+        self.free.push(slot);
+    }
+
+    /// A complete error answer for the request in flight (before any response head).
+    fn fail(&mut self, slot: usize, status: u16, text: &str) {
+        if let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) {
+            log::debug!("{} → {status} ({text})", c.method);
+            let close = !c.keep_alive || c.req_body.is_some();
+            c.out.extend_from_slice(&http1::simple_response(
+                status,
+                "text/plain",
+                text.as_bytes(),
+                if close { &[("Connection", "close")] } else { &[] },
+            ));
+            if let Some((sid, _)) = c.req_body.take() {
+                self.streams.remove(&sid);
+            }
+            c.resp = Resp::Idle;
+            if close {
+                c.closing = true;
+            }
+        }
+    }
+
+    fn on_res_headers(&mut self, h: ResHeaders) {
+        let Some(&slot) = self.streams.get(&h.stream_id) else {
+            return;
+        };
+        let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        if !matches!(c.resp, Resp::Waiting { .. }) {
+            return;
+        }
+        let bodyless = c.method.eq_ignore_ascii_case("HEAD")
+            || h.status < 200
+            || h.status == 204
+            || h.status == 304;
+        let has_length = h
+            .headers
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case("content-length"));
+        let chunked = !bodyless && !has_length && !c.http10;
+        if !bodyless && !has_length && c.http10 {
+            c.keep_alive = false;
+        }
+        let mut headers: Vec<(String, String)> = h
+            .headers
+            .into_iter()
+            .filter(|(n, _)| !http1::is_hop_by_hop(n))
+            .collect();
+        if chunked {
+            headers.push(("Transfer-Encoding".into(), "chunked".into()));
+        }
+        if !c.keep_alive {
+            headers.push(("Connection".into(), "close".into()));
+        }
+        http1::write_response_head(&mut c.out, h.status, &headers);
+        log::debug!(
+            "{} → {} ({} ms to head)",
+            c.method,
+            h.status,
+            c.started.elapsed().as_millis()
+        );
+        c.resp = Resp::Streaming {
+            sid: h.stream_id,
+            chunked,
+            bodyless,
+        };
+    }
+
+    fn on_res_body(&mut self, sid: u32, data: &[u8], ch: &mut Channel, now: Instant) {
+        let Some(&slot) = self.streams.get(&sid) else {
+            return;
+        };
+        let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        let Resp::Streaming { chunked, bodyless, .. } = c.resp else {
+            return;
+        };
+        if bodyless {
+            return;
+        }
+        if chunked {
+            http1::encode_chunk(&mut c.out, data);
+        } else {
+            c.out.extend_from_slice(data);
+        }
+        if c.out.len() > MAX_CLIENT_BACKLOG {
+            log::warn!("client {} does not read its response; cutting it off", c.peer);
+            self.abort(slot, ch, now);
+        }
+    }
+
+    fn on_res_end(&mut self, sid: u32) {
+        let Some(slot) = self.streams.remove(&sid) else {
+            return;
+        };
+        let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        match c.resp {
+            Resp::Streaming { chunked, bodyless, .. } => {
+                if chunked && !bodyless {
+                    c.out.extend_from_slice(http1::LAST_CHUNK);
+                }
+            }
+            // RES_END without a head: the provider gave up on the stream.
+            Resp::Waiting { .. } => {
+                c.out.extend_from_slice(&http1::simple_response(
+                    502,
+                    "text/plain",
+                    b"Tunnel error: the provider ended the stream without a response",
+                    &[],
+                ));
+            }
+            Resp::Idle => return,
+        }
+        c.resp = Resp::Idle;
+        if !c.keep_alive {
+            c.closing = true;
+        }
+    }
+
+    fn on_error(&mut self, sid: u32, text: &str, ch: &mut Channel, now: Instant) {
+        let Some(&slot) = self.streams.get(&sid) else {
+            return;
+        };
+        log::debug!("stream {sid}: error from the provider: {text}");
+        let waiting = self
+            .clients
+            .get(slot)
+            .and_then(Option::as_ref)
+            .is_some_and(|c| matches!(c.resp, Resp::Waiting { .. }));
+        if waiting {
+            self.streams.remove(&sid);
+            self.fail(slot, 502, &format!("Tunnel error: {text}"));
+        } else {
+            // Mid-body: the client sees a truncated response (no last chunk, or short length).
+            self.abort(slot, ch, now);
+        }
+    }
+
+    fn slots_in_flight(&self) -> Vec<usize> {
+        self.clients
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| c.as_ref().map(|_| i))
+            .collect()
+    }
+}
+
+impl Role for Proxy {
+    fn on_socket(&mut self, ch: &mut Channel, registry: &Registry, event: &Event, now: Instant) {
+        if event.token() == LISTENER {
+            return self.accept(registry, now);
+        }
+        let Some(slot) = slot_of(event.token()) else {
+            return;
+        };
+        if event.is_readable() || event.is_read_closed() || event.is_error() {
+            self.pump(slot, ch, registry, now);
+        }
+        if event.is_writable() {
+            self.flush(slot, registry);
+            // Output drained: a finished response may let the next request proceed.
+            self.pump(slot, ch, registry, now);
+        }
+    }
+
+    fn on_open(&mut self, ch: &mut Channel, now: Instant) {
+        ch.send(&Message::Hello(Hello::ours(FEATURES)), now);
+    }
+
+    fn on_message(&mut self, ch: &mut Channel, registry: &Registry, msg: Message, now: Instant) {
+        let touched = match msg {
+            Message::Agree(agree) => {
+                if agree.version != 1 {
+                    log::warn!("provider agreed on unknown version {}", agree.version);
+                    return;
+                }
+                ch.ready = true;
+                log::info!("tunnel ready (features: {})", agree.features.join(","));
+                None
+            }
+            Message::ResHeaders(h) => {
+                let sid = h.stream_id;
+                self.on_res_headers(h);
+                self.streams.get(&sid).copied()
+            }
+            Message::ResBody(sid, data) => {
+                let slot = self.streams.get(&sid).copied();
+                self.on_res_body(sid, data, ch, now);
+                slot
+            }
+            Message::ResEnd(sid) => {
+                let slot = self.streams.get(&sid).copied();
+                self.on_res_end(sid);
+                slot
+            }
+            Message::Error(sid, text) => {
+                let slot = self.streams.get(&sid).copied();
+                self.on_error(sid, &text, ch, now);
+                slot
+            }
+            Message::Hello(_) => {
+                log::warn!("the other peer is a proxy too; a provider (tunnel serve) is needed");
+                None
+            }
+            other => {
+                log::debug!("ignoring frame type {} from the provider", other.kind());
+                None
+            }
+        };
+        if let Some(slot) = touched {
+            self.flush(slot, registry);
+            // A finished response lets a pipelined request go.
+            self.pump(slot, ch, registry, now);
+        }
+    }
+
+    fn on_lost(&mut self, ch: &mut Channel, registry: &Registry, now: Instant) {
+        for slot in self.slots_in_flight() {
+            let state = self.clients[slot].as_ref().map(|c| match c.resp {
+                Resp::Waiting { .. } => 1,
+                Resp::Streaming { .. } => 2,
+                Resp::Idle => 0,
+            });
+            match state {
+                Some(1) => self.fail(slot, 502, "Tunnel error: peer lost"),
+                Some(2) => self.abort(slot, ch, now),
+                _ => {}
+            }
+            self.flush(slot, registry);
+        }
+        self.streams.clear();
+    }
+
+    fn on_writable(&mut self, ch: &mut Channel, registry: &Registry, now: Instant) {
+        for slot in self.slots_in_flight() {
+            let paused = self.clients[slot].as_ref().is_some_and(|c| c.paused);
+            if paused {
+                if let Some(c) = self.clients[slot].as_mut() {
+                    c.paused = false;
+                }
+                self.pump(slot, ch, registry, now);
+            }
+            if !ch.can_send() {
+                return;
+            }
+        }
+    }
+
+    fn on_timeout(&mut self, _ch: &mut Channel, registry: &Registry, now: Instant) {
+        for slot in self.slots_in_flight() {
+            let expired = self.clients[slot].as_ref().and_then(|c| match c.resp {
+                Resp::Waiting { sid, deadline } if deadline <= now => Some(sid),
+                _ => None,
+            });
+            if let Some(sid) = expired {
+                self.streams.remove(&sid);
+                self.fail(slot, 504, "Gateway Timeout: no response through the tunnel within 60 s");
+                self.flush(slot, registry);
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.clients
+            .iter()
+            .flatten()
+            .filter_map(|c| match c.resp {
+                Resp::Waiting { deadline, .. } => Some(deadline),
+                _ => None,
+            })
+            .min()
+    }
+}
