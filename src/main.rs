@@ -17,6 +17,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         None => Err("no command given; try `tunnel --help`".to_string()),
         Some(Command::Signal(opts)) => tunnel::signal::run(opts),
+        Some(Command::Demo(opts)) => tunnel::demo::run(opts),
         Some(Command::Serve(_)) | Some(Command::Proxy(_)) => {
             Err("serve and proxy are not built yet".to_string())
         }
