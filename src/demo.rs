@@ -886,4 +886,80 @@ mod tests {
             .collect();
         assert_eq!(text, TOKENS.concat());
     }
+
+    /// A stand-in proxy that answers 503 to its first `not_ready` requests, then 200.
+    fn fake_proxy(not_ready: usize) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        thread::spawn(move || {
+            for (i, conn) in listener.incoming().enumerate() {
+                let Ok(mut s) = conn else { continue };
+                let mut buf = Vec::new();
+                while parse_request(&buf).unwrap().is_none() {
+                    if read_more(&mut s, &mut buf).unwrap() == 0 {
+                        break;
+                    }
+                }
+                let out = if i < not_ready {
+                    http1::simple_response(503, "text/plain", b"tunnel not ready", &[])
+                } else {
+                    http1::simple_response(200, "application/json", b"{\"data\":[]}", &[])
+                };
+                let _ = s.write_all(&out);
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn wait_ready_polls_until_200() {
+        let proxy = fake_proxy(3);
+        let mut kids = Children::new(Style {
+            stdout: false,
+            stderr: false,
+        });
+        assert_eq!(wait_ready(&mut kids, proxy).unwrap(), b"{\"data\":[]}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn children_lines_exit_and_cleanup() {
+        let style = Style {
+            stdout: false,
+            stderr: false,
+        };
+        let sh = Path::new("/bin/sh");
+        let mut kids = Children::new(style);
+        kids.spawn(
+            sh,
+            "signal",
+            &[
+                "-c",
+                "echo '[t INFO ] listening on ws://127.0.0.1:9' >&2; exec sleep 60",
+            ],
+        )
+        .unwrap();
+        let line = kids
+            .wait_line("signal", "listening on ws://", "no signal")
+            .unwrap();
+        assert_eq!(
+            addr_after(&line, "listening on ws://"),
+            Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 9)))
+        );
+        let pid = kids.procs[0].1.id();
+        drop(kids);
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "child {pid} still there after the guard dropped"
+        );
+
+        let mut kids = Children::new(style);
+        kids.spawn(sh, "serve", &["-c", "echo 'bad flag' >&2; exit 4"])
+            .unwrap();
+        let err = kids
+            .wait_line("serve", "tunnel ready", "serve did not start")
+            .unwrap_err();
+        assert!(err.contains("`tunnel serve` stopped"), "{err}");
+        assert!(err.contains('4'), "{err}");
+    }
 }
