@@ -1,6 +1,6 @@
-//! Command-line interface: the argh definitions of `tunnel signal | serve | proxy`, with their
+//! Command-line interface: the argh definitions of `tunnel signal | serve | proxy | demo`, with their
 //! environment-variable fallbacks. Parsed by `main.rs`; the option structs are handed to the
-//! mode drivers (`signal::run`, `tunnel::serve`, `tunnel::proxy`).
+//! mode drivers (`signal::run`, `tunnel::serve`, `tunnel::proxy`, `demo::run`).
 
 use argh::FromArgs;
 
@@ -22,6 +22,7 @@ pub enum Command {
     Signal(SignalOpts),
     Serve(ServeOpts),
     Proxy(ProxyOpts),
+    Demo(DemoOpts),
 }
 
 /// Run the rendezvous server: WebSocket signaling (p2p-llm-tunnel, WebLLM or ChronoFlux dialect),
@@ -172,6 +173,21 @@ pub struct ProxyOpts {
     /// TURN password (env TUNNEL_TURN_PASS)
     #[argh(option)]
     pub turn_pass: Option<String>,
+}
+
+/// Try it on this machine: starts a signal server, a small OpenAI-style demo upstream, serve and
+/// proxy on loopback, and streams one chat completion through the tunnel.
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand, name = "demo")]
+pub struct DemoOpts {
+    /// room name for serve and proxy (default: demo-<random>)
+    #[argh(option)]
+    pub room: Option<String>,
+
+    /// leave everything running after the demo request and print the proxy URL and a curl
+    /// example; stop with Ctrl-C
+    #[argh(switch)]
+    pub keep: bool,
 }
 
 /// `flag` if given, else the environment variable `var` if set and not empty.

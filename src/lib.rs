@@ -3,6 +3,7 @@
 //! use this library. Every protocol is a sans-IO core; each mode has one mio driver.
 
 pub mod cli;
+pub mod demo;
 pub mod frame;
 pub mod http1;
 pub mod peer;

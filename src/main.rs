@@ -11,14 +11,31 @@ fn main() -> ExitCode {
         println!("tunnel {}", env!("CARGO_PKG_VERSION"));
         return ExitCode::SUCCESS;
     }
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_target(false)
-        .init();
+    // Our lines at RUST_LOG's level (info by default); the WebRTC stack's internals only when
+    // RUST_LOG names them (e.g. RUST_LOG=debug,str0m=debug).
+    let mut logger = env_logger::Builder::new();
+    logger.filter_level(log::LevelFilter::Info);
+    for noisy in [
+        "str0m",
+        "str0m_proto",
+        "str0m_rust_crypto",
+        "sctp_proto",
+        "dimpl",
+        "tungstenite",
+        "rustls",
+    ] {
+        logger.filter_module(noisy, log::LevelFilter::Warn);
+    }
+    if let Ok(spec) = std::env::var("RUST_LOG") {
+        logger.parse_filters(&spec);
+    }
+    logger.format_target(false).init();
     let result = match cli.command {
         None => Err("no command given; try `tunnel --help`".to_string()),
         Some(Command::Signal(opts)) => tunnel::signal::run(opts),
         Some(Command::Serve(opts)) => tunnel::tunnel::serve(opts),
         Some(Command::Proxy(opts)) => tunnel::tunnel::proxy(opts),
+        Some(Command::Demo(opts)) => tunnel::demo::run(opts),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -166,7 +166,6 @@ fn drain_link(ch: &mut Channel, role: &mut dyn Role, registry: &Registry, now: I
     while let Some(event) = ch.link.poll_event() {
         match event {
             LinkEvent::ChannelOpen => {
-                log::info!("peer connected");
                 ch.opened(now);
                 role.on_open(ch, now);
             }
@@ -266,7 +265,12 @@ fn start_link(
 
 /// `tunnel serve`: the provider.
 pub fn serve(opts: ServeOpts) -> Result<(), String> {
-    let room = required(&opts.room, "TUNNEL_ROOM", "room", "the room both peers join")?;
+    let room = required(
+        &opts.room,
+        "TUNNEL_ROOM",
+        "room",
+        "the room both peers join",
+    )?;
     let upstream = required(
         &opts.upstream,
         "TUNNEL_UPSTREAM",
@@ -319,8 +323,14 @@ pub fn proxy(opts: ProxyOpts) -> Result<(), String> {
         "signal",
         "the ws:// URL of the signal server the provider uses",
     )?;
-    let room = required(&opts.room, "TUNNEL_ROOM", "room", "the room both peers join")?;
-    let listen = flag_or_env(&opts.listen, "TUNNEL_LISTEN").unwrap_or_else(|| "127.0.0.1:8000".into());
+    let room = required(
+        &opts.room,
+        "TUNNEL_ROOM",
+        "room",
+        "the room both peers join",
+    )?;
+    let listen =
+        flag_or_env(&opts.listen, "TUNNEL_LISTEN").unwrap_or_else(|| "127.0.0.1:8000".into());
     let listen: SocketAddr = listen
         .parse()
         .map_err(|_| format!("invalid --listen '{listen}': expected IP:PORT"))?;

@@ -32,7 +32,11 @@ enum Resp {
     /// Request sent; waiting for RES_HEADERS until the deadline.
     Waiting { sid: u32, deadline: Instant },
     /// Response head written; body frames are copied through.
-    Streaming { sid: u32, chunked: bool, bodyless: bool },
+    Streaming {
+        sid: u32,
+        chunked: bool,
+        bodyless: bool,
+    },
 }
 
 struct Client {
@@ -212,8 +216,12 @@ impl Proxy {
             let (req, head_len) = match http1::parse_request(&c.inbuf) {
                 Ok(Some(parsed)) => parsed,
                 Ok(None) => return,
-                Err(HeadError::TooLarge) => return self.reject(slot, 431, "request head too large"),
-                Err(HeadError::Invalid(e)) => return self.reject(slot, 400, &format!("bad request: {e}")),
+                Err(HeadError::TooLarge) => {
+                    return self.reject(slot, 431, "request head too large")
+                }
+                Err(HeadError::Invalid(e)) => {
+                    return self.reject(slot, 400, &format!("bad request: {e}"))
+                }
             };
             let framing = match req.body_framing() {
                 Ok(f) => f,
@@ -351,7 +359,11 @@ impl Proxy {
                 status,
                 "text/plain",
                 text.as_bytes(),
-                if close { &[("Connection", "close")] } else { &[] },
+                if close {
+                    &[("Connection", "close")]
+                } else {
+                    &[]
+                },
             ));
             if let Some((sid, _)) = c.req_body.take() {
                 self.streams.remove(&sid);
@@ -417,7 +429,10 @@ impl Proxy {
         let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
             return;
         };
-        let Resp::Streaming { chunked, bodyless, .. } = c.resp else {
+        let Resp::Streaming {
+            chunked, bodyless, ..
+        } = c.resp
+        else {
             return;
         };
         if bodyless {
@@ -429,7 +444,10 @@ impl Proxy {
             c.out.extend_from_slice(data);
         }
         if c.out.len() > MAX_CLIENT_BACKLOG {
-            log::warn!("client {} does not read its response; cutting it off", c.peer);
+            log::warn!(
+                "client {} does not read its response; cutting it off",
+                c.peer
+            );
             self.abort(slot, ch, now);
         }
     }
@@ -442,7 +460,9 @@ impl Proxy {
             return;
         };
         match c.resp {
-            Resp::Streaming { chunked, bodyless, .. } => {
+            Resp::Streaming {
+                chunked, bodyless, ..
+            } => {
                 if chunked && !bodyless {
                     c.out.extend_from_slice(http1::LAST_CHUNK);
                 }
@@ -601,7 +621,11 @@ impl Role for Proxy {
             });
             if let Some(sid) = expired {
                 self.streams.remove(&sid);
-                self.fail(slot, 504, "Gateway Timeout: no response through the tunnel within 60 s");
+                self.fail(
+                    slot,
+                    504,
+                    "Gateway Timeout: no response through the tunnel within 60 s",
+                );
                 self.flush(slot, registry);
             }
         }

@@ -179,7 +179,12 @@ impl Serve {
         let has_length = headers
             .iter()
             .any(|(n, _)| n.eq_ignore_ascii_case("content-length"));
-        log::debug!("stream {sid}: {} {} → upstream {}", h.method, h.path, target);
+        log::debug!(
+            "stream {sid}: {} {} → upstream {}",
+            h.method,
+            h.path,
+            target
+        );
         let mut stream = Stream {
             sid,
             sock,
@@ -207,7 +212,14 @@ impl Serve {
         self.by_sid.insert(sid, slot);
     }
 
-    fn req_body(&mut self, sid: u32, data: &[u8], ch: &mut Channel, registry: &Registry, now: Instant) {
+    fn req_body(
+        &mut self,
+        sid: u32,
+        data: &[u8],
+        ch: &mut Channel,
+        registry: &Registry,
+        now: Instant,
+    ) {
         let Some(&slot) = self.by_sid.get(&sid) else {
             return;
         };
@@ -229,7 +241,13 @@ impl Serve {
         }
         if s.out.len() > MAX_UPSTREAM_BACKLOG {
             log::warn!("stream {sid}: upstream does not read the request body; failing the stream");
-            ch.send(&Message::Error(sid, "upstream error: upstream stopped reading the request".into()), now);
+            ch.send(
+                &Message::Error(
+                    sid,
+                    "upstream error: upstream stopped reading the request".into(),
+                ),
+                now,
+            );
             ch.send(&Message::ResEnd(sid), now);
             return self.close(slot, registry);
         }
@@ -250,7 +268,12 @@ impl Serve {
                     if matches!(method.as_str(), "POST" | "PUT" | "PATCH") {
                         held.headers.push(("Content-Length".into(), "0".into()));
                     }
-                    http1::write_request_head(&mut s.out, &held.method, &held.target, &held.headers);
+                    http1::write_request_head(
+                        &mut s.out,
+                        &held.method,
+                        &held.target,
+                        &held.headers,
+                    );
                 }
                 s.framing = ReqFraming::None;
             }
@@ -279,7 +302,14 @@ impl Serve {
     }
 
     /// The connection to the upstream failed (connect or I/O error).
-    fn upstream_failed(&mut self, slot: usize, err: &str, ch: &mut Channel, registry: &Registry, now: Instant) {
+    fn upstream_failed(
+        &mut self,
+        slot: usize,
+        err: &str,
+        ch: &mut Channel,
+        registry: &Registry,
+        now: Instant,
+    ) {
         let Some(s) = self.streams.get(slot).and_then(Option::as_ref) else {
             return;
         };
@@ -339,14 +369,22 @@ impl Serve {
     }
 
     /// Turns buffered upstream bytes into frames. Err: the response is broken.
-    fn consume(&mut self, slot: usize, eof: bool, ch: &mut Channel, now: Instant) -> Result<(), String> {
+    fn consume(
+        &mut self,
+        slot: usize,
+        eof: bool,
+        ch: &mut Channel,
+        now: Instant,
+    ) -> Result<(), String> {
         let Some(s) = self.streams.get_mut(slot).and_then(Option::as_mut) else {
             return Ok(());
         };
         if s.body.is_none() {
             let (head, len) = match http1::parse_response(&s.inbuf) {
                 Ok(Some(parsed)) => parsed,
-                Ok(None) if eof => return Err("upstream closed the connection before responding".into()),
+                Ok(None) if eof => {
+                    return Err("upstream closed the connection before responding".into())
+                }
                 Ok(None) => return Ok(()),
                 Err(HeadError::TooLarge) => return Err("upstream response head too large".into()),
                 Err(HeadError::Invalid(e)) => return Err(format!("bad upstream response: {e}")),
@@ -407,7 +445,8 @@ impl Serve {
         if dec.is_done() {
             ch.send(&Message::ResEnd(sid), now);
         } else if eof {
-            dec.finish_eof().map_err(|e| format!("upstream closed mid-body: {e}"))?;
+            dec.finish_eof()
+                .map_err(|e| format!("upstream closed mid-body: {e}"))?;
             ch.send(&Message::ResEnd(sid), now);
         }
         Ok(())
@@ -556,7 +595,9 @@ mod tests {
         assert_eq!(u.target("/", "/v1/x?q=1"), "/base/v1/x?q=1");
         let u = Upstream::parse("http://127.0.0.1").unwrap();
         assert_eq!(u.addr.port(), 80);
-        assert!(Upstream::parse("https://x").unwrap_err().contains("not supported"));
+        assert!(Upstream::parse("https://x")
+            .unwrap_err()
+            .contains("not supported"));
         assert!(Upstream::parse("ftp://x").is_err());
         assert!(Upstream::parse("http:///x").is_err());
     }
