@@ -207,3 +207,195 @@ pub fn post(addr: SocketAddr, path: &str, body: &str) -> (u16, String, String) {
         ),
     )
 }
+
+/// A signal server, a provider and a consumer on loopback, ready to carry requests.
+pub struct Tunnel {
+    pub signal: Proc,
+    pub serve: Proc,
+    pub proxy: Proc,
+    pub signal_url: String,
+    pub room: String,
+    /// The proxy's HTTP address.
+    pub addr: SocketAddr,
+}
+
+/// Starts `tunnel serve` for `upstream` in `room` against `signal_url`.
+pub fn serve(signal_url: &str, room: &str, upstream: &str, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "serve",
+        "--signal",
+        signal_url,
+        "--room",
+        room,
+        "--upstream",
+        upstream,
+        "--ice-addr",
+        "127.0.0.1",
+    ];
+    args.extend_from_slice(extra);
+    Proc::start(&args, &[])
+}
+
+/// Starts `tunnel proxy` on an ephemeral port; returns it and its HTTP address.
+pub fn proxy(signal_url: &str, room: &str) -> (Proc, SocketAddr) {
+    let mut p = Proc::start(
+        &[
+            "proxy",
+            "--signal",
+            signal_url,
+            "--room",
+            room,
+            "--listen",
+            "127.0.0.1:0",
+            "--ice-addr",
+            "127.0.0.1",
+        ],
+        &[],
+    );
+    let line = p.wait_line("proxy listening on http://", 10);
+    let addr = line
+        .rsplit("http://")
+        .next()
+        .and_then(|a| a.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    (p, addr)
+}
+
+impl Tunnel {
+    /// Everything up, and both sides reporting `tunnel ready`.
+    pub fn start(upstream: &str) -> Tunnel {
+        let (signal, saddr) = signal(&[]);
+        let signal_url = format!("ws://{saddr}");
+        let room = format!("test-{}", tunnel::util::uuid_v4());
+        let mut serve = serve(&signal_url, &room, upstream, &[]);
+        let (mut proxy, addr) = proxy(&signal_url, &room);
+        serve.wait_line("tunnel ready", 15);
+        proxy.wait_line("tunnel ready", 15);
+        Tunnel {
+            signal,
+            serve,
+            proxy,
+            signal_url,
+            room,
+            addr,
+        }
+    }
+}
+
+/// A tiny_http upstream on 127.0.0.1:0 answering every request with `handler` on its own
+/// thread per request; returns its base URL.
+pub fn upstream<F>(handler: F) -> String
+where
+    F: Fn(tiny_http::Request) + Send + Sync + 'static,
+{
+    let server = tiny_http::Server::http("127.0.0.1:0").expect("upstream bind");
+    let url = format!(
+        "http://{}",
+        server.server_addr().to_ip().expect("ip address")
+    );
+    let handler = std::sync::Arc::new(handler);
+    std::thread::spawn(move || {
+        for req in server.incoming_requests() {
+            let handler = handler.clone();
+            std::thread::spawn(move || handler(req));
+        }
+    });
+    url
+}
+
+/// SHA-256 of `data` as hex, by the system's `sha256sum`.
+pub fn sha256(data: &[u8]) -> String {
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("sha256sum (coreutils) is needed");
+    let mut stdin = child.stdin.take().unwrap();
+    let data = data.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&data));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Reads one HTTP/1.1 response (Content-Length, chunked or until close) from `s`; returns
+/// (status, head, body bytes).
+pub fn read_full_response(s: &mut TcpStream) -> (u16, String, Vec<u8>) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    let (head, mut pos) = loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break (String::from_utf8_lossy(&buf[..end]).to_string(), end + 4);
+        }
+        let n = s.read(&mut chunk).expect("read head");
+        assert!(
+            n > 0,
+            "closed before the head: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(0);
+    let lower = head.to_ascii_lowercase();
+    let mut fill = |buf: &mut Vec<u8>| -> bool {
+        let n = s.read(&mut chunk).unwrap_or(0);
+        buf.extend_from_slice(&chunk[..n]);
+        n > 0
+    };
+    let mut body = Vec::new();
+    if lower.contains("transfer-encoding: chunked") {
+        loop {
+            let line_end = loop {
+                if let Some(i) = buf[pos..].windows(2).position(|w| w == b"\r\n") {
+                    break pos + i;
+                }
+                assert!(fill(&mut buf), "closed inside a chunk-size line");
+            };
+            let size_text = String::from_utf8_lossy(&buf[pos..line_end]).to_string();
+            let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16)
+                .expect("chunk size");
+            pos = line_end + 2;
+            while buf.len() < pos + size + 2 {
+                assert!(fill(&mut buf), "closed inside a chunk");
+            }
+            body.extend_from_slice(&buf[pos..pos + size]);
+            pos += size + 2;
+            if size == 0 {
+                break;
+            }
+        }
+    } else if let Some(len) = lower.lines().find_map(|l| {
+        l.strip_prefix("content-length:")
+            .and_then(|v| v.trim().parse::<usize>().ok())
+    }) {
+        while buf.len() < pos + len {
+            assert!(fill(&mut buf), "closed inside the body");
+        }
+        body.extend_from_slice(&buf[pos..pos + len]);
+    } else {
+        while fill(&mut buf) {}
+        body.extend_from_slice(&buf[pos..]);
+    }
+    (status, head, body)
+}
+
+/// One request on a fresh connection through `addr`; the whole response.
+pub fn request(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, String, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    read_full_response(&mut s)
+}
