@@ -4,6 +4,7 @@ FUZZ_SECONDS ?= 60
 MUSL_TARGET  := x86_64-unknown-linux-musl
 BIN          := target/release/tunnel
 STATIC_BIN   := target/$(MUSL_TARGET)/release/tunnel
+BENCH        := target/release/tunnel-bench
 
 .PHONY: all build release test test-deps lint fmt demo bench fuzz static clean
 
@@ -40,9 +41,9 @@ demo: release
 	$(BIN) demo
 
 ## bench: figures side by side (signal server; tunnel vs. direct)
-bench: release
-	$(CARGO) build --release --example bench 2>/dev/null || true
-	$(BIN) bench
+bench:
+	$(CARGO) build --release --bins
+	$(BENCH) signal
 
 ## fuzz: run each fuzz target (frame codec, HTTP/1.1 codec) for FUZZ_SECONDS (nightly +
 ## cargo-fuzz); new inputs go to target/fuzz-corpus, the committed seeds stay as they are

@@ -1,0 +1,589 @@
+//! `tunnel-bench signal`: measures `tunnel signal` (tunnel dialect) on loopback and prints the
+//! figures next to the original Node server's. It spawns the server as a child process, reads
+//! its memory from /proc, holds 10 000 joined WebSockets, then runs candidate ping-pong between
+//! room pairs from one mio thread for the relay rate and latency. Called by `main`.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use mio::{Events, Interest, Poll, Token};
+use serde_json::{json, Value};
+use tungstenite::protocol::{Role, WebSocketConfig};
+use tungstenite::{Message, WebSocket};
+
+/// WebSockets held open (rooms of two) for the memory figures.
+const IDLE_CONNS: usize = 10_000;
+/// Room pairs ping-ponging candidates for the relay figures.
+const PAIRS: usize = 100;
+/// How long the ping-pong runs.
+const RELAY_TIME: Duration = Duration::from_secs(3);
+/// Deadlines of the phases; the whole run stays under a minute.
+const START_TIMEOUT: Duration = Duration::from_secs(5);
+const IDLE_PHASE: Duration = Duration::from_secs(30);
+const SETUP_PHASE: Duration = Duration::from_secs(5);
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest wait for one blocking socket operation.
+const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// A typical trickled ICE candidate, as a browser sends it.
+const CANDIDATE: &str = r#"{"candidate":"candidate:842163049 1 udp 1677729535 203.0.113.7 46154 typ srflx raddr 192.168.1.23 rport 46154 generation 0 ufrag sK3n network-cost 999","sdpMid":"0","sdpMLineIndex":0}"#;
+/// Every relayed candidate starts like this.
+const CANDIDATE_PREFIX: &str = r#"{"type":"candidate""#;
+
+/// The server child process; killed when dropped, so also on every error path.
+struct Server {
+    child: Child,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the benchmark against the `tunnel` binary at `bin` and prints the table.
+pub fn run(bin: &Path) -> Result<(), String> {
+    let (server, addr) = start(bin)?;
+    let pid = server.child.id();
+    let rss_idle = rss(pid)?;
+
+    let deadline = Instant::now() + IDLE_PHASE;
+    let (held, idle_streams) = hold_idle(addr, deadline)?;
+    let rss_with = rss(pid)?;
+    let idle_metrics = http_get(addr, "/metrics")?;
+
+    let (relay, relay_streams) = relay(addr, pid)?;
+    let metrics = http_get(addr, "/metrics")?;
+    drop((relay_streams, idle_streams, server));
+
+    // Each room pair gets two `joined` and one `peer-joined`; then every candidate delivered.
+    let idle_expected = (held / 2 * 3) as u64;
+    let expected = idle_expected + (PAIRS * 3) as u64 + relay.delivered;
+    print_table(&Figures {
+        rss_idle,
+        held,
+        rss_with,
+        relay,
+    });
+    println!();
+    println!(
+        "cross-check, server /metrics with {held} held: tunnel_signal_connections {} \
+         (bench: {held} + this request), tunnel_signal_messages_relayed_total {} \
+         (bench: {idle_expected})",
+        shown(metric(&idle_metrics, "connections")),
+        shown(metric(&idle_metrics, "messages_relayed_total")),
+    );
+    println!(
+        "cross-check, server /metrics at the end: tunnel_signal_messages_relayed_total {} \
+         (bench: {expected} = joined + peer-joined + candidates delivered)",
+        shown(metric(&metrics, "messages_relayed_total"))
+    );
+    if held < IDLE_CONNS {
+        return Err(format!("only {held} of {IDLE_CONNS} connections joined"));
+    }
+    Ok(())
+}
+
+fn shown(v: Option<u64>) -> String {
+    v.map_or_else(|| "missing".to_string(), |v| v.to_string())
+}
+
+/// Spawns `tunnel signal` on an ephemeral loopback port and waits for its listening line.
+fn start(bin: &Path) -> Result<(Server, SocketAddr), String> {
+    let mut child = Command::new(bin)
+        .args(["signal", "--listen", "127.0.0.1:0"])
+        .args(["--rate-limit", "1000000", "--max-connections", "50000"])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+    let stderr = child.stderr.take();
+    let server = Server { child };
+    let stderr = stderr.ok_or("no stderr pipe from the server")?;
+    let (tx, rx) = mpsc::channel();
+    // Keeps draining the log so the server never blocks on a full pipe.
+    std::thread::Builder::new()
+        .name("server-log".into())
+        .spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some((_, addr)) = line.split_once("listening on ws://") {
+                    let _ = tx.send(addr.trim().to_string());
+                }
+            }
+        })
+        .map_err(|e| format!("cannot start the log reader: {e}"))?;
+    let shown = rx
+        .recv_timeout(START_TIMEOUT)
+        .map_err(|_| "the server did not report its address in time".to_string())?;
+    let addr = shown
+        .parse()
+        .map_err(|e| format!("bad listening address {shown:?}: {e}"))?;
+    Ok((server, addr))
+}
+
+/// VmRSS of a process, in bytes.
+fn rss(pid: u32) -> Result<u64, String> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+        .ok_or_else(|| format!("{path}: no VmRSS line"))
+}
+
+/// One plain HTTP GET; returns the body.
+fn http_get(addr: SocketAddr, path: &str) -> Result<String, String> {
+    let mut s = connect(addr)?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes())
+        .map_err(|e| format!("GET {path}: {e}"))?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)
+        .map_err(|e| format!("GET {path}: {e}"))?;
+    resp.split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .ok_or_else(|| format!("GET {path}: no HTTP response"))
+}
+
+/// The value of `tunnel_signal_<name>` in a Prometheus text page.
+fn metric(page: &str, name: &str) -> Option<u64> {
+    let key = format!("tunnel_signal_{name} ");
+    page.lines()
+        .find_map(|l| l.strip_prefix(key.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn connect(addr: SocketAddr) -> Result<TcpStream, String> {
+    let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(IO_TIMEOUT))
+        .and_then(|()| s.set_write_timeout(Some(IO_TIMEOUT)))
+        .and_then(|()| s.set_nodelay(true))
+        .map_err(|e| format!("socket options: {e}"))?;
+    Ok(s)
+}
+
+type BlockingWs<'a> = WebSocket<&'a TcpStream>;
+
+/// The blocking WebSocket handshake over `stream`, with small buffers.
+fn handshake(stream: &TcpStream, addr: SocketAddr) -> Result<BlockingWs<'_>, String> {
+    let cfg = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0);
+    tungstenite::client::client_with_config(format!("ws://{addr}/"), stream, Some(cfg))
+        .map(|(ws, _)| ws)
+        .map_err(|e| format!("handshake: {e}"))
+}
+
+fn send_json(ws: &mut BlockingWs<'_>, v: &Value) -> Result<(), String> {
+    ws.send(Message::text(v.to_string()))
+        .map_err(|e| format!("send: {e}"))
+}
+
+/// The next text message as JSON, checked to have `type` == `want`.
+fn expect(ws: &mut BlockingWs<'_>, want: &str) -> Result<Value, String> {
+    loop {
+        match ws.read().map_err(|e| format!("waiting for {want}: {e}"))? {
+            Message::Text(t) => {
+                let v: Value = serde_json::from_str(t.as_str())
+                    .map_err(|e| format!("waiting for {want}: {e}: {}", t.as_str()))?;
+                if v["type"] != want {
+                    return Err(format!("wanted {want}, got {v}"));
+                }
+                return Ok(v);
+            }
+            Message::Close(_) => return Err(format!("closed while waiting for {want}")),
+            _ => {}
+        }
+    }
+}
+
+/// Opens two WebSockets, joins both to `room` and checks `joined` / `peer-joined`.
+fn join_pair(addr: SocketAddr, room: &str) -> Result<(TcpStream, TcpStream), String> {
+    let join = json!({"type": "join", "room": room});
+    let a = connect(addr)?;
+    let mut wa = handshake(&a, addr)?;
+    send_json(&mut wa, &join)?;
+    let ja = expect(&mut wa, "joined")?;
+    if ja["peers"] != json!([]) {
+        return Err(format!("first member of {room} got {ja}"));
+    }
+    let b = connect(addr)?;
+    let mut wb = handshake(&b, addr)?;
+    send_json(&mut wb, &join)?;
+    let jb = expect(&mut wb, "joined")?;
+    if jb["peers"] != json!([ja["peerId"]]) {
+        return Err(format!("second member of {room} got {jb}, first is {ja}"));
+    }
+    let pj = expect(&mut wa, "peer-joined")?;
+    if pj["peerId"] != jb["peerId"] {
+        return Err(format!("first member of {room} got {pj}, second is {jb}"));
+    }
+    // Both sides have read everything the server sent, so no bytes are lost with the wrappers.
+    drop((wa, wb));
+    Ok((a, b))
+}
+
+/// Opens `IDLE_CONNS` joined WebSockets, one room pair after the other; returns how many
+/// completed and their sockets (held open until dropped).
+fn hold_idle(addr: SocketAddr, deadline: Instant) -> Result<(usize, Vec<TcpStream>), String> {
+    let mut held = Vec::with_capacity(IDLE_CONNS);
+    let mut first_error = None;
+    for room in 0..IDLE_CONNS / 2 {
+        if Instant::now() > deadline {
+            first_error.get_or_insert_with(|| "phase deadline passed".to_string());
+            break;
+        }
+        match join_pair(addr, &format!("idle-{room}")) {
+            Ok((a, b)) => held.extend([a, b]),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        eprintln!("tunnel-bench: idle connections: {e}");
+    }
+    Ok((held.len(), held))
+}
+
+/// What the ping-pong measured.
+struct Relay {
+    /// Candidates delivered within `RELAY_TIME`, per second.
+    rate: f64,
+    /// Every candidate delivered, also while draining.
+    delivered: u64,
+    /// Send-to-receive time of every delivered candidate, sorted.
+    latencies: Vec<Duration>,
+    /// Wall time of the whole ping-pong, drain included, and what the two threads did in it.
+    wall: Duration,
+    server: Sched,
+    client: Sched,
+}
+
+/// This thread's scheduler statistics.
+const CLIENT_STAT: &str = "/proc/thread-self/schedstat";
+
+/// Time a thread spent on a CPU and waiting for one (runnable but not running).
+#[derive(Clone, Copy)]
+struct Sched {
+    cpu: Duration,
+    waiting: Duration,
+}
+
+impl Sched {
+    fn since(self, before: Sched) -> Sched {
+        Sched {
+            cpu: self.cpu.saturating_sub(before.cpu),
+            waiting: self.waiting.saturating_sub(before.waiting),
+        }
+    }
+}
+
+/// Reads `/proc/.../schedstat`: nanoseconds on CPU, nanoseconds waiting on a run queue, slices.
+fn schedstat(path: &str) -> Result<Sched, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+    let mut fields = text.split_whitespace().map(str::parse::<u64>);
+    match (fields.next(), fields.next()) {
+        (Some(Ok(cpu)), Some(Ok(waiting))) => Ok(Sched {
+            cpu: Duration::from_nanos(cpu),
+            waiting: Duration::from_nanos(waiting),
+        }),
+        _ => Err(format!("{path}: unexpected {text:?}")),
+    }
+}
+
+type Ws = WebSocket<Drained>;
+
+/// A non-blocking socket that takes a short read as "drained until the next readiness event"
+/// and answers the following read with `WouldBlock` without a system call. Sound with mio's
+/// edge-triggered readiness: bytes arriving after the short read raise a new event. Saves one
+/// of the client's three system calls per message, so the client stays ahead of the server.
+struct Drained {
+    stream: mio::net::TcpStream,
+    short: bool,
+}
+
+impl Read for Drained {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if std::mem::take(&mut self.short) {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = self.stream.read(buf)?;
+        self.short = n < buf.len();
+        Ok(n)
+    }
+}
+
+impl Write for Drained {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
+    }
+}
+
+/// Candidate ping-pong: each pair keeps one message in flight for `RELAY_TIME`. The sockets
+/// come back still open, so the server's counters do not move until the caller drops them.
+fn relay(addr: SocketAddr, server_pid: u32) -> Result<(Relay, Vec<Ws>), String> {
+    let setup_deadline = Instant::now() + SETUP_PHASE;
+    let cfg = WebSocketConfig::default()
+        .read_buffer_size(16 * 1024)
+        .write_buffer_size(0);
+    let mut poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
+    let mut socks: Vec<Ws> = Vec::with_capacity(2 * PAIRS);
+    for pair in 0..PAIRS {
+        if Instant::now() > setup_deadline {
+            return Err("relay setup: phase deadline passed".into());
+        }
+        let (a, b) = join_pair(addr, &format!("relay-{pair}"))?;
+        for s in [a, b] {
+            s.set_nonblocking(true)
+                .map_err(|e| format!("set_nonblocking: {e}"))?;
+            let mut stream = mio::net::TcpStream::from_std(s);
+            poll.registry()
+                .register(
+                    &mut stream,
+                    Token(socks.len()),
+                    Interest::READABLE | Interest::WRITABLE,
+                )
+                .map_err(|e| format!("register: {e}"))?;
+            let stream = Drained {
+                stream,
+                short: false,
+            };
+            socks.push(WebSocket::from_raw_socket(stream, Role::Client, Some(cfg)));
+        }
+    }
+
+    let msg = Message::text(json!({"type": "candidate", "candidate": CANDIDATE}).to_string());
+    let mut sent_at = vec![Instant::now(); PAIRS];
+    let mut latencies = Vec::with_capacity(1 << 20);
+    let server_stat = format!("/proc/{server_pid}/schedstat");
+    let cpu_before = [schedstat(&server_stat)?, schedstat(CLIENT_STAT)?];
+    let start = Instant::now();
+    let stop = start + RELAY_TIME;
+    for (pair, at) in sent_at.iter_mut().enumerate() {
+        *at = Instant::now();
+        send(&mut socks[2 * pair], msg.clone())?;
+    }
+    let mut in_flight = PAIRS;
+    let mut in_time = 0u64;
+    let mut delivered = 0u64;
+    let mut events = Events::with_capacity(1024);
+    while in_flight > 0 {
+        if Instant::now() > stop + DRAIN_TIMEOUT {
+            return Err(format!("{in_flight} candidates not delivered in time"));
+        }
+        poll.poll(&mut events, Some(Duration::from_millis(100)))
+            .map_err(|e| format!("poll: {e}"))?;
+        for ev in events.iter() {
+            let i = ev.token().0;
+            let Some(ws) = socks.get_mut(i) else { continue };
+            if ev.is_writable() {
+                flush(ws)?;
+            }
+            if !ev.is_readable() {
+                continue;
+            }
+            loop {
+                let text = match ws.read() {
+                    Ok(Message::Text(t)) => t,
+                    Ok(Message::Close(_)) => return Err(format!("socket {i} closed by server")),
+                    Ok(_) => continue,
+                    Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                        break
+                    }
+                    Err(e) => return Err(format!("socket {i}: {e}")),
+                };
+                let now = Instant::now();
+                if !text.as_str().starts_with(CANDIDATE_PREFIX) {
+                    return Err(format!("socket {i}: unexpected {}", text.as_str()));
+                }
+                let pair = i / 2;
+                latencies.push(now - sent_at[pair]);
+                delivered += 1;
+                if now < stop {
+                    in_time += 1;
+                    sent_at[pair] = Instant::now();
+                    send(ws, msg.clone())?;
+                } else {
+                    in_flight -= 1;
+                }
+            }
+        }
+    }
+    let wall = start.elapsed();
+    let [server_before, client_before] = cpu_before;
+    let server = schedstat(&server_stat)?.since(server_before);
+    let client = schedstat(CLIENT_STAT)?.since(client_before);
+    latencies.sort_unstable();
+    let relay = Relay {
+        rate: in_time as f64 / RELAY_TIME.as_secs_f64(),
+        delivered,
+        latencies,
+        wall,
+        server,
+        client,
+    };
+    Ok((relay, socks))
+}
+
+/// Queues and writes one message; what the socket cannot take now goes out on `WRITABLE`.
+fn send(ws: &mut Ws, msg: Message) -> Result<(), String> {
+    match ws.send(msg) {
+        Ok(()) => Ok(()),
+        Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+        Err(e) => Err(format!("send: {e}")),
+    }
+}
+
+fn flush(ws: &mut Ws) -> Result<(), String> {
+    match ws.flush() {
+        Ok(()) => Ok(()),
+        Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+        Err(e) => Err(format!("flush: {e}")),
+    }
+}
+
+struct Figures {
+    rss_idle: u64,
+    held: usize,
+    rss_with: u64,
+    relay: Relay,
+}
+
+fn percentile(sorted: &[Duration], p: usize) -> Option<Duration> {
+    let last = sorted.len().checked_sub(1)?;
+    sorted.get((sorted.len() * p / 100).min(last)).copied()
+}
+
+fn micros(d: Option<Duration>) -> String {
+    d.map_or_else(
+        || "n/a".to_string(),
+        |d| format!("{:.0} µs", d.as_secs_f64() * 1e6),
+    )
+}
+
+fn verdict(ok: bool) -> String {
+    if ok { "yes" } else { "MISSED" }.to_string()
+}
+
+fn print_table(f: &Figures) {
+    const MIB: f64 = 1024.0 * 1024.0;
+    let per_conn = f.rss_with.saturating_sub(f.rss_idle) as f64 / f.held.max(1) as f64;
+    let r = &f.relay;
+    let rows: Vec<[String; 5]> = vec![
+        [
+            "measurement".into(),
+            "tunnel".into(),
+            "target".into(),
+            "met".into(),
+            "for scale: Node".into(),
+        ],
+        [
+            "idle RSS".into(),
+            format!("{:.2} MiB", f.rss_idle as f64 / MIB),
+            "≤ 3 MiB".into(),
+            verdict(f.rss_idle as f64 <= 3.0 * MIB),
+            "51 MB".into(),
+        ],
+        [
+            "connections held (joined)".into(),
+            f.held.to_string(),
+            IDLE_CONNS.to_string(),
+            verdict(f.held == IDLE_CONNS),
+            "10 000".into(),
+        ],
+        [
+            format!("RSS with {} connections", f.held),
+            format!("{:.2} MiB", f.rss_with as f64 / MIB),
+            String::new(),
+            String::new(),
+            String::new(),
+        ],
+        [
+            "RSS per idle connection".into(),
+            format!("{:.2} KiB", per_conn / 1024.0),
+            "≤ 3 KiB".into(),
+            verdict(per_conn <= 3.0 * 1024.0),
+            "8.9 KB".into(),
+        ],
+        [
+            format!("relay rate ({PAIRS} pairs)"),
+            format!("{:.0} msg/s", r.rate),
+            "≥ 82 000 msg/s".into(),
+            verdict(r.rate >= 82_000.0),
+            "41 000 msg/s".into(),
+        ],
+        [
+            "relay latency p50".into(),
+            micros(percentile(&r.latencies, 50)),
+            String::new(),
+            String::new(),
+            String::new(),
+        ],
+        [
+            "relay latency p99".into(),
+            micros(percentile(&r.latencies, 99)),
+            String::new(),
+            String::new(),
+            String::new(),
+        ],
+        [
+            "server CPU per relayed message".into(),
+            format!(
+                "{:.2} µs",
+                r.server.cpu.as_secs_f64() * 1e6 / r.delivered.max(1) as f64
+            ),
+            String::new(),
+            String::new(),
+            String::new(),
+        ],
+        [
+            "relay capacity of one server core".into(),
+            format!(
+                "{:.0} msg/s",
+                r.delivered as f64 / r.server.cpu.as_secs_f64().max(1e-9)
+            ),
+            "≥ 82 000 msg/s".into(),
+            verdict(r.delivered as f64 >= 82_000.0 * r.server.cpu.as_secs_f64()),
+            String::new(),
+        ],
+    ];
+    let mut widths = [0usize; 5];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    println!("tunnel signal on loopback: one server thread, one client thread");
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell}{}", " ".repeat(w - cell.chars().count())))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+    let pct = |d: Duration| 100.0 * d.as_secs_f64() / r.wall.as_secs_f64().max(1e-9);
+    println!(
+        "during the relay ({:.2} s): server thread on CPU {:.0} %, waiting for a CPU {:.0} %; \
+         client thread on CPU {:.0} %, waiting {:.0} %",
+        r.wall.as_secs_f64(),
+        pct(r.server.cpu),
+        pct(r.server.waiting),
+        pct(r.client.cpu),
+        pct(r.client.waiting),
+    );
+}
