@@ -6,7 +6,7 @@
 //! JSON payloads are written with their keys in the order the original v1 peer uses and are read
 //! in any key order, ignoring unknown keys. Header maps carry one value per name: names that occur
 //! more than once (compared case-insensitively) are merged into the first occurrence's spelling,
-//! their values joined with `", "`. Decoded header maps come back sorted by name.
+//! their values joined with `", "`. Decoded header maps keep the order they had on the wire.
 
 use serde_json::{Map, Value};
 use std::fmt;
@@ -29,9 +29,13 @@ pub enum FrameType {
     ReqHeaders = 10,
     ReqBody = 11,
     ReqEnd = 12,
+    /// Extension `cancel`: the consumer abandons the stream (its client went away).
+    Cancel = 13,
     ResHeaders = 20,
     ResBody = 21,
     ResEnd = 22,
+    /// Extension `window`: flow-control credit for a stream's body bytes.
+    Window = 30,
     Error = 99,
 }
 
@@ -48,9 +52,11 @@ impl TryFrom<u8> for FrameType {
             10 => FrameType::ReqHeaders,
             11 => FrameType::ReqBody,
             12 => FrameType::ReqEnd,
+            13 => FrameType::Cancel,
             20 => FrameType::ResHeaders,
             21 => FrameType::ResBody,
             22 => FrameType::ResEnd,
+            30 => FrameType::Window,
             99 => FrameType::Error,
             other => return Err(other),
         })
@@ -115,6 +121,11 @@ pub enum Message<'a> {
     ResHeaders(ResHeaders),
     ResBody(u32, &'a [u8]),
     ResEnd(u32),
+    /// Extension `cancel` (type 13): stop working on this stream; nothing more is wanted.
+    Cancel(u32),
+    /// Extension `window` (type 30): the receiver has consumed this many more body bytes of
+    /// the stream, so the sender may send that many more. Payload: u32 big-endian.
+    Window(u32, u32),
     /// Stream id and the peer's (informational) error text.
     Error(u32, String),
     /// A frame type this version does not know; callers ignore it (forward compatibility).
@@ -206,6 +217,13 @@ impl<'a> Message<'a> {
             }
             FrameType::ResBody => Message::ResBody(stream, payload),
             FrameType::ResEnd => Message::ResEnd(stream),
+            FrameType::Cancel => Message::Cancel(stream),
+            FrameType::Window => {
+                let bytes: [u8; 4] = payload
+                    .try_into()
+                    .map_err(|_| FrameError::Field("window"))?;
+                Message::Window(stream, u32::from_be_bytes(bytes))
+            }
             FrameType::Error => {
                 Message::Error(stream, String::from_utf8_lossy(payload).into_owned())
             }
@@ -225,6 +243,8 @@ impl<'a> Message<'a> {
             Message::ResHeaders(_) => FrameType::ResHeaders,
             Message::ResBody(..) => FrameType::ResBody,
             Message::ResEnd(_) => FrameType::ResEnd,
+            Message::Cancel(_) => FrameType::Cancel,
+            Message::Window(..) => FrameType::Window,
             Message::Error(..) => FrameType::Error,
             Message::Unknown { kind, .. } => return *kind,
         };
@@ -241,6 +261,8 @@ impl<'a> Message<'a> {
             | Message::ReqEnd(s)
             | Message::ResBody(s, _)
             | Message::ResEnd(s)
+            | Message::Cancel(s)
+            | Message::Window(s, _)
             | Message::Error(s, _) => *s,
             Message::Unknown { stream, .. } => *stream,
         }
@@ -293,7 +315,12 @@ impl<'a> Message<'a> {
             Message::ReqBody(_, data) | Message::ResBody(_, data) => out.extend_from_slice(data),
             Message::Unknown { payload, .. } => out.extend_from_slice(payload),
             Message::Error(_, text) => out.extend_from_slice(text.as_bytes()),
-            Message::Ping | Message::Pong | Message::ReqEnd(_) | Message::ResEnd(_) => {}
+            Message::Window(_, credit) => out.extend_from_slice(&credit.to_be_bytes()),
+            Message::Ping
+            | Message::Pong
+            | Message::ReqEnd(_)
+            | Message::ResEnd(_)
+            | Message::Cancel(_) => {}
         }
     }
 
@@ -572,6 +599,16 @@ mod tests {
     }
 
     #[test]
+    fn golden_extensions() {
+        golden(Message::Cancel(7), 13, 7, b"");
+        golden(Message::Window(7, 0x0004_0000), 30, 7, &[0, 4, 0, 0]);
+        assert_eq!(
+            Message::decode(&[30, 0, 0, 0, 7, 1, 2]),
+            Err(FrameError::Field("window"))
+        );
+    }
+
+    #[test]
     fn golden_bodies_ends_error_unknown() {
         golden(Message::ReqBody(1, b"{\"a\":1}"), 11, 1, b"{\"a\":1}");
         golden(Message::ReqEnd(1), 12, 1, b"");
@@ -616,7 +653,7 @@ mod tests {
         let Ok(Message::ResHeaders(res)) = Message::decode(&wire) else {
             panic!("did not decode");
         };
-        assert_eq!(res.headers, h(&[("A", "1, 2")]));
+        assert_eq!(res.headers, h(&[("a", "2, 1")]), "wire order is kept");
         assert_eq!(res.status, 204);
     }
 
@@ -655,7 +692,7 @@ mod tests {
                 stream_id: 4,
                 method: "GET".into(),
                 path: "/".into(),
-                headers: h(&[("a", "1"), ("b", "2")]),
+                headers: h(&[("b", "2"), ("a", "1")]),
             }))
         );
         // Control frames ignore the stream id and stray payload bytes.

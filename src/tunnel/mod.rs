@@ -21,8 +21,14 @@ use crate::peer::{default_ice_addrs, Link, LinkConfig, LinkEvent};
 
 /// Both sides PING this often.
 pub const PING_EVERY: Duration = Duration::from_secs(10);
-/// Features this implementation negotiates in HELLO/AGREE.
-pub const FEATURES: &[&str] = &["sse"];
+/// Features this implementation negotiates in HELLO/AGREE: `sse` (streamed responses, as v1),
+/// `window` (per-stream flow-control credit, WINDOW frames) and `cancel` (CANCEL frames).
+pub const FEATURES: &[&str] = &["sse", "window", "cancel"];
+/// With `window`: body bytes a sender may have unacknowledged per stream and direction.
+pub const WINDOW: i64 = 256 * 1024;
+/// With `window`: a receiver acknowledges consumed bytes once this many have piled up, or once
+/// its output buffer has drained.
+pub const WINDOW_ACK: usize = 64 * 1024;
 /// The link's tokens start here; the role's sockets use tokens from [`FIRST_SOCKET`].
 const LINK_BASE: usize = 1;
 /// First token of the role's own sockets (clients, upstream connections).
@@ -37,6 +43,9 @@ pub struct Channel {
     queue: VecDeque<Vec<u8>>,
     /// HELLO/AGREE completed on the current channel.
     pub ready: bool,
+    /// Negotiated extensions of the current channel.
+    pub window: bool,
+    pub cancel: bool,
     next_ping: Option<Instant>,
     encode_buf: Vec<u8>,
 }
@@ -47,6 +56,8 @@ impl Channel {
             link,
             queue: VecDeque::new(),
             ready: false,
+            window: false,
+            cancel: false,
             next_ping: None,
             encode_buf: Vec::new(),
         }
@@ -82,15 +93,24 @@ impl Channel {
     }
 
     fn opened(&mut self, now: Instant) {
-        self.queue.clear();
-        self.ready = false;
+        self.lost();
         self.next_ping = Some(now + PING_EVERY);
     }
 
     fn lost(&mut self) {
         self.queue.clear();
         self.ready = false;
+        self.window = false;
+        self.cancel = false;
         self.next_ping = None;
+    }
+
+    /// Marks the channel ready with the agreed features.
+    pub fn agreed(&mut self, features: &[String]) {
+        self.ready = true;
+        self.window = features.iter().any(|f| f == "window");
+        self.cancel = features.iter().any(|f| f == "cancel");
+        log::info!("tunnel ready (features: {})", features.join(","));
     }
 
     /// Answers PINGs; returns the message if the role must handle it.

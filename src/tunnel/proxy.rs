@@ -11,7 +11,10 @@ use mio::event::Event;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry, Token};
 
-use super::{read_some, slot_of, token_of, write_out, Channel, Role, FEATURES, READ_CHUNK};
+use super::{
+    read_some, slot_of, token_of, write_out, Channel, Role, FEATURES, READ_CHUNK, WINDOW,
+    WINDOW_ACK,
+};
 use crate::frame::{body_chunks, Hello, Message, ReqHeaders, ResHeaders};
 use crate::http1::{self, BodyDecoder, BodyFraming, HeadError};
 
@@ -52,8 +55,12 @@ struct Client {
     keep_alive: bool,
     http10: bool,
     started: Instant,
-    /// Reading stopped because the channel cannot take more; resumed on Writable.
+    /// Reading stopped because the channel (or the stream's credit) cannot take more.
     paused: bool,
+    /// With `window`: request body bytes we may still send on the current stream.
+    credit: i64,
+    /// With `window`: response body bytes written to the client and not yet acknowledged.
+    unacked: usize,
     eof: bool,
     /// Close once `out` is written.
     closing: bool,
@@ -128,6 +135,8 @@ impl Proxy {
                 http10: false,
                 started: now,
                 paused: false,
+                credit: 0,
+                unacked: 0,
                 eof: false,
                 closing: false,
             });
@@ -142,10 +151,15 @@ impl Proxy {
             };
             let before = (c.inbuf.len(), c.out.len());
             if !c.eof && !c.closing && c.inbuf.len() < MAX_INBUF {
-                if c.req_body.is_some() && !ch.can_send() {
+                // Mid-body, read no more than the stream may send.
+                let budget = match (&c.req_body, ch.window) {
+                    (Some(_), true) => c.credit.clamp(0, READ_CHUNK as i64) as usize,
+                    _ => READ_CHUNK,
+                };
+                if c.req_body.is_some() && (!ch.can_send() || budget == 0) {
                     c.paused = true;
                 } else {
-                    match read_some(&mut c.stream, &mut c.inbuf, READ_CHUNK) {
+                    match read_some(&mut c.stream, &mut c.inbuf, budget) {
                         Ok(0) => c.eof = true,
                         Ok(_) => {}
                         Err(e) if super::would_block(&e) => {}
@@ -154,14 +168,14 @@ impl Proxy {
                 }
             }
             self.process(slot, ch, now);
-            self.flush(slot, registry);
+            self.flush(slot, ch, registry, now);
             let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
                 return;
             };
             if c.eof && matches!(c.resp, Resp::Idle) && c.req_body.is_none() {
                 // The client is done and nothing is in flight: finish writing, then close.
                 c.closing = true;
-                self.flush(slot, registry);
+                self.flush(slot, ch, registry, now);
                 return;
             }
             let progressed = (c.inbuf.len(), c.out.len()) != before;
@@ -195,6 +209,7 @@ impl Proxy {
                     }
                 };
                 let (consumed, done) = (decoded.consumed, decoded.done);
+                c.credit -= decoded.data.len() as i64;
                 for piece in body_chunks(decoded.data) {
                     ch.send(&Message::ReqBody(sid, piece), now);
                 }
@@ -280,6 +295,8 @@ impl Proxy {
                 sid,
                 deadline: now + RESPONSE_TIMEOUT,
             };
+            c.credit = WINDOW;
+            c.unacked = 0;
             match framing {
                 BodyFraming::None | BodyFraming::UntilClose => ch.send(&Message::ReqEnd(sid), now),
                 BodyFraming::Length(0) => ch.send(&Message::ReqEnd(sid), now),
@@ -308,71 +325,87 @@ impl Proxy {
         }
     }
 
+    /// Forgets the client's stream in flight, telling the provider (with `cancel`) that
+    /// nothing more is wanted.
+    fn forget_stream(&mut self, slot: usize, ch: &mut Channel, now: Instant) {
+        let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        let mut sid = None;
+        if let Resp::Waiting { sid: s, .. } | Resp::Streaming { sid: s, .. } = c.resp {
+            sid = Some(s);
+        }
+        if let Some((s, _)) = c.req_body.take() {
+            sid = Some(s);
+        }
+        c.resp = Resp::Idle;
+        if let Some(sid) = sid {
+            if self.streams.remove(&sid).is_some() && ch.cancel {
+                ch.send(&Message::Cancel(sid), now);
+            }
+        }
+    }
+
     /// Ends a client connection at once; its stream's later frames are ignored.
-    fn abort(&mut self, slot: usize, _ch: &mut Channel, _now: Instant) {
+    fn abort(&mut self, slot: usize, ch: &mut Channel, now: Instant) {
+        self.forget_stream(slot, ch, now);
         if let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) {
-            if let Resp::Waiting { sid, .. } | Resp::Streaming { sid, .. } = c.resp {
-                self.streams.remove(&sid);
-            }
-            if let Some((sid, _)) = c.req_body.take() {
-                self.streams.remove(&sid);
-            }
-            c.resp = Resp::Idle;
             c.out.clear();
             c.closing = true;
             c.eof = true;
         }
     }
 
-    /// Writes pending output; closes the connection when it is finished.
-    fn flush(&mut self, slot: usize, registry: &Registry) {
+    /// Writes pending output, acknowledges what the client took (with `window`), and closes
+    /// the connection when it is finished.
+    fn flush(&mut self, slot: usize, ch: &mut Channel, registry: &Registry, now: Instant) {
         let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
             return;
         };
         let failed = write_out(&mut c.stream, &mut c.out).is_err();
         if failed || (c.closing && c.out.is_empty()) {
-            self.close(slot, registry);
+            return self.close(slot, ch, registry, now);
+        }
+        if let Resp::Streaming { sid, .. } = c.resp {
+            if ch.window && c.unacked > 0 && (c.out.len() < WINDOW_ACK || c.unacked >= WINDOW_ACK) {
+                let credit = std::mem::take(&mut c.unacked);
+                ch.send(&Message::Window(sid, credit as u32), now);
+            }
         }
     }
 
-    fn close(&mut self, slot: usize, registry: &Registry) {
+    fn close(&mut self, slot: usize, ch: &mut Channel, registry: &Registry, now: Instant) {
+        self.forget_stream(slot, ch, now);
         let Some(mut c) = self.clients.get_mut(slot).and_then(Option::take) else {
             return;
         };
-        if let Resp::Waiting { sid, .. } | Resp::Streaming { sid, .. } = c.resp {
-            self.streams.remove(&sid);
-        }
-        if let Some((sid, _)) = c.req_body {
-            self.streams.remove(&sid);
-        }
         let _ = c.stream.shutdown(Shutdown::Write);
         let _ = registry.deregister(&mut c.stream);
         self.free.push(slot);
     }
 
     /// A complete error answer for the request in flight (before any response head).
-    fn fail(&mut self, slot: usize, status: u16, text: &str) {
-        if let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) {
-            log::debug!("{} → {status} ({text})", c.method);
-            let close = !c.keep_alive || c.req_body.is_some();
-            c.out.extend_from_slice(&http1::simple_response(
-                status,
-                "text/plain",
-                text.as_bytes(),
-                if close {
-                    &[("Connection", "close")]
-                } else {
-                    &[]
-                },
-            ));
-            if let Some((sid, _)) = c.req_body.take() {
-                self.streams.remove(&sid);
-            }
-            c.resp = Resp::Idle;
+    fn fail(&mut self, slot: usize, status: u16, text: &str, ch: &mut Channel, now: Instant) {
+        let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        log::debug!("{} → {status} ({text})", c.method);
+        // A request body still arriving cannot be skipped reliably: end the connection.
+        let close = !c.keep_alive || c.req_body.is_some();
+        c.out.extend_from_slice(&http1::simple_response(
+            status,
+            "text/plain",
+            text.as_bytes(),
             if close {
-                c.closing = true;
-            }
+                &[("Connection", "close")]
+            } else {
+                &[]
+            },
+        ));
+        if close {
+            c.closing = true;
         }
+        self.forget_stream(slot, ch, now);
     }
 
     fn on_res_headers(&mut self, h: ResHeaders) {
@@ -443,6 +476,7 @@ impl Proxy {
         } else {
             c.out.extend_from_slice(data);
         }
+        c.unacked += data.len();
         if c.out.len() > MAX_CLIENT_BACKLOG {
             log::warn!(
                 "client {} does not read its response; cutting it off",
@@ -496,7 +530,7 @@ impl Proxy {
             .is_some_and(|c| matches!(c.resp, Resp::Waiting { .. }));
         if waiting {
             self.streams.remove(&sid);
-            self.fail(slot, 502, &format!("Tunnel error: {text}"));
+            self.fail(slot, 502, &format!("Tunnel error: {text}"), ch, now);
         } else {
             // Mid-body: the client sees a truncated response (no last chunk, or short length).
             self.abort(slot, ch, now);
@@ -524,7 +558,7 @@ impl Role for Proxy {
             self.pump(slot, ch, registry, now);
         }
         if event.is_writable() {
-            self.flush(slot, registry);
+            self.flush(slot, ch, registry, now);
             // Output drained: a finished response may let the next request proceed.
             self.pump(slot, ch, registry, now);
         }
@@ -541,9 +575,19 @@ impl Role for Proxy {
                     log::warn!("provider agreed on unknown version {}", agree.version);
                     return;
                 }
-                ch.ready = true;
-                log::info!("tunnel ready (features: {})", agree.features.join(","));
+                ch.agreed(&agree.features);
                 None
+            }
+            Message::Window(sid, credit) => {
+                let slot = self.streams.get(&sid).copied();
+                if let Some(c) = slot
+                    .and_then(|s| self.clients.get_mut(s))
+                    .and_then(Option::as_mut)
+                {
+                    c.credit += i64::from(credit);
+                    c.paused = false;
+                }
+                slot
             }
             Message::ResHeaders(h) => {
                 let sid = h.stream_id;
@@ -575,7 +619,7 @@ impl Role for Proxy {
             }
         };
         if let Some(slot) = touched {
-            self.flush(slot, registry);
+            self.flush(slot, ch, registry, now);
             // A finished response lets a pipelined request go.
             self.pump(slot, ch, registry, now);
         }
@@ -589,11 +633,11 @@ impl Role for Proxy {
                 Resp::Idle => 0,
             });
             match state {
-                Some(1) => self.fail(slot, 502, "Tunnel error: peer lost"),
+                Some(1) => self.fail(slot, 502, "Tunnel error: peer lost", ch, now),
                 Some(2) => self.abort(slot, ch, now),
                 _ => {}
             }
-            self.flush(slot, registry);
+            self.flush(slot, ch, registry, now);
         }
         self.streams.clear();
     }
@@ -613,20 +657,21 @@ impl Role for Proxy {
         }
     }
 
-    fn on_timeout(&mut self, _ch: &mut Channel, registry: &Registry, now: Instant) {
+    fn on_timeout(&mut self, ch: &mut Channel, registry: &Registry, now: Instant) {
         for slot in self.slots_in_flight() {
             let expired = self.clients[slot].as_ref().and_then(|c| match c.resp {
                 Resp::Waiting { sid, deadline } if deadline <= now => Some(sid),
                 _ => None,
             });
-            if let Some(sid) = expired {
-                self.streams.remove(&sid);
+            if expired.is_some() {
                 self.fail(
                     slot,
                     504,
                     "Gateway Timeout: no response through the tunnel within 60 s",
+                    ch,
+                    now,
                 );
-                self.flush(slot, registry);
+                self.flush(slot, ch, registry, now);
             }
         }
     }

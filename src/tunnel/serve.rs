@@ -12,7 +12,10 @@ use mio::event::Event;
 use mio::net::TcpStream;
 use mio::{Interest, Registry};
 
-use super::{read_some, slot_of, token_of, write_out, Channel, Role, FEATURES, READ_CHUNK};
+use super::{
+    read_some, slot_of, token_of, write_out, Channel, Role, FEATURES, READ_CHUNK, WINDOW,
+    WINDOW_ACK,
+};
 use crate::frame::{negotiate, Message, ReqHeaders, ResHeaders};
 use crate::http1::{self, BodyDecoder, BodyFraming, HeadError};
 
@@ -121,8 +124,12 @@ struct Stream {
     inbuf: Vec<u8>,
     /// Set once the response head was sent as RES_HEADERS.
     body: Option<BodyDecoder>,
-    /// Reading stopped because the channel cannot take more.
+    /// Reading stopped because the channel (or the stream's credit) cannot take more.
     paused: bool,
+    /// With `window`: response body bytes we may still send.
+    credit: i64,
+    /// With `window`: request body bytes written upstream and not yet acknowledged.
+    unacked: usize,
     started: Instant,
 }
 
@@ -196,6 +203,8 @@ impl Serve {
             inbuf: Vec::new(),
             body: None,
             paused: false,
+            credit: WINDOW,
+            unacked: 0,
             started: now,
         };
         if has_length {
@@ -239,6 +248,7 @@ impl Serve {
             ReqFraming::Length => s.out.extend_from_slice(data),
             _ => {}
         }
+        s.unacked += data.len();
         if s.out.len() > MAX_UPSTREAM_BACKLOG {
             log::warn!("stream {sid}: upstream does not read the request body; failing the stream");
             ch.send(
@@ -298,6 +308,12 @@ impl Serve {
             let sid = s.sid;
             self.upstream_failed(slot, &e.to_string(), ch, registry, now);
             log::debug!("stream {sid}: upstream write failed: {e}");
+            return;
+        }
+        // With `window`: what the upstream took frees credit for the consumer.
+        if ch.window && s.unacked > 0 && (s.out.len() < WINDOW_ACK || s.unacked >= WINDOW_ACK) {
+            let credit = std::mem::take(&mut s.unacked);
+            ch.send(&Message::Window(s.sid, credit as u32), now);
         }
     }
 
@@ -341,11 +357,17 @@ impl Serve {
             if !s.connected {
                 return;
             }
-            if !ch.can_send() {
+            // Read no more than the channel, and (with `window`) the stream's credit, allow.
+            let budget = if ch.window {
+                s.credit.clamp(0, READ_CHUNK as i64) as usize
+            } else {
+                READ_CHUNK
+            };
+            if !ch.can_send() || budget == 0 {
                 s.paused = true;
                 return;
             }
-            let eof = match read_some(&mut s.sock, &mut s.inbuf, READ_CHUNK) {
+            let eof = match read_some(&mut s.sock, &mut s.inbuf, budget) {
                 Ok(0) => true,
                 Ok(_) => false,
                 Err(e) if super::would_block(&e) => return,
@@ -435,6 +457,7 @@ impl Serve {
                 .map_err(|e| format!("bad upstream body: {e}"))?;
             if !d.data.is_empty() {
                 ch.send(&Message::ResBody(sid, d.data), now);
+                s.credit -= d.data.len() as i64;
             }
             pos += d.consumed;
             if d.consumed == 0 {
@@ -450,6 +473,18 @@ impl Serve {
             ch.send(&Message::ResEnd(sid), now);
         }
         Ok(())
+    }
+
+    /// Resumes a stream that stopped reading (channel full or out of credit).
+    fn resume(&mut self, slot: usize, ch: &mut Channel, registry: &Registry, now: Instant) {
+        let Some(s) = self.streams.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        if !s.paused {
+            return;
+        }
+        s.paused = false;
+        self.read(slot, ch, registry, now);
     }
 
     fn slots(&self) -> Vec<usize> {
@@ -516,10 +551,9 @@ impl Role for Serve {
         match msg {
             Message::Hello(hello) => match negotiate(&hello, 1, 1, FEATURES) {
                 Some(agree) => {
-                    let features = agree.features.join(",");
+                    let features = agree.features.clone();
                     ch.send(&Message::Agree(agree), now);
-                    ch.ready = true;
-                    log::info!("tunnel ready (features: {features})");
+                    ch.agreed(&features);
                 }
                 None => {
                     log::warn!(
@@ -533,6 +567,20 @@ impl Role for Serve {
             Message::ReqHeaders(h) => self.open(h, ch, registry, now),
             Message::ReqBody(sid, data) => self.req_body(sid, data, ch, registry, now),
             Message::ReqEnd(sid) => self.req_end(sid, ch, registry, now),
+            Message::Window(sid, credit) => {
+                if let Some(&slot) = self.by_sid.get(&sid) {
+                    if let Some(s) = self.streams[slot].as_mut() {
+                        s.credit += i64::from(credit);
+                    }
+                    self.resume(slot, ch, registry, now);
+                }
+            }
+            Message::Cancel(sid) => {
+                if let Some(&slot) = self.by_sid.get(&sid) {
+                    log::debug!("stream {sid}: cancelled by the consumer");
+                    self.close(slot, registry);
+                }
+            }
             Message::Agree(_) => {
                 log::warn!("the other peer is a provider too; a consumer (tunnel proxy) is needed")
             }
@@ -548,18 +596,7 @@ impl Role for Serve {
 
     fn on_writable(&mut self, ch: &mut Channel, registry: &Registry, now: Instant) {
         for slot in self.slots() {
-            let paused = self.streams[slot].as_ref().is_some_and(|s| s.paused);
-            if paused {
-                if let Some(s) = self.streams[slot].as_mut() {
-                    s.paused = false;
-                }
-                // Bytes already buffered go first, then the socket.
-                if let Err(err) = self.consume(slot, false, ch, now) {
-                    self.upstream_failed(slot, &err, ch, registry, now);
-                    continue;
-                }
-                self.read(slot, ch, registry, now);
-            }
+            self.resume(slot, ch, registry, now);
             if !ch.can_send() {
                 return;
             }
