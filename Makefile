@@ -22,7 +22,7 @@ test: test-deps
 	$(CARGO) test -- --test-threads=2
 
 # The agent API guide's Python and Node clients run in the tests: httpx and eventsource@2.
-AGENT_CLIENTS := target/tmp/agent-clients
+AGENT_CLIENTS := $(or $(CARGO_TARGET_DIR),target)/tmp/agent-clients
 test-deps:
 	@python3 -c 'import httpx' 2>/dev/null || pip install -q httpx
 	@test -d $(AGENT_CLIENTS)/node_modules/eventsource || \

@@ -70,8 +70,41 @@ enum AfterWrite {
     Upgrade(Vec<u8>),
 }
 
+/// A WebSocket's socket as tungstenite sees it. After a short read it answers the next read
+/// with `WouldBlock` instead of asking the kernel again: with edge-triggered readiness a short
+/// read means the socket is drained until the next event, and the saved system call is a third
+/// of a relayed message's cost. Each readiness event resets it; after a half-close (`hup`) every
+/// read goes to the kernel, so the end of the stream is still seen.
+struct WsStream {
+    sock: TcpStream,
+    drained: bool,
+    hup: bool,
+}
+
+impl Read for WsStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.drained {
+            self.drained = false;
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = self.sock.read(buf)?;
+        self.drained = n > 0 && n < buf.len() && !self.hup;
+        Ok(n)
+    }
+}
+
+impl Write for WsStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.sock.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.sock.flush()
+    }
+}
+
 struct WsConn {
-    ws: WebSocket<TcpStream>,
+    ws: WebSocket<WsStream>,
     tokens: f64,
     refilled: Instant,
 }
@@ -213,7 +246,7 @@ impl Server {
                 match event.token() {
                     LISTENER => self.accept(now),
                     STUN => self.stun_readable(),
-                    Token(t) => self.conn_ready(t - FIRST_CONN, now),
+                    Token(t) => self.conn_ready(t - FIRST_CONN, event.is_read_closed(), now),
                 }
                 self.reap(now);
             }
@@ -337,7 +370,7 @@ impl Server {
         }
     }
 
-    fn conn_ready(&mut self, id: ConnId, now: Instant) {
+    fn conn_ready(&mut self, id: ConnId, hup: bool, now: Instant) {
         let kind = match self.conns.get(id) {
             Some(Some(c)) => match c.state {
                 State::Http(_) => 0,
@@ -350,7 +383,7 @@ impl Server {
         };
         match kind {
             0 => self.http_ready(id, now),
-            1 => self.ws_ready(id, now),
+            1 => self.ws_ready(id, hup, now),
             2 => self.sse_ready(id),
             _ => self.linger_ready(id),
         }
@@ -768,7 +801,7 @@ impl Server {
 
     // ---- WebSocket ------------------------------------------------------------------------
 
-    fn ws_ready(&mut self, id: ConnId, now: Instant) {
+    fn ws_ready(&mut self, id: ConnId, hup: bool, now: Instant) {
         let rate = f64::from(self.cfg.rate_limit.max(1));
         let mut texts = Vec::new();
         let mut binary = 0;
@@ -783,6 +816,9 @@ impl Server {
             else {
                 return;
             };
+            let sock = w.ws.get_mut();
+            sock.drained = false;
+            sock.hup |= hup;
             loop {
                 match w.ws.read() {
                     Ok(Message::Text(t)) => {
@@ -831,7 +867,7 @@ impl Server {
             out.error(id, "rate limit exceeded");
         }
         self.metrics.rate_limited += limited;
-        self.deliver(out);
+        self.deliver(out, now);
         if gone {
             self.doomed.push(id);
         } else if let Some((code, reason)) = close {
@@ -856,17 +892,17 @@ impl Server {
             reason: reason.into(),
         }));
         let _ = w.ws.flush();
-        let stream = w.ws.into_inner();
+        let stream = w.ws.into_inner().sock;
         let _ = stream.shutdown(Shutdown::Write);
         conn.state = State::Linger(stream);
         let mut out = Outbox::default();
         self.cfg.dialect.on_close(id, &mut out);
-        self.deliver(out);
+        self.deliver(out, now);
         self.set_deadline(id, Some(now + LINGER));
     }
 
     /// Sends the dialect's messages; connections that cannot take them are closed.
-    fn deliver(&mut self, out: Outbox) {
+    fn deliver(&mut self, out: Outbox, now: Instant) {
         self.metrics.errors += out.errors;
         let mut touched = Vec::new();
         for (id, text) in out.msgs {
@@ -890,7 +926,6 @@ impl Server {
         }
         touched.sort_unstable();
         touched.dedup();
-        let now = Instant::now();
         for id in touched {
             self.flush(id, now);
         }
@@ -930,8 +965,13 @@ impl Server {
         };
         match h.after_write {
             Some(AfterWrite::Upgrade(rest)) => {
+                let stream = WsStream {
+                    sock: h.stream,
+                    drained: false,
+                    hup: false,
+                };
                 let ws = WebSocket::from_partially_read(
-                    h.stream,
+                    stream,
                     rest,
                     Role::Server,
                     Some(self.ws_config),
@@ -944,9 +984,9 @@ impl Server {
                 conn.deadline = None;
                 let mut out = Outbox::default();
                 self.cfg.dialect.on_open(id, &mut out);
-                self.deliver(out);
+                self.deliver(out, now);
                 // Frames that arrived with the handshake are waiting in the buffer.
-                self.ws_ready(id, now);
+                self.ws_ready(id, false, now);
             }
             _ => {
                 let _ = h.stream.shutdown(Shutdown::Write);
@@ -992,7 +1032,7 @@ impl Server {
             let mut out = Outbox::default();
             match conn.state {
                 State::Ws(mut w) => {
-                    let _ = self.poll.registry().deregister(w.ws.get_mut());
+                    let _ = self.poll.registry().deregister(&mut w.ws.get_mut().sock);
                     self.cfg.dialect.on_close(id, &mut out);
                 }
                 State::Sse(mut s) => {
@@ -1007,7 +1047,7 @@ impl Server {
                 }
                 State::Moving => {}
             }
-            self.deliver(out);
+            self.deliver(out, now);
         }
     }
 }

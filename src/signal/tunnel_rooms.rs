@@ -3,12 +3,23 @@
 //! to the other member (or, with more than two, to the member named in `to`). Sans-IO; driven by
 //! `signal::server`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
-use serde_json::{json, Map, Value};
+use serde_json::json;
+use serde_json::value::RawValue;
 
-use super::dialect::{msg_type, ConnId, Dialect, Outbox, Page};
+use super::dialect::{ConnId, Dialect, Outbox, Page};
 use crate::util::uuid_v4;
+
+/// A message's top-level fields, values unparsed (the last of repeated keys wins, as in
+/// JavaScript).
+type Fields<'a> = BTreeMap<String, &'a RawValue>;
+
+/// A top-level field that is a JSON string.
+fn string_field(msg: &Fields, key: &str) -> Option<String> {
+    msg.get(key)
+        .and_then(|v| serde_json::from_str::<String>(v.get()).ok())
+}
 
 struct Member {
     peer_id: String,
@@ -31,12 +42,12 @@ impl TunnelRooms {
         }
     }
 
-    fn join(&mut self, conn: ConnId, msg: &Value, out: &mut Outbox) {
+    fn join(&mut self, conn: ConnId, msg: &Fields, out: &mut Outbox) {
         if self.members.contains_key(&conn) {
             return out.error(conn, "already joined a room");
         }
-        let room = match msg.get("room").and_then(Value::as_str) {
-            Some(r) if !r.is_empty() => r.to_string(),
+        let room = match string_field(msg, "room") {
+            Some(r) if !r.is_empty() => r,
             _ => return out.error(conn, "room name required"),
         };
         let existing = self.rooms.get(&room).map(Vec::as_slice).unwrap_or(&[]);
@@ -62,8 +73,9 @@ impl TunnelRooms {
         self.members.insert(conn, Member { peer_id, room });
     }
 
-    /// Relays offer/answer/candidate as `{type, peerId, <key>}` to one other member.
-    fn relay(&mut self, conn: ConnId, kind: &str, msg: &Value, out: &mut Outbox) {
+    /// Relays offer/answer/candidate as `{type, peerId, <key>}` to one other member; the value
+    /// is passed on exactly as received.
+    fn relay(&mut self, conn: ConnId, kind: &str, msg: &Fields, out: &mut Outbox) {
         let Some(sender) = self.members.get(&conn) else {
             return out.error(conn, "must join a room first");
         };
@@ -72,7 +84,7 @@ impl TunnelRooms {
             .get(&sender.room)
             .map(Vec::as_slice)
             .unwrap_or(&[]);
-        let target = match msg.get("to").and_then(Value::as_str) {
+        let target = match string_field(msg, "to") {
             Some(to) => match room
                 .iter()
                 .find(|c| **c != conn && self.members.get(c).is_some_and(|m| m.peer_id == to))
@@ -90,13 +102,22 @@ impl TunnelRooms {
         } else {
             "sdp"
         };
-        let mut fwd = Map::new();
-        fwd.insert("type".into(), Value::from(kind));
-        fwd.insert("peerId".into(), Value::from(sender.peer_id.as_str()));
-        if let Some(v) = msg.get(key) {
-            fwd.insert(key.into(), v.clone());
+        // Built by hand: this is the hot path of a busy server.
+        let value = msg.get(key).map(|v| v.get());
+        let mut text = String::with_capacity(48 + sender.peer_id.len() + value.map_or(0, str::len));
+        text.push_str("{\"type\":\"");
+        text.push_str(kind);
+        text.push_str("\",\"peerId\":\"");
+        text.push_str(&sender.peer_id);
+        text.push('"');
+        if let Some(v) = value {
+            text.push_str(",\"");
+            text.push_str(key);
+            text.push_str("\":");
+            text.push_str(v);
         }
-        out.send(target, &Value::Object(fwd));
+        text.push('}');
+        out.msgs.push((target, text));
     }
 
     fn leave(&mut self, conn: ConnId, out: &mut Outbox) {
@@ -121,10 +142,15 @@ impl Dialect for TunnelRooms {
     fn on_open(&mut self, _conn: ConnId, _out: &mut Outbox) {}
 
     fn on_text(&mut self, conn: ConnId, text: &str, out: &mut Outbox) {
-        let Ok(msg) = serde_json::from_str::<Value>(text) else {
-            return out.error(conn, "invalid JSON");
+        let msg = match serde_json::from_str::<Fields>(text) {
+            Ok(msg) => msg,
+            // Valid JSON that is not an object (a string, `null`, …) has no known type.
+            Err(_) if serde_json::from_str::<&RawValue>(text).is_ok() => {
+                return out.error(conn, "unknown message type")
+            }
+            Err(_) => return out.error(conn, "invalid JSON"),
         };
-        match msg_type(&msg) {
+        match string_field(&msg, "type").as_deref() {
             Some("join") => self.join(conn, &msg, out),
             Some(kind @ ("offer" | "answer" | "candidate")) => self.relay(conn, kind, &msg, out),
             Some("bye") => self.leave(conn, out),
@@ -152,6 +178,7 @@ impl Dialect for TunnelRooms {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     fn say(core: &mut TunnelRooms, conn: ConnId, text: &str) -> Vec<(ConnId, Value)> {
         let mut out = Outbox::default();
