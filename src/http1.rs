@@ -710,6 +710,23 @@ pub fn is_hop_by_hop(name: &str) -> bool {
     .any(|h| h.eq_ignore_ascii_case(name))
 }
 
+/// `headers` without the hop-by-hop ones: the standard set and every header the `Connection`
+/// header names (RFC 9110 §7.6.1). What a proxy forwards.
+pub fn end_to_end(headers: &[(String, String)]) -> Vec<(String, String)> {
+    let listed: Vec<String> = headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
+        .flat_map(|(_, v)| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect();
+    headers
+        .iter()
+        .filter(|(n, _)| !is_hop_by_hop(n) && !listed.contains(&n.to_ascii_lowercase()))
+        .cloned()
+        .collect()
+}
+
 /// A complete small response (error pages, JSON answers): head with `Content-Type` (omitted
 /// when empty), `Content-Length` and `extra_headers`, then `body`. 1xx and 204 responses get
 /// neither `Content-Length` nor body.
@@ -882,6 +899,25 @@ mod tests {
             }
             out
         }
+    }
+
+    #[test]
+    fn end_to_end_drops_connection_listed_headers() {
+        let h = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect()
+        };
+        let headers = h(&[
+            ("Host", "x"),
+            ("Connection", "keep-alive, X-Hop"),
+            ("X-Hop", "1"),
+            ("Keep-Alive", "timeout=5"),
+            ("Transfer-Encoding", "chunked"),
+            ("X-Kept", "2"),
+        ]);
+        assert_eq!(end_to_end(&headers), h(&[("Host", "x"), ("X-Kept", "2")]));
     }
 
     #[test]

@@ -267,16 +267,14 @@ impl Proxy {
             }
             let sid = self.next_sid;
             self.next_sid = self.next_sid.wrapping_add(1).max(1);
-            let headers: Vec<(String, String)> = req
-                .headers
-                .iter()
+            let headers: Vec<(String, String)> = http1::end_to_end(&req.headers)
+                .into_iter()
                 .filter(|(n, _)| {
-                    !http1::is_hop_by_hop(n)
-                        && !n.eq_ignore_ascii_case("expect")
+                    !n.eq_ignore_ascii_case("expect")
                         && (!n.eq_ignore_ascii_case("content-length")
                             || matches!(framing, BodyFraming::Length(_)))
                 })
-                .map(|(n, v)| (n.to_ascii_lowercase(), v.clone()))
+                .map(|(n, v)| (n.to_ascii_lowercase(), v))
                 .collect();
             ch.send(
                 &Message::ReqHeaders(ReqHeaders {
@@ -430,11 +428,7 @@ impl Proxy {
         if !bodyless && !has_length && c.http10 {
             c.keep_alive = false;
         }
-        let mut headers: Vec<(String, String)> = h
-            .headers
-            .into_iter()
-            .filter(|(n, _)| !http1::is_hop_by_hop(n))
-            .collect();
+        let mut headers = http1::end_to_end(&h.headers);
         if chunked {
             headers.push(("Transfer-Encoding".into(), "chunked".into()));
         }

@@ -176,10 +176,9 @@ impl Serve {
         }
         let _ = sock.set_nodelay(true);
         let target = self.upstream.target(&self.advertise, &h.path);
-        let mut headers: Vec<(String, String)> = h
-            .headers
+        let mut headers: Vec<(String, String)> = http1::end_to_end(&h.headers)
             .into_iter()
-            .filter(|(n, _)| !http1::is_hop_by_hop(n) && !n.eq_ignore_ascii_case("host"))
+            .filter(|(n, _)| !n.eq_ignore_ascii_case("host"))
             .collect();
         headers.insert(0, ("Host".into(), self.upstream.authority.clone()));
         headers.push(("Connection".into(), "close".into()));
@@ -419,10 +418,8 @@ impl Serve {
             let framing = head
                 .body_framing(&s.method)
                 .map_err(|e| format!("bad upstream response: {e}"))?;
-            let headers: Vec<(String, String)> = head
-                .headers
+            let headers: Vec<(String, String)> = http1::end_to_end(&head.headers)
                 .into_iter()
-                .filter(|(n, _)| !http1::is_hop_by_hop(n))
                 .map(|(n, v)| (n.to_ascii_lowercase(), v))
                 .collect();
             log::debug!(
