@@ -2,9 +2,10 @@
 CARGO        ?= cargo
 FUZZ_SECONDS ?= 60
 MUSL_TARGET  := x86_64-unknown-linux-musl
-BIN          := target/release/tunnel
-STATIC_BIN   := target/$(MUSL_TARGET)/release/tunnel
-BENCH        := target/release/tunnel-bench
+TARGET_DIR   := $(or $(CARGO_TARGET_DIR),target)
+BIN          := $(TARGET_DIR)/release/tunnel
+STATIC_BIN   := $(TARGET_DIR)/$(MUSL_TARGET)/release/tunnel
+BENCH        := $(TARGET_DIR)/release/tunnel-bench
 
 .PHONY: all build release test test-deps lint fmt demo bench fuzz static clean
 
@@ -22,7 +23,7 @@ test: test-deps
 	$(CARGO) test -- --test-threads=2
 
 # The agent API guide's Python and Node clients run in the tests: httpx and eventsource@2.
-AGENT_CLIENTS := $(or $(CARGO_TARGET_DIR),target)/tmp/agent-clients
+AGENT_CLIENTS := $(TARGET_DIR)/tmp/agent-clients
 test-deps:
 	@python3 -c 'import httpx' 2>/dev/null || pip install -q httpx
 	@test -d $(AGENT_CLIENTS)/node_modules/eventsource || \
