@@ -226,7 +226,15 @@ fn ice_addrs(flags: &[String]) -> Result<Vec<IpAddr>, String> {
         }
     }
     if specs.is_empty() {
-        return Ok(default_ice_addrs());
+        // Loopback and the default routes' addresses, plus every other local IPv4 address.
+        let mut ips = default_ice_addrs();
+        for ip in crate::util::local_ipv4_addrs() {
+            let ip = IpAddr::V4(ip);
+            if !ips.contains(&ip) {
+                ips.push(ip);
+            }
+        }
+        return Ok(ips);
     }
     specs
         .iter()
