@@ -1,9 +1,10 @@
-//! Browser interoperability: headless Chromium (libwebrtc) is the consumer of a tunnel whose
-//! provider is our `tunnel serve`. The page `tests/browser/consumer.html` speaks the signaling
-//! dialect and framing v1 in plain JavaScript; `tests/browser/run.py` runs the whole scenario
-//! (signal server, serve, a tiny upstream, the page server, Chromium) inside a fresh network
-//! namespace holding only `lo`, so every packet stays on loopback. Needs root (`ip netns`) and
-//! `/usr/bin/chromium`; `TUNNEL_SKIP_BROWSER=1` skips it.
+//! Browser interoperability: headless Chromium (libwebrtc) against our WebRTC stack, as the
+//! consumer of `tunnel serve` and as the provider behind `tunnel proxy`, each with either side
+//! joining the room first (so either side offers). The pages in `tests/browser/` speak the
+//! signaling dialect and framing v1 in plain JavaScript; `tests/browser/run.py` runs a scenario
+//! (signal server, our side, the page server that is also the upstream, Chromium) inside a fresh
+//! network namespace holding only `lo`, so every packet stays on loopback. Needs root
+//! (`ip netns`) and `/usr/bin/chromium`; `TUNNEL_SKIP_BROWSER=1` skips it.
 
 use std::io::Read;
 use std::path::Path;
@@ -87,8 +88,9 @@ fn prerequisites() -> bool {
     true
 }
 
-/// Runs `tests/browser/run.py --order <order>` inside `ns`; returns its JSON report line.
-fn run_scenario(ns: &Netns, order: &str) -> Value {
+/// Runs `tests/browser/run.py --role <role> --order <order>` inside `ns`; returns its JSON
+/// report line.
+fn run_scenario(ns: &Netns, role: &str, order: &str) -> Value {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/run.py");
     let mut child = Kill(
         ns.command(&[
@@ -102,6 +104,8 @@ fn run_scenario(ns: &Netns, order: &str) -> Value {
             UPSTREAM_BODY,
             "--timeout",
             "30",
+            "--role",
+            role,
             "--order",
             order,
         ])
@@ -136,26 +140,53 @@ fn run_scenario(ns: &Netns, order: &str) -> Value {
         .unwrap_or_else(|| panic!("run.py printed no report\nstdout:\n{out}\nstderr:\n{err}"))
 }
 
-/// The scenario in `order` must end with the page holding the upstream's exact answer, the
-/// browser in the expected signaling role and serve reporting `tunnel ready`.
-fn browser_consumer(tag: &str, order: &str, browser_offers: bool) {
+/// Runs the scenario in a namespace of its own; `None` when skipped.
+fn scenario(tag: &str, role: &str, order: &str) -> Option<Value> {
     if !prerequisites() {
-        return;
+        return None;
     }
     let ns = Netns::create(tag);
-    let report = run_scenario(&ns, order);
+    Some(run_scenario(&ns, role, order))
+}
+
+/// The browser gathered a UDP host candidate on 127.0.0.1 and both ends of the pair ICE chose
+/// are host candidates on loopback (no peer-reflexive stand-in for a candidate that got lost).
+fn assert_loopback_host_pair(result: &Value, pretty: &str) {
+    let gathered = result["local_candidates"].as_array().into_iter().flatten();
+    assert!(
+        gathered
+            .filter_map(Value::as_str)
+            .any(|c| c.contains(" udp ") && c.contains(" 127.0.0.1 ") && c.contains(" typ host")),
+        "Chromium gathered no UDP host candidate on 127.0.0.1:\n{pretty}"
+    );
+    for side in ["local", "remote"] {
+        let pair = result["selected_pair"][side].as_str().unwrap_or_default();
+        assert!(
+            pair.starts_with("host 127.0.0.1:"),
+            "{side}: {pair}\n{pretty}"
+        );
+    }
+}
+
+/// Chromium as the consumer: the page must end holding the upstream's exact answer, in the
+/// expected signaling role, and serve must report `tunnel ready`.
+fn browser_consumer(tag: &str, order: &str, browser_offers: bool) {
+    let Some(report) = scenario(tag, "consumer", order) else {
+        return;
+    };
     let result = &report["result"];
     let pretty = serde_json::to_string_pretty(&report).unwrap_or_default();
     assert_eq!(
         result["ok"], true,
         "the page reported no success:\n{pretty}"
     );
+    assert_loopback_host_pair(result, &pretty);
     assert_eq!(result["status"], 200, "{pretty}");
     assert_eq!(result["body"], UPSTREAM_BODY, "{pretty}");
     assert_eq!(result["agree"]["version"], 1, "{pretty}");
     assert_eq!(result["offerer"], browser_offers, "{pretty}");
     assert_eq!(
-        report["serve_ready"], true,
+        report["tunnel_ready"], true,
         "serve never logged `tunnel ready`"
     );
     eprintln!(
@@ -164,12 +195,51 @@ fn browser_consumer(tag: &str, order: &str, browser_offers: bool) {
     );
 }
 
+/// Chromium as the provider: a GET through `tunnel proxy` must return the upstream's exact
+/// answer, the page must have served that request after agreeing on v1 with our proxy's HELLO.
+fn browser_provider(tag: &str, order: &str, browser_offers: bool) {
+    let Some(report) = scenario(tag, "provider", order) else {
+        return;
+    };
+    let result = &report["result"];
+    let pretty = serde_json::to_string_pretty(&report).unwrap_or_default();
+    assert_eq!(
+        result["ok"], true,
+        "the page reported no success:\n{pretty}"
+    );
+    assert_loopback_host_pair(result, &pretty);
+    assert_eq!(report["http"]["status"], 200, "{pretty}");
+    assert_eq!(report["http"]["body"], UPSTREAM_BODY, "{pretty}");
+    assert_eq!(result["hello"]["proto"], "httptunnel", "{pretty}");
+    assert_eq!(result["agree"]["version"], 1, "{pretty}");
+    assert_eq!(result["served"]["path"], "/v1/models", "{pretty}");
+    assert_eq!(result["offerer"], browser_offers, "{pretty}");
+    assert_eq!(
+        report["tunnel_ready"], true,
+        "proxy never logged `tunnel ready`"
+    );
+    eprintln!(
+        "browser provider ({order}): page timings (ms) {}; scenario {} s",
+        result["times"], report["seconds"]
+    );
+}
+
 #[test]
 fn chromium_consumer_answers_serve() {
-    browser_consumer("a", "serve-first", false);
+    browser_consumer("ca", "tunnel-first", false);
 }
 
 #[test]
 fn chromium_consumer_offers_to_serve() {
-    browser_consumer("o", "browser-first", true);
+    browser_consumer("co", "browser-first", true);
+}
+
+#[test]
+fn chromium_provider_answers_proxy() {
+    browser_provider("pa", "tunnel-first", false);
+}
+
+#[test]
+fn chromium_provider_offers_to_proxy() {
+    browser_provider("po", "browser-first", true);
 }

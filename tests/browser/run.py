@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """Browser interop scenario for tests/browser.rs, run inside a network namespace that has only
-`lo`: starts a tiny upstream, a page server (serves consumer.html, hears on POST /joined that the
-page is in the room, receives its result on POST /result), `tunnel signal`, `tunnel serve` and
-headless Chromium as the consumer, in the order `--order` names (the member that joins first
-offers); waits for the page's result and prints one JSON line: {"result": ..., "serve_ready":
-bool, "seconds": ..., "logs": {...}} (logs only when the page reported no success). Every process
-it starts is ended before it exits."""
+`lo`. Starts a page server on 127.0.0.1 (serves consumer.html, provider.html and peer.js, answers
+GET /v1/models as the tunnel's upstream, hears on POST /joined that the page is in the room and on
+POST /result its outcome), `tunnel signal`, headless Chromium and our side of the tunnel:
+`tunnel serve` when the browser is the consumer (--role consumer), `tunnel proxy` when it is the
+provider (--role provider; then this script makes a GET /v1/models through the proxy). `--order`
+says who joins the room first (the first member offers). Prints one JSON line:
+{"result": <the page's report>, "http": <the GET through the proxy>, "tunnel_ready": bool,
+"seconds": ..., "logs": {...} (only on failure)}. Every process it starts is ended before it exits.
+"""
 
 import argparse
 import json
@@ -19,9 +22,12 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+PAGES = {"/consumer.html": "text/html", "/provider.html": "text/html", "/peer.js": "text/javascript"}
 
 
 def http_server(handler_fn):
@@ -100,45 +106,37 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tunnel", required=True, help="path of the tunnel binary")
     ap.add_argument("--chromium", default="chromium")
-    ap.add_argument("--upstream-body", required=True, help="body the upstream serves")
+    ap.add_argument("--upstream-body", required=True, help="body GET /v1/models answers")
+    ap.add_argument("--role", choices=["consumer", "provider"], default="consumer")
+    ap.add_argument("--order", choices=["tunnel-first", "browser-first"], default="tunnel-first")
     ap.add_argument("--timeout", type=float, default=30.0)
-    ap.add_argument("--order", choices=["serve-first", "browser-first"], default="serve-first")
     args = ap.parse_args()
 
     start = time.monotonic()
     deadline = start + args.timeout
+    left = lambda: max(0.0, deadline - time.monotonic())
     procs = []
     profile = tempfile.mkdtemp(prefix="tunnel-chromium-")
-    out = {"result": None, "serve_ready": False}
+    out = {"result": None, "tunnel_ready": False}
+    results, joined = queue.Queue(), queue.Queue()
+
+    def pages(h, method):
+        name = h.path.split("?", 1)[0]
+        if method == "GET" and name in PAGES:
+            with open(os.path.join(HERE, name[1:]), "rb") as f:
+                reply(h, 200, PAGES[name] + "; charset=utf-8", f.read())
+        elif method == "GET" and name == "/v1/models":
+            reply(h, 200, "application/json", args.upstream_body.encode())
+        elif method == "POST" and name in ("/result", "/joined"):
+            body = h.rfile.read(int(h.headers.get("Content-Length", "0")))
+            (results if name == "/result" else joined).put(body)
+            reply(h, 204, "text/plain", b"")
+        else:
+            reply(h, 404, "text/plain", b"not found")
+
     try:
-        def upstream(h, method):
-            if method == "GET" and h.path == "/v1/models":
-                reply(h, 200, "application/json", args.upstream_body.encode())
-            else:
-                reply(h, 404, "text/plain", b"not found")
-
-        up = http_server(upstream)
-
-        results = queue.Queue()
-        joined = queue.Queue()
-        page = open(os.path.join(HERE, "consumer.html"), "rb").read()
-
-        def pages(h, method):
-            if method == "GET" and h.path.startswith("/consumer.html"):
-                reply(h, 200, "text/html; charset=utf-8", page)
-            elif method == "POST" and h.path == "/result":
-                n = int(h.headers.get("Content-Length", "0"))
-                results.put(h.rfile.read(n))
-                reply(h, 204, "text/plain", b"")
-            elif method == "POST" and h.path == "/joined":
-                h.rfile.read(int(h.headers.get("Content-Length", "0")))
-                joined.put(True)
-                reply(h, 204, "text/plain", b"")
-            else:
-                reply(h, 404, "text/plain", b"not found")
-
         pg = http_server(pages)
-
+        origin = "http://127.0.0.1:%d" % pg.server_address[1]
         env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "info"))
         sig = Proc("signal", [args.tunnel, "signal", "--listen", "127.0.0.1:0"], env)
         procs.append(sig)
@@ -146,28 +144,22 @@ def main():
         if not line:
             raise RuntimeError("tunnel signal printed no address")
         signal_url = "ws://" + line.split("ws://", 1)[1].split()[0]
-
         room = "browser-%d" % os.getpid()
+        common = ["--signal", signal_url, "--room", room, "--ice-addr", "127.0.0.1"]
 
-        def start_serve():
-            serve = Proc(
-                "serve",
-                [
-                    args.tunnel, "serve", "--signal", signal_url, "--room", room,
-                    "--upstream", "http://127.0.0.1:%d" % up.server_address[1],
-                    "--ice-addr", "127.0.0.1",
-                ],
-                env,
-            )
-            procs.append(serve)
-            if not serve.wait_line(r"joined room", deadline):
-                raise RuntimeError("tunnel serve did not join the room")
-            return serve
+        def start_tunnel():
+            if args.role == "consumer":
+                t = Proc("serve", [args.tunnel, "serve", "--upstream", origin] + common, env)
+            else:
+                t = Proc("proxy", [args.tunnel, "proxy", "--listen", "127.0.0.1:0"] + common, env)
+            procs.append(t)
+            if not t.wait_line(r"joined room", deadline):
+                raise RuntimeError("tunnel %s did not join the room" % t.name)
+            return t
 
-        url = "http://127.0.0.1:%d/consumer.html?signal=%s&room=%s" % (
-            pg.server_address[1], signal_url, room)
-        if args.order == "serve-first":
-            serve = start_serve()
+        if args.order == "tunnel-first":
+            tunnel = start_tunnel()
+        page = "%s/%s.html?signal=%s&room=%s" % (origin, args.role, signal_url, room)
         chrome = Proc(
             "chromium",
             [
@@ -175,31 +167,41 @@ def main():
                 "--no-first-run", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync",
                 "--user-data-dir=" + profile,
-                # Host candidates on 127.0.0.1: loopback allowed, local addresses not hidden
-                # (the page's getUserMedia, granted here with a fake device, lifts the hiding;
-                # without it Chromium gathers no host candidate at all).
+                # Host candidates on 127.0.0.1: loopback allowed, and local addresses not hidden,
+                # which takes media permission (the page calls getUserMedia, granted here with a
+                # fake device); without it Chromium gathers no host candidate on `lo` at all.
                 "--allow-loopback-in-peer-connection",
                 "--disable-features=WebRtcHideLocalIpsWithMdns",
                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
                 "--enable-logging=stderr", "--v=0",
-                url,
+                page,
             ],
         )
         procs.append(chrome)
         launched = time.monotonic()
         if args.order == "browser-first":
             try:
-                joined.get(timeout=max(0.0, deadline - time.monotonic()))
+                joined.get(timeout=left())
             except queue.Empty:
                 raise RuntimeError("the page did not join the room")
-            serve = start_serve()
+            tunnel = start_tunnel()
+        if args.role == "provider":
+            line = tunnel.wait_line(r"proxy listening on http://", deadline)
+            if not line or not tunnel.wait_line(r"tunnel ready", deadline):
+                raise RuntimeError("tunnel proxy never got ready")
+            proxy_url = "http://" + line.split("http://", 1)[1].split()[0]
+            try:
+                with urllib.request.urlopen(proxy_url + "/v1/models", timeout=left()) as r:
+                    status, body = r.status, r.read()
+            except urllib.error.HTTPError as e:
+                status, body = e.code, e.read()
+            out["http"] = {"status": status, "body": body.decode("utf-8", "replace")}
         try:
-            raw = results.get(timeout=max(0.0, deadline - time.monotonic()))
-            out["result"] = json.loads(raw)
+            out["result"] = json.loads(results.get(timeout=left()))
         except queue.Empty:
             out["result"] = {"ok": False, "error": "no result from the page within %.0f s" % args.timeout}
         out["page_seconds"] = round(time.monotonic() - launched, 3)
-        out["serve_ready"] = serve.wait_line(r"tunnel ready", time.monotonic() + 2) is not None
+        out["tunnel_ready"] = tunnel.wait_line(r"tunnel ready", time.monotonic() + 2) is not None
     except Exception as e:  # reported as the result, the caller asserts on it
         out["result"] = {"ok": False, "error": "driver: %s" % e}
     finally:
