@@ -60,7 +60,7 @@ const DATAGRAM_BUF: usize = 2048;
 /// How to reach the room and which local addresses to offer.
 #[derive(Debug, Clone)]
 pub struct LinkConfig {
-    /// `ws://host:port/path` of the signal server.
+    /// `ws://host:port/path` or `wss://…` of the signal server.
     pub signal_url: String,
     /// Room name (case-sensitive).
     pub room: String,
@@ -347,11 +347,9 @@ impl Link {
     fn connect_ws(&mut self, registry: &Registry) {
         let addr = self.url.addrs[self.addr_index % self.url.addrs.len()];
         self.ws_open = false;
-        match WsClient::connect(&self.url.url, addr, registry, Token(self.token_base)) {
+        match WsClient::connect(&self.url, addr, registry, Token(self.token_base)) {
             Ok(ws) => self.ws = Some(ws),
-            Err(e) => self
-                .ws_events
-                .push_back(WsEvent::Closed(format!("cannot connect to {addr}: {e}"))),
+            Err(e) => self.ws_events.push_back(WsEvent::Closed(e)),
         }
     }
 

@@ -343,8 +343,8 @@ fn new_reports_bad_urls_and_hosts() {
         Ok(_) => panic!("{url} accepted"),
         Err(e) => e,
     };
-    assert!(err("wss://example.com").contains("wss:// is not supported yet"));
-    assert!(err("http://example.com").contains("ws://"));
+    assert!(err("http://example.com").contains("ws:// or wss://"));
+    assert!(err("wss://no-such-host.invalid").contains("cannot resolve"));
     assert!(err("ws://no-such-host.invalid:8787").contains("cannot resolve"));
     let bad_ip = LinkConfig {
         ice_addrs: vec!["192.0.2.1".parse().unwrap()],
