@@ -14,13 +14,16 @@
 //! re-established with backoff while an open data channel keeps working. A new negotiation
 //! (a peer joining, or an offer arriving) always replaces the current session.
 //!
-//! Server-reflexive candidates: `LinkConfig::stun` is where a STUN server would be configured.
-//! A STUN client would send its binding request from each UDP socket and pick its own responses
-//! (by transaction id) out of the read loop in `Link::read_udp` before the datagram reaches
-//! str0m, then add `Candidate::server_reflexive` and trickle it. It is not gathered yet.
+//! Server-reflexive candidates: each UDP socket asks the STUN server (`LinkConfig::stun`, by
+//! default the signal server's host and port over UDP) for its public address through
+//! [`stun_client`]; the link picks its own responses out of the read loop in `Link::read_udp`
+//! before a datagram reaches str0m. A mapped address that differs from the socket's own becomes
+//! a `Candidate::server_reflexive`, added to the current session (trickled if the offer/answer is
+//! out) and to every later one. A STUN server that never answers only costs the srflx candidate.
 
 pub mod candidate;
 pub mod signaling;
+pub mod stun_client;
 pub mod ws;
 
 use std::collections::VecDeque;
@@ -37,6 +40,7 @@ use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
 
 use signaling::{SignalEvent, Signaling};
+use stun_client::{Response, StunClient};
 use ws::{WsClient, WsEvent, WsUrl};
 
 /// Label of the one data channel.
@@ -56,14 +60,15 @@ const DATAGRAM_BUF: usize = 2048;
 /// How to reach the room and which local addresses to offer.
 #[derive(Debug, Clone)]
 pub struct LinkConfig {
-    /// `ws://host:port/path` of the signal server.
+    /// `ws://host:port/path` or `wss://…` of the signal server.
     pub signal_url: String,
     /// Room name (case-sensitive).
     pub room: String,
     /// Local addresses for host candidates, one UDP socket each. Empty: 127.0.0.1 plus the
     /// addresses of the default IPv4 and IPv6 routes.
     pub ice_addrs: Vec<IpAddr>,
-    /// STUN server for a server-reflexive candidate (reserved; not gathered yet).
+    /// STUN server for the server-reflexive candidates. `None`: the signal server's address and
+    /// port (UDP).
     pub stun: Option<SocketAddr>,
 }
 
@@ -96,6 +101,8 @@ struct Session {
     remote_described: bool,
     /// Our candidates, to trickle after the offer/answer.
     local_candidates: Vec<Candidate>,
+    /// `sdpMid` of the offer/answer once it is sent: later candidates are trickled at once.
+    mid: Option<String>,
     channel: Option<ChannelId>,
     open: bool,
     buffered: usize,
@@ -116,6 +123,9 @@ pub struct Link {
     reoffer_at: Option<Instant>,
     signaling: Signaling,
     sockets: Vec<UdpSock>,
+    stun: StunClient,
+    /// Server-reflexive candidates found so far, added to every new session.
+    srflx: Vec<Candidate>,
     /// Generated once: making a certificate is most of an `Rtc`'s set-up time.
     dtls_cert: Option<DtlsCert>,
     session: Option<Session>,
@@ -166,6 +176,12 @@ impl Link {
         for s in &sockets {
             log::debug!("ICE host candidate on {}", s.local);
         }
+        let servers = match cfg.stun {
+            Some(server) => vec![server],
+            None => default_stun_servers(&url.addrs),
+        };
+        let locals: Vec<SocketAddr> = sockets.iter().map(|s| s.local).collect();
+        let stun = StunClient::new(stun_client::targets(&locals, &servers), now);
         let mut link = Link {
             url,
             token_base,
@@ -179,6 +195,8 @@ impl Link {
             reoffer_at: None,
             signaling: Signaling::new(&cfg.room),
             sockets,
+            stun,
+            srflx: Vec::new(),
             dtls_cert: str0m::crypto::from_feature_flags()
                 .dtls_provider
                 .generate_certificate(),
@@ -188,6 +206,7 @@ impl Link {
             closed: false,
         };
         link.connect_ws(registry);
+        link.send_stun(now);
         link.pump(registry, now);
         Ok(link)
     }
@@ -232,6 +251,7 @@ impl Link {
                 self.start_offer(now);
             }
         }
+        self.send_stun(now);
         if let Some(session) = &mut self.session {
             if session.deadline <= now {
                 if let Err(e) = session.rtc.handle_input(Input::Timeout(now)) {
@@ -248,6 +268,7 @@ impl Link {
         [
             self.reconnect_at,
             self.reoffer_at,
+            self.stun.next_deadline(),
             self.session.as_ref().map(|s| s.deadline),
         ]
         .into_iter()
@@ -316,6 +337,7 @@ impl Link {
         for s in &mut self.sockets {
             let _ = registry.deregister(&mut s.socket);
         }
+        self.stun.stop();
         self.closed = true;
         self.reconnect_at = None;
         self.reoffer_at = None;
@@ -325,11 +347,9 @@ impl Link {
     fn connect_ws(&mut self, registry: &Registry) {
         let addr = self.url.addrs[self.addr_index % self.url.addrs.len()];
         self.ws_open = false;
-        match WsClient::connect(&self.url.url, addr, registry, Token(self.token_base)) {
+        match WsClient::connect(&self.url, addr, registry, Token(self.token_base)) {
             Ok(ws) => self.ws = Some(ws),
-            Err(e) => self
-                .ws_events
-                .push_back(WsEvent::Closed(format!("cannot connect to {addr}: {e}"))),
+            Err(e) => self.ws_events.push_back(WsEvent::Closed(e)),
         }
     }
 
@@ -438,7 +458,7 @@ impl Link {
         }
     }
 
-    /// A fresh `Rtc` with one host candidate per UDP socket.
+    /// A fresh `Rtc` with one host candidate per UDP socket and the server-reflexive ones.
     fn new_session(&self, offerer: bool, now: Instant) -> Session {
         let mut config = Rtc::builder();
         if let Some(cert) = &self.dtls_cert {
@@ -456,12 +476,18 @@ impl Link {
                 Err(e) => log::debug!("no host candidate for {}: {e}", s.local),
             }
         }
+        for c in &self.srflx {
+            if let Some(c) = rtc.add_local_candidate(c.clone()) {
+                local_candidates.push(c.clone());
+            }
+        }
         Session {
             rtc,
             offerer,
             pending: None,
             remote_described: false,
             local_candidates,
+            mid: None,
             channel: None,
             open: false,
             buffered: 0,
@@ -480,7 +506,7 @@ impl Link {
         session.pending = Some(pending);
         let sdp = offer.to_sdp_string();
         self.signaling.send_offer(&sdp);
-        self.trickle(&session, &sdp);
+        self.trickle(&mut session, &sdp);
         self.session = Some(session);
         self.drive(now);
     }
@@ -508,7 +534,7 @@ impl Link {
         };
         let sdp = answer.to_sdp_string();
         self.signaling.send_answer(&sdp);
-        self.trickle(&session, &sdp);
+        self.trickle(&mut session, &sdp);
         self.described(&mut session);
         self.session = Some(session);
         self.drive(now);
@@ -562,13 +588,51 @@ impl Link {
     }
 
     /// Trickles our candidates after the offer/answer `sdp`.
-    fn trickle(&mut self, session: &Session, sdp: &str) {
+    fn trickle(&mut self, session: &mut Session, sdp: &str) {
         let mid = sdp_mid(sdp);
         for c in &session.local_candidates {
             let ufrag = c.ufrag().unwrap_or_default();
             self.signaling
                 .send_candidate(&candidate::to_init_json(c, mid, ufrag));
         }
+        session.mid = Some(mid.to_string());
+    }
+
+    /// Sends the STUN requests that are due.
+    fn send_stun(&mut self, now: Instant) {
+        for t in self.stun.due(now) {
+            if let Some(sock) = self.sockets.get(t.socket) {
+                transmit(&self.sockets, sock.local, t.destination, &t.data);
+            }
+        }
+    }
+
+    /// A STUN answer for socket `local`: a server-reflexive candidate if the address differs.
+    fn on_stun(&mut self, local: SocketAddr, mapped: SocketAddr, server: SocketAddr, now: Instant) {
+        if mapped == local {
+            return log::debug!("STUN: {local} is its own public address (via {server})");
+        }
+        log::info!("STUN: public address {mapped} (via {server})");
+        let c = match Candidate::server_reflexive(mapped, local, "udp") {
+            Ok(c) => c,
+            Err(e) => return log::debug!("no server-reflexive candidate for {mapped}: {e}"),
+        };
+        self.srflx.push(c.clone());
+        let Some(session) = &mut self.session else {
+            return;
+        };
+        let Some(added) = session.rtc.add_local_candidate(c).cloned() else {
+            return;
+        };
+        match &session.mid {
+            Some(mid) => {
+                let ufrag = added.ufrag().unwrap_or_default();
+                self.signaling
+                    .send_candidate(&candidate::to_init_json(&added, mid, ufrag));
+            }
+            None => session.local_candidates.push(added),
+        }
+        self.drive(now);
     }
 
     /// Drains str0m's output after a mutation: transmits, events, next timeout.
@@ -621,10 +685,22 @@ impl Link {
                 }
                 Err(e) => return log::debug!("UDP read on {local}: {e}"),
             };
-            let Some(session) = &mut self.session else {
+            let Some(data) = buf.get(..n) else {
                 continue;
             };
-            let Some(data) = buf.get(..n) else {
+            match self.stun.handle_datagram(index, data) {
+                Some(Response::Mapped {
+                    local,
+                    mapped,
+                    server,
+                }) => {
+                    self.on_stun(local, mapped, server, now);
+                    continue;
+                }
+                Some(Response::Other) => continue,
+                None => {}
+            }
+            let Some(session) = &mut self.session else {
                 continue;
             };
             let receive = match Receive::new(Protocol::Udp, source, local, data) {
@@ -767,6 +843,13 @@ pub fn default_ice_addrs() -> Vec<IpAddr> {
     }
     dedup(&mut ips);
     ips
+}
+
+/// The default STUN servers: the signal server's first IPv4 and first IPv6 address, same port.
+fn default_stun_servers(signal: &[SocketAddr]) -> Vec<SocketAddr> {
+    let v4 = signal.iter().find(|a| a.is_ipv4());
+    let v6 = signal.iter().find(|a| a.is_ipv6());
+    v4.into_iter().chain(v6).copied().collect()
 }
 
 fn usable_ip(ip: IpAddr) -> bool {

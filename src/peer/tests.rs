@@ -4,12 +4,16 @@ use super::*;
 use mio::{Events, Poll};
 use serde_json::{json, Value};
 use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use tungstenite::protocol::Role;
 use tungstenite::{Message, WebSocket};
 
 type Members = Arc<Mutex<Vec<(String, std::net::TcpStream)>>>;
+/// Every message the relay forwarded from one member to the other.
+type Relayed = Arc<Mutex<Vec<Value>>>;
 
 /// Writes one text frame on a (cloned) server-side stream. Callers hold the members lock, so
 /// frames to one socket never interleave.
@@ -22,22 +26,29 @@ fn push(stream: &std::net::TcpStream, value: Value) {
 
 /// A signal relay for one room of two: join/joined/peer-joined, relay with peerId, peer-left.
 fn spawn_relay() -> (SocketAddr, Members) {
+    let (addr, members, _) = spawn_recording_relay();
+    (addr, members)
+}
+
+/// `spawn_relay`, also keeping every relayed message.
+fn spawn_recording_relay() -> (SocketAddr, Members, Relayed) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind relay");
     let addr = listener.local_addr().expect("relay addr");
     let members: Members = Arc::new(Mutex::new(Vec::new()));
-    let shared = members.clone();
+    let relayed: Relayed = Arc::new(Mutex::new(Vec::new()));
+    let (shared, log) = (members.clone(), relayed.clone());
     thread::spawn(move || {
         for (n, stream) in listener.incoming().enumerate() {
-            let (Ok(stream), members) = (stream, members.clone()) else {
+            let (Ok(stream), members, relayed) = (stream, members.clone(), relayed.clone()) else {
                 continue;
             };
-            thread::spawn(move || serve_member(format!("peer-{n}"), stream, members));
+            thread::spawn(move || serve_member(format!("peer-{n}"), stream, members, relayed));
         }
     });
-    (addr, shared)
+    (addr, shared, log)
 }
 
-fn serve_member(id: String, stream: std::net::TcpStream, members: Members) {
+fn serve_member(id: String, stream: std::net::TcpStream, members: Members, relayed: Relayed) {
     let _ = stream.set_nodelay(true);
     let Ok(mut ws) = stream.try_clone().map(tungstenite::accept) else {
         return;
@@ -61,6 +72,7 @@ fn serve_member(id: String, stream: std::net::TcpStream, members: Members) {
             Some("bye") => break,
             _ => {
                 value["peerId"] = json!(id);
+                relayed.lock().unwrap().push(value.clone());
                 for (_, s) in m.iter().filter(|(i, _)| *i != id) {
                     push(s, value.clone());
                 }
@@ -316,7 +328,7 @@ fn reconnects_after_the_signal_server_refuses() {
             link.handle_event(poll.registry(), event, Instant::now());
         }
     }
-    let delay = link.next_deadline().expect("deadline") - Instant::now();
+    let delay = link.reconnect_at.expect("reconnect") - Instant::now();
     assert!(delay <= Duration::from_secs(1) && delay > Duration::from_millis(500));
 }
 
@@ -331,8 +343,8 @@ fn new_reports_bad_urls_and_hosts() {
         Ok(_) => panic!("{url} accepted"),
         Err(e) => e,
     };
-    assert!(err("wss://example.com").contains("wss:// is not supported yet"));
-    assert!(err("http://example.com").contains("ws://"));
+    assert!(err("http://example.com").contains("ws:// or wss://"));
+    assert!(err("wss://no-such-host.invalid").contains("cannot resolve"));
     assert!(err("ws://no-such-host.invalid:8787").contains("cannot resolve"));
     let bad_ip = LinkConfig {
         ice_addrs: vec!["192.0.2.1".parse().unwrap()],
@@ -353,4 +365,197 @@ fn default_addresses_and_mid() {
     assert!(usable_ip("2001:db8::1".parse().unwrap()));
     assert_eq!(sdp_mid("v=0\r\nm=application 9\r\na=mid:xy\r\n"), "xy");
     assert_eq!(sdp_mid("v=0\r\n"), "0");
+}
+
+/// A UDP STUN responder on `bind` that answers every Binding request twice (a duplicate, as a
+/// retransmission would cause), telling the sender it is `mapped` (or its real address). With a
+/// `gate`, it answers nothing until the gate is released (requests wait in the socket buffer).
+/// Returns its address and the number of requests seen.
+fn spawn_stun_responder(
+    bind: SocketAddr,
+    mapped: Option<SocketAddr>,
+    gate: Option<mpsc::Receiver<()>>,
+) -> (SocketAddr, Arc<AtomicUsize>) {
+    let socket = StdUdpSocket::bind(bind).expect("bind STUN responder");
+    let addr = socket.local_addr().expect("responder addr");
+    let requests = Arc::new(AtomicUsize::new(0));
+    let seen = requests.clone();
+    thread::spawn(move || {
+        if let Some(gate) = gate {
+            let _ = gate.recv();
+        }
+        let mut buf = [0u8; 1500];
+        while let Ok((n, source)) = socket.recv_from(&mut buf) {
+            let Ok(Some(reply)) =
+                crate::stun::binding_response(&buf[..n], mapped.unwrap_or(source))
+            else {
+                continue;
+            };
+            seen.fetch_add(1, Ordering::SeqCst);
+            let _ = socket.send_to(&reply, source);
+            let _ = socket.send_to(&reply, source);
+        }
+    });
+    (addr, requests)
+}
+
+/// Drives the links until `done` holds for them, or panics after 10 s.
+fn drive_until(
+    poll: &mut Poll,
+    links: &mut [&mut Link],
+    what: &str,
+    done: impl Fn(&[&mut Link]) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut events = Events::with_capacity(64);
+    while !done(links) {
+        let now = Instant::now();
+        assert!(now < deadline, "timed out waiting for {what}");
+        let next = links
+            .iter()
+            .filter_map(|l| l.next_deadline())
+            .min()
+            .unwrap_or(deadline)
+            .min(deadline);
+        poll.poll(&mut events, Some(next.saturating_duration_since(now)))
+            .expect("poll");
+        let now = Instant::now();
+        for event in events.iter() {
+            for link in links.iter_mut() {
+                link.handle_event(poll.registry(), event, now);
+            }
+        }
+        for link in links.iter_mut() {
+            if link.next_deadline().is_some_and(|t| t <= now) {
+                link.handle_timeout(poll.registry(), now);
+            }
+        }
+    }
+}
+
+#[test]
+fn stun_defaults_to_the_signal_server_and_maps_loopback_to_itself() {
+    let (relay, _members) = spawn_relay();
+    // The signal server answers STUN on UDP at its TCP port.
+    let (stun, requests) = spawn_stun_responder(relay, None, None);
+    assert_eq!(stun, relay);
+    let mut poll = Poll::new().expect("poll");
+    let mut link = Link::new(config(relay), poll.registry(), 0, Instant::now()).expect("link");
+    drive_until(&mut poll, &mut [&mut link], "the STUN answer", |l| {
+        l[0].stun.next_deadline().is_none() && l[0].signaling.is_joined()
+    });
+    assert_eq!(requests.load(Ordering::SeqCst), 1, "one request, answered");
+    // On loopback the public address is the local one: no server-reflexive candidate.
+    assert!(link.srflx.is_empty());
+    assert_eq!(
+        default_stun_servers(&[
+            "10.0.0.1:443".parse().unwrap(),
+            "[2001:db8::1]:443".parse().unwrap(),
+            "10.0.0.2:443".parse().unwrap(),
+        ]),
+        vec![
+            "10.0.0.1:443".parse::<SocketAddr>().unwrap(),
+            "[2001:db8::1]:443".parse().unwrap()
+        ]
+    );
+}
+
+/// The srflx candidates trickled through the relay for `public`, as RTCIceCandidateInit values.
+fn trickled_srflx(relayed: &Relayed, public: SocketAddr) -> Vec<Value> {
+    let line = format!("{} {} typ srflx", public.ip(), public.port());
+    relayed
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|v| v["type"] == "candidate")
+        .filter_map(|v| v["candidate"].as_str())
+        .filter_map(|c| serde_json::from_str::<Value>(c).ok())
+        .filter(|c| c["candidate"].as_str().is_some_and(|l| l.contains(&line)))
+        .collect()
+}
+
+#[test]
+fn stun_srflx_candidates_are_trickled_while_ice_still_connects() {
+    let (relay, _members, relayed) = spawn_recording_relay();
+    // The answers claim public addresses that are other (silent) local ports.
+    let (elsewhere_a, elsewhere_b) = (
+        StdUdpSocket::bind("127.0.0.1:0").expect("bind"),
+        StdUdpSocket::bind("127.0.0.1:0").expect("bind"),
+    );
+    let public_a = elsewhere_a.local_addr().expect("addr");
+    let public_b = elsewhere_b.local_addr().expect("addr");
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let (stun_a, requests_a) = spawn_stun_responder(any, Some(public_a), None);
+    let (release_b, gate_b) = mpsc::channel();
+    let (stun_b, requests_b) = spawn_stun_responder(any, Some(public_b), Some(gate_b));
+    let cfg = |stun| LinkConfig {
+        stun: Some(stun),
+        ..config(relay)
+    };
+    let mut poll = Poll::new().expect("poll");
+
+    // A learns its address before any session: the candidate goes into every session it makes.
+    let mut a = Link::new(cfg(stun_a), poll.registry(), 0, Instant::now()).expect("link a");
+    drive_until(&mut poll, &mut [&mut a], "a's srflx candidate", |l| {
+        !l[0].srflx.is_empty()
+    });
+    assert_eq!(requests_a.load(Ordering::SeqCst), 1);
+    assert_eq!(a.srflx.len(), 1);
+    assert_eq!(a.srflx[0].addr(), public_a);
+    assert_eq!(a.srflx[0].local(), a.sockets[0].local);
+    assert_eq!(a.srflx[0].kind(), str0m::CandidateKind::ServerReflexive);
+    assert_eq!(a.stun.next_deadline(), None);
+
+    // B's STUN server stays silent until the channel is open: str0m's own ICE checks on the same
+    // sockets are untouched, and B's retransmissions are still pending.
+    let mut b =
+        Link::new(cfg(stun_b), poll.registry(), Link::TOKENS, Instant::now()).expect("link b");
+    let mut seen = [Vec::new(), Vec::new()];
+    run_until(
+        &mut poll,
+        &mut [&mut a, &mut b],
+        &mut seen,
+        "ChannelOpen",
+        |s| s.iter().all(|v| v.contains(&LinkEvent::ChannelOpen)),
+    );
+    assert!(b.srflx.is_empty());
+    assert!(b.stun.next_deadline().is_some());
+    assert_eq!(
+        trickled_srflx(&relayed, public_a).len(),
+        1,
+        "A's, after its offer"
+    );
+    assert!(trickled_srflx(&relayed, public_b).is_empty());
+
+    // Released: B's late answer (and its duplicates) are taken by the STUN client, and the new
+    // candidate is trickled at once into the running session.
+    release_b.send(()).expect("release");
+    drive_until(
+        &mut poll,
+        &mut [&mut a, &mut b],
+        "b's srflx candidate",
+        |l| !l[1].srflx.is_empty() && !trickled_srflx(&relayed, public_b).is_empty(),
+    );
+    assert!(requests_b.load(Ordering::SeqCst) >= 1);
+    assert_eq!(b.srflx[0].addr(), public_b);
+    assert_eq!(b.stun.next_deadline(), None);
+    for c in trickled_srflx(&relayed, public_a)
+        .iter()
+        .chain(&trickled_srflx(&relayed, public_b))
+    {
+        assert!(c["sdpMid"].as_str().is_some_and(|m| !m.is_empty()));
+        assert_eq!(c["sdpMLineIndex"], 0);
+        assert!(c["usernameFragment"]
+            .as_str()
+            .is_some_and(|u| !u.is_empty()));
+    }
+    assert!(a.is_open() && b.is_open());
+    assert!(a.send(b"still connected", Instant::now()));
+    run_until(
+        &mut poll,
+        &mut [&mut a, &mut b],
+        &mut seen,
+        "message",
+        |s| data(&s[1]) == b"still connected",
+    );
 }

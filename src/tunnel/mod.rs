@@ -349,7 +349,7 @@ pub fn proxy(opts: ProxyOpts) -> Result<(), String> {
         &opts.signal,
         "TUNNEL_SIGNAL",
         "signal",
-        "the ws:// URL of the signal server the provider uses",
+        "the ws:// or wss:// URL of the signal server the provider uses",
     )?;
     let room = required(
         &opts.room,
