@@ -45,6 +45,7 @@ demo: release
 bench:
 	$(CARGO) build --release --bins
 	$(BENCH) signal
+	$(BENCH) tunnel
 
 ## fuzz: run each fuzz target (frame codec, HTTP/1.1 codec) for FUZZ_SECONDS (nightly +
 ## cargo-fuzz); new inputs go to target/fuzz-corpus, the committed seeds stay as they are
