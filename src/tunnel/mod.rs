@@ -26,8 +26,9 @@ pub const PING_EVERY: Duration = Duration::from_secs(10);
 pub const FEATURES: &[&str] = &["sse", "window", "cancel"];
 /// With `window`: body bytes a sender may have unacknowledged per stream and direction.
 pub const WINDOW: i64 = 256 * 1024;
-/// With `window`: a receiver acknowledges consumed bytes once this many have piled up, or once
-/// its output buffer has drained.
+/// With `window`: a receiver acknowledges the body bytes it received once its output buffer
+/// toward the client (or upstream) holds less than this, so what it buffers stays below
+/// `WINDOW + WINDOW_ACK` per stream.
 pub const WINDOW_ACK: usize = 64 * 1024;
 /// The link's tokens start here; the role's sockets use tokens from [`FIRST_SOCKET`].
 const LINK_BASE: usize = 1;

@@ -365,7 +365,7 @@ impl Proxy {
             return self.close(slot, ch, registry, now);
         }
         if let Resp::Streaming { sid, .. } = c.resp {
-            if ch.window && c.unacked > 0 && (c.out.len() < WINDOW_ACK || c.unacked >= WINDOW_ACK) {
+            if ch.window && c.unacked > 0 && c.out.len() < WINDOW_ACK {
                 let credit = std::mem::take(&mut c.unacked);
                 ch.send(&Message::Window(sid, credit as u32), now);
             }

@@ -310,7 +310,7 @@ impl Serve {
             return;
         }
         // With `window`: what the upstream took frees credit for the consumer.
-        if ch.window && s.unacked > 0 && (s.out.len() < WINDOW_ACK || s.unacked >= WINDOW_ACK) {
+        if ch.window && s.unacked > 0 && s.out.len() < WINDOW_ACK {
             let credit = std::mem::take(&mut s.unacked);
             ch.send(&Message::Window(s.sid, credit as u32), now);
         }
