@@ -124,6 +124,10 @@ fn hostile_websocket_input_is_contained() {
 
     server.drain();
     assert!(!server.seen.iter().any(|l| l.contains("panicked")));
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "the server is still running"
+    );
 }
 
 #[test]

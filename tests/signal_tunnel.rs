@@ -203,5 +203,5 @@ fn listen_forms_port_env_and_ipv6() {
 
     let mut bad = Proc::start(&["signal", "--listen", "nonsense:port"], &[]);
     assert_eq!(bad.wait_exit(10), Some(1));
-    assert!(bad.drain().iter().any(|l| l.contains("invalid address")));
+    bad.wait_line("invalid address", 5);
 }
