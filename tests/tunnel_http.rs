@@ -215,3 +215,17 @@ fn a_client_that_goes_away_stops_the_upstream() {
         std::thread::park_timeout(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn upstream_by_name_tries_each_address() {
+    // `localhost` may resolve to ::1 before 127.0.0.1; the upstream listens on 127.0.0.1 only.
+    let up = upstream(|req| {
+        let _ = req.respond(Response::from_string("by name"));
+    });
+    let port = up.rsplit(':').next().unwrap().to_string();
+    let t = Tunnel::start(&format!("http://localhost:{port}"));
+    for _ in 0..3 {
+        let (status, _, body) = request(t.addr, "GET", "/", b"");
+        assert_eq!((status, body.as_slice()), (200, &b"by name"[..]));
+    }
+}

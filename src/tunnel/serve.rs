@@ -27,7 +27,9 @@ const MAX_UPSTREAM_BACKLOG: usize = 32 << 20;
 #[derive(Clone, Debug)]
 pub struct Upstream {
     pub url: String,
-    pub addr: SocketAddr,
+    /// Every address the host resolved to, tried in turn (`localhost` may be ::1 and
+    /// 127.0.0.1 while the service listens on only one of them).
+    pub addrs: Vec<SocketAddr>,
     /// `host[:port]` for the Host header.
     pub authority: String,
     /// Path prefix without a trailing slash ("" for none).
@@ -56,14 +58,16 @@ impl Upstream {
         } else {
             authority.to_string()
         };
-        let addr = with_port
+        let addrs: Vec<SocketAddr> = with_port
             .to_socket_addrs()
             .map_err(|e| format!("upstream '{url}': cannot resolve {authority}: {e}"))?
-            .next()
-            .ok_or_else(|| format!("upstream '{url}': {authority} has no address"))?;
+            .collect();
+        if addrs.is_empty() {
+            return Err(format!("upstream '{url}': {authority} has no address"));
+        }
         Ok(Upstream {
             url: url.to_string(),
-            addr,
+            addrs,
             authority: authority.to_string(),
             base: base.to_string(),
         })
@@ -115,6 +119,9 @@ struct Stream {
     sid: u32,
     sock: TcpStream,
     connected: bool,
+    /// Index into `Upstream::addrs` of the address being tried, and how many were tried before.
+    attempt: usize,
+    tries: usize,
     /// Request bytes waiting to be written upstream.
     out: Vec<u8>,
     /// The request head (method, target, headers), while its framing is undecided.
@@ -135,6 +142,8 @@ struct Stream {
 
 pub struct Serve {
     upstream: Upstream,
+    /// The upstream address that last accepted a connection: tried first.
+    preferred: usize,
     advertise: String,
     streams: Vec<Option<Stream>>,
     free: Vec<usize>,
@@ -145,6 +154,7 @@ impl Serve {
     pub fn new(upstream: Upstream, advertise: &str) -> Self {
         Serve {
             upstream,
+            preferred: 0,
             advertise: advertise.to_string(),
             streams: Vec::new(),
             free: Vec::new(),
@@ -158,7 +168,8 @@ impl Serve {
             log::debug!("stream {sid}: opened twice; ignored");
             return;
         }
-        let mut sock = match TcpStream::connect(self.upstream.addr) {
+        let attempt = self.preferred;
+        let mut sock = match self.connect(attempt) {
             Ok(s) => s,
             Err(e) => return bad_gateway(ch, sid, &e.to_string(), now),
         };
@@ -195,6 +206,8 @@ impl Serve {
             sid,
             sock,
             connected: false,
+            attempt,
+            tries: 0,
             out: Vec::new(),
             held_head: None,
             framing: ReqFraming::Undecided,
@@ -218,6 +231,45 @@ impl Serve {
         }
         self.streams[slot] = Some(stream);
         self.by_sid.insert(sid, slot);
+    }
+
+    fn connect(&self, attempt: usize) -> std::io::Result<TcpStream> {
+        let addrs = &self.upstream.addrs;
+        TcpStream::connect(addrs[attempt % addrs.len()])
+    }
+
+    /// A connection attempt failed: tries the upstream's next address, if any is left.
+    /// Returns false when none is.
+    fn try_next_address(&mut self, slot: usize, registry: &Registry) -> bool {
+        let count = self.upstream.addrs.len();
+        let Some(s) = self.streams.get_mut(slot).and_then(Option::as_mut) else {
+            return false;
+        };
+        if s.tries + 1 >= count {
+            return false;
+        }
+        let next = (s.attempt + 1) % count;
+        let addr = self.upstream.addrs[next];
+        let Ok(mut sock) = TcpStream::connect(addr) else {
+            return false;
+        };
+        if registry
+            .register(
+                &mut sock,
+                token_of(slot),
+                Interest::READABLE | Interest::WRITABLE,
+            )
+            .is_err()
+        {
+            return false;
+        }
+        let _ = registry.deregister(&mut s.sock);
+        let _ = sock.set_nodelay(true);
+        log::debug!("stream {}: trying upstream address {addr}", s.sid);
+        s.sock = sock;
+        s.attempt = next;
+        s.tries += 1;
+        true
     }
 
     fn req_body(
@@ -521,18 +573,23 @@ impl Role for Serve {
             return;
         };
         if !s.connected {
-            if let Ok(Some(e)) | Err(e) = s.sock.take_error() {
+            let failure = match s.sock.take_error() {
+                Ok(Some(e)) | Err(e) => Some(e),
+                Ok(None) => match s.sock.peer_addr() {
+                    Ok(_) => None,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotConnected => return,
+                    Err(e) => Some(e),
+                },
+            };
+            if let Some(e) = failure {
+                if self.try_next_address(slot, registry) {
+                    return;
+                }
                 let err = format!("cannot connect to upstream: {e}");
                 return self.upstream_failed(slot, &err, ch, registry, now);
             }
-            match s.sock.peer_addr() {
-                Ok(_) => s.connected = true,
-                Err(e) if e.kind() == std::io::ErrorKind::NotConnected => return,
-                Err(e) => {
-                    let err = format!("cannot connect to upstream: {e}");
-                    return self.upstream_failed(slot, &err, ch, registry, now);
-                }
-            }
+            s.connected = true;
+            self.preferred = s.attempt;
         }
         if event.is_writable() {
             self.write(slot, ch, registry, now);
@@ -624,11 +681,11 @@ mod tests {
     #[test]
     fn upstream_urls() {
         let u = Upstream::parse("http://127.0.0.1:11434/base/").unwrap();
-        assert_eq!(u.addr, "127.0.0.1:11434".parse().unwrap());
+        assert_eq!(u.addrs, ["127.0.0.1:11434".parse().unwrap()]);
         assert_eq!(u.authority, "127.0.0.1:11434");
         assert_eq!(u.target("/", "/v1/x?q=1"), "/base/v1/x?q=1");
         let u = Upstream::parse("http://127.0.0.1").unwrap();
-        assert_eq!(u.addr.port(), 80);
+        assert_eq!(u.addrs[0].port(), 80);
         assert!(Upstream::parse("https://x")
             .unwrap_err()
             .contains("not supported"));
