@@ -128,6 +128,11 @@ pub struct ServeOpts {
     #[argh(option)]
     pub turn: Option<String>,
 
+    /// tunnel extensions to offer or accept, comma-separated (default sse,window,cancel);
+    /// "sse" alone behaves exactly like a version-1 peer
+    #[argh(option)]
+    pub features: Option<String>,
+
     /// TURN user name (env TUNNEL_TURN_USER)
     #[argh(option)]
     pub turn_user: Option<String>,
@@ -165,6 +170,11 @@ pub struct ProxyOpts {
     /// TURN server URL (env TUNNEL_TURN); accepted for compatibility, relaying is not supported
     #[argh(option)]
     pub turn: Option<String>,
+
+    /// tunnel extensions to offer or accept, comma-separated (default sse,window,cancel);
+    /// "sse" alone behaves exactly like a version-1 peer
+    #[argh(option)]
+    pub features: Option<String>,
 
     /// TURN user name (env TUNNEL_TURN_USER)
     #[argh(option)]

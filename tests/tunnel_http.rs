@@ -229,3 +229,51 @@ fn upstream_by_name_tries_each_address() {
         assert_eq!((status, body.as_slice()), (200, &b"by name"[..]));
     }
 }
+
+#[test]
+fn a_body_already_waiting_in_the_socket_is_read_to_the_end() {
+    // Head and a 2 MB body land in the proxy's socket at once. Between pauses for the channel,
+    // the proxy must read until the socket is empty (edge-triggered readiness brings no further
+    // event), not stop after one read that was forwarded at once. As version-1 peers (no
+    // `window`), and with every extension.
+    let up = upstream(|mut req| {
+        let mut body = Vec::new();
+        let _ = req.as_reader().read_to_end(&mut body);
+        let _ = req.respond(Response::from_string(format!("{}", body.len())));
+    });
+    let body = vec![b'x'; 2_000_000];
+    for extra in [&["--features", "sse"][..], &[][..]] {
+        let t = Tunnel::start_with(&up, extra);
+        if !extra.is_empty() {
+            t_features(&t, "sse");
+        }
+        for _ in 0..5 {
+            let mut s = TcpStream::connect(t.addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let mut req = format!(
+                "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .into_bytes();
+            req.extend_from_slice(&body);
+            s.write_all(&req).unwrap();
+            let (status, _, reply) = read_full_response(&mut s);
+            assert_eq!((status, reply.as_slice()), (200, &b"2000000"[..]));
+        }
+    }
+}
+
+/// Both sides agreed on exactly `features`.
+fn t_features(t: &Tunnel, features: &str) {
+    let want = format!("tunnel ready (features: {features})");
+    assert!(
+        t.serve.seen.iter().any(|l| l.ends_with(&want)),
+        "{:?}",
+        t.serve.seen
+    );
+    assert!(
+        t.proxy.seen.iter().any(|l| l.ends_with(&want)),
+        "{:?}",
+        t.proxy.seen
+    );
+}

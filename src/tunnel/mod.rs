@@ -24,6 +24,27 @@ pub const PING_EVERY: Duration = Duration::from_secs(10);
 /// Features this implementation negotiates in HELLO/AGREE: `sse` (streamed responses, as v1),
 /// `window` (per-stream flow-control credit, WINDOW frames) and `cancel` (CANCEL frames).
 pub const FEATURES: &[&str] = &["sse", "window", "cancel"];
+
+/// The features to offer, from `--features` (a subset of [`FEATURES`]).
+fn features(flag: &Option<String>) -> Result<Vec<String>, String> {
+    let Some(list) = flag else {
+        return Ok(FEATURES.iter().map(|f| f.to_string()).collect());
+    };
+    list.split(',')
+        .map(str::trim)
+        .filter(|f| !f.is_empty())
+        .map(|f| {
+            if FEATURES.contains(&f) {
+                Ok(f.to_string())
+            } else {
+                Err(format!(
+                    "unknown feature '{f}' in --features: expected some of {}",
+                    FEATURES.join(",")
+                ))
+            }
+        })
+        .collect()
+}
 /// With `window`: body bytes a sender may have unacknowledged per stream and direction.
 pub const WINDOW: i64 = 256 * 1024;
 /// With `window`: a receiver acknowledges the body bytes it received once its output buffer
@@ -47,6 +68,8 @@ pub struct Channel {
     /// Negotiated extensions of the current channel.
     pub window: bool,
     pub cancel: bool,
+    /// The extensions this side offers (HELLO) or accepts (AGREE).
+    pub offered: Vec<String>,
     next_ping: Option<Instant>,
     encode_buf: Vec<u8>,
 }
@@ -59,6 +82,7 @@ impl Channel {
             ready: false,
             window: false,
             cancel: false,
+            offered: Vec::new(),
             next_ping: None,
             encode_buf: Vec::new(),
         }
@@ -277,6 +301,7 @@ fn start_link(
     room: String,
     ice: Vec<IpAddr>,
     stun: Option<SocketAddr>,
+    offered: Vec<String>,
 ) -> Result<Channel, String> {
     let link = Link::new(
         LinkConfig {
@@ -289,7 +314,9 @@ fn start_link(
         LINK_BASE,
         Instant::now(),
     )?;
-    Ok(Channel::new(link))
+    let mut ch = Channel::new(link);
+    ch.offered = offered;
+    Ok(ch)
 }
 
 /// `tunnel serve`: the provider.
@@ -339,7 +366,14 @@ pub fn serve(opts: ServeOpts) -> Result<(), String> {
     let advertise = opts.advertise.clone().unwrap_or_else(|| "/".into());
     let mut poll = Poll::new().map_err(|e| format!("cannot create poll: {e}"))?;
     log::info!("serving {} in room '{room}' via {signal_url}", upstream.url);
-    let mut ch = start_link(&poll, signal_url, room, ice, stun)?;
+    let mut ch = start_link(
+        &poll,
+        signal_url,
+        room,
+        ice,
+        stun,
+        features(&opts.features)?,
+    )?;
     let mut role = serve::Serve::new(upstream, &advertise);
     run_loop(&mut poll, &mut ch, &mut role)
 }
@@ -369,7 +403,14 @@ pub fn proxy(opts: ProxyOpts) -> Result<(), String> {
     let mut poll = Poll::new().map_err(|e| format!("cannot create poll: {e}"))?;
     let role = proxy::Proxy::bind(listen, poll.registry())?;
     log::info!("proxy listening on http://{}", role.local_addr());
-    let mut ch = start_link(&poll, signal_url, room, ice, stun)?;
+    let mut ch = start_link(
+        &poll,
+        signal_url,
+        room,
+        ice,
+        stun,
+        features(&opts.features)?,
+    )?;
     let mut role = role;
     run_loop(&mut poll, &mut ch, &mut role)
 }

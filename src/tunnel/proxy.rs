@@ -12,8 +12,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry, Token};
 
 use super::{
-    read_some, slot_of, token_of, write_out, Channel, Role, FEATURES, READ_CHUNK, WINDOW,
-    WINDOW_ACK,
+    read_some, slot_of, token_of, write_out, Channel, Role, READ_CHUNK, WINDOW, WINDOW_ACK,
 };
 use crate::frame::{body_chunks, Hello, Message, ReqHeaders, ResHeaders};
 use crate::http1::{self, BodyDecoder, BodyFraming, HeadError};
@@ -150,6 +149,9 @@ impl Proxy {
                 return;
             };
             let before = (c.inbuf.len(), c.out.len());
+            // Edge-triggered readiness: keep going while reads return data, even when the
+            // bytes were forwarded at once and the buffers look as they did before.
+            let mut read_any = false;
             if !c.eof && !c.closing && c.inbuf.len() < MAX_INBUF {
                 // Mid-body, read no more than the stream may send.
                 let budget = match (&c.req_body, ch.window) {
@@ -161,7 +163,7 @@ impl Proxy {
                 } else {
                     match read_some(&mut c.stream, &mut c.inbuf, budget) {
                         Ok(0) => c.eof = true,
-                        Ok(_) => {}
+                        Ok(_) => read_any = true,
                         Err(e) if super::would_block(&e) => {}
                         Err(_) => c.eof = true,
                     }
@@ -178,7 +180,7 @@ impl Proxy {
                 self.flush(slot, ch, registry, now);
                 return;
             }
-            let progressed = (c.inbuf.len(), c.out.len()) != before;
+            let progressed = read_any || (c.inbuf.len(), c.out.len()) != before;
             if !progressed || c.paused {
                 return;
             }
@@ -559,7 +561,8 @@ impl Role for Proxy {
     }
 
     fn on_open(&mut self, ch: &mut Channel, now: Instant) {
-        ch.send(&Message::Hello(Hello::ours(FEATURES)), now);
+        let offered: Vec<&str> = ch.offered.iter().map(String::as_str).collect();
+        ch.send(&Message::Hello(Hello::ours(&offered)), now);
     }
 
     fn on_message(&mut self, ch: &mut Channel, registry: &Registry, msg: Message, now: Instant) {

@@ -13,8 +13,7 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry};
 
 use super::{
-    read_some, slot_of, token_of, write_out, Channel, Role, FEATURES, READ_CHUNK, WINDOW,
-    WINDOW_ACK,
+    read_some, slot_of, token_of, write_out, Channel, Role, READ_CHUNK, WINDOW, WINDOW_ACK,
 };
 use crate::frame::{negotiate, Message, ReqHeaders, ResHeaders};
 use crate::http1::{self, BodyDecoder, BodyFraming, HeadError};
@@ -603,7 +602,12 @@ impl Role for Serve {
 
     fn on_message(&mut self, ch: &mut Channel, registry: &Registry, msg: Message, now: Instant) {
         match msg {
-            Message::Hello(hello) => match negotiate(&hello, 1, 1, FEATURES) {
+            Message::Hello(hello) => match negotiate(
+                &hello,
+                1,
+                1,
+                &ch.offered.iter().map(String::as_str).collect::<Vec<_>>(),
+            ) {
                 Some(agree) => {
                     let features = agree.features.clone();
                     ch.send(&Message::Agree(agree), now);

@@ -238,20 +238,24 @@ pub fn serve(signal_url: &str, room: &str, upstream: &str, extra: &[&str]) -> Pr
 
 /// Starts `tunnel proxy` on an ephemeral port; returns it and its HTTP address.
 pub fn proxy(signal_url: &str, room: &str) -> (Proc, SocketAddr) {
-    let mut p = Proc::start(
-        &[
-            "proxy",
-            "--signal",
-            signal_url,
-            "--room",
-            room,
-            "--listen",
-            "127.0.0.1:0",
-            "--ice-addr",
-            "127.0.0.1",
-        ],
-        &[],
-    );
+    proxy_with(signal_url, room, &[])
+}
+
+/// `proxy` with extra arguments.
+pub fn proxy_with(signal_url: &str, room: &str, extra: &[&str]) -> (Proc, SocketAddr) {
+    let mut args = vec![
+        "proxy",
+        "--signal",
+        signal_url,
+        "--room",
+        room,
+        "--listen",
+        "127.0.0.1:0",
+        "--ice-addr",
+        "127.0.0.1",
+    ];
+    args.extend_from_slice(extra);
+    let mut p = Proc::start(&args, &[]);
     let line = p.wait_line("proxy listening on http://", 10);
     let addr = line
         .rsplit("http://")
@@ -264,11 +268,16 @@ pub fn proxy(signal_url: &str, room: &str) -> (Proc, SocketAddr) {
 impl Tunnel {
     /// Everything up, and both sides reporting `tunnel ready`.
     pub fn start(upstream: &str) -> Tunnel {
+        Tunnel::start_with(upstream, &[])
+    }
+
+    /// `start` with extra arguments for both serve and proxy.
+    pub fn start_with(upstream: &str, extra: &[&str]) -> Tunnel {
         let (signal, saddr) = signal(&[]);
         let signal_url = format!("ws://{saddr}");
         let room = format!("test-{}", tunnel::util::uuid_v4());
-        let mut serve = serve(&signal_url, &room, upstream, &[]);
-        let (mut proxy, addr) = proxy(&signal_url, &room);
+        let mut serve = serve(&signal_url, &room, upstream, extra);
+        let (mut proxy, addr) = proxy_with(&signal_url, &room, extra);
         serve.wait_line("tunnel ready", 15);
         proxy.wait_line("tunnel ready", 15);
         Tunnel {
