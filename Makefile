@@ -7,7 +7,7 @@ BIN          := $(TARGET_DIR)/release/tunnel
 STATIC_BIN   := $(TARGET_DIR)/$(MUSL_TARGET)/release/tunnel
 BENCH        := $(TARGET_DIR)/release/tunnel-bench
 
-.PHONY: all build release test test-deps lint fmt demo bench fuzz static clean
+.PHONY: all build release test test-deps lint fmt demo bench fuzz static interop clean
 
 all: build
 
@@ -65,6 +65,15 @@ static:
 	CC_x86_64_unknown_linux_musl=musl-gcc $(CARGO) build --release --target $(MUSL_TARGET)
 	@file $(STATIC_BIN) | grep -q 'static' || (echo "not a static binary" && false)
 	@ls -l $(STATIC_BIN) | awk '{ printf "static binary: %s, %d bytes (%.2f MiB)\n", $$9, $$5, $$5/1048576 }'
+
+## interop: our binary against a webrtc-rs stand-in of the original client (tests/interop, its
+## own workspace; builds the webrtc crate, several minutes the first time)
+TARGET_DIR     ?= $(or $(CARGO_TARGET_DIR),target)
+INTEROP_TARGET ?= $(abspath $(TARGET_DIR))/interop
+interop:
+	$(CARGO) build
+	cd tests/interop && TUNNEL_BIN=$(abspath $(TARGET_DIR))/debug/tunnel \
+	  CARGO_TARGET_DIR=$(INTEROP_TARGET) $(CARGO) test
 
 clean:
 	$(CARGO) clean

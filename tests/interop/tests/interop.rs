@@ -1,0 +1,411 @@
+//! Interop of `tunnel` with the webrtc-rs stand-in of the original client (`orig-client`), both
+//! pairings on loopback: our `tunnel serve` + `orig-client proxy`, and `orig-client serve` + our
+//! `tunnel proxy`, through our `tunnel signal`. Each checks a plain GET and a chunked, streamed
+//! response end to end.
+//!
+//! Our binary: `TUNNEL_BIN`, default `../../target/debug/tunnel` relative to this crate
+//! (`make interop` builds it and sets the variable).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+const MODELS: &str =
+    r#"{"object":"list","data":[{"id":"interop-model","object":"model","owned_by":"test"}]}"#;
+const PIECES: [&str; 5] = [
+    "data: {\"n\":1}\n\n",
+    "data: {\"n\":2,\"text\":\"hello\"}\n\n",
+    "data: {\"n\":3,\"text\":\"world\"}\n\n",
+    "data: {\"n\":4}\n\n",
+    "data: [DONE]\n\n",
+];
+
+fn tunnel_bin() -> PathBuf {
+    match std::env::var_os("TUNNEL_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/tunnel"),
+    }
+}
+
+fn orig_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_orig-client"))
+}
+
+/// A child process whose stderr lines are collected; killed on drop.
+struct Proc {
+    name: &'static str,
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    fn spawn(name: &'static str, bin: &PathBuf, args: &[&str], rust_log: &str) -> Proc {
+        let mut child = Command::new(bin)
+            .args(args)
+            .env("RUST_LOG", rust_log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let sink = lines.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Proc { name, child, lines }
+    }
+
+    /// Waits for a stderr line containing `marker`; returns the word that follows it.
+    fn wait_for(&mut self, marker: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let found = self.lines.lock().unwrap().iter().find_map(|l| {
+                l.find(marker).map(|i| {
+                    l[i + marker.len()..]
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or("")
+                        .trim_end_matches('/')
+                        .to_owned()
+                })
+            });
+            if let Some(f) = found {
+                return f;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "{} exited ({status}) before '{marker}':\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: no '{marker}' within {timeout:?}:\n{}",
+                self.name,
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Upstream on 127.0.0.1: `GET /v1/models` → fixed JSON; `GET /v1/stream` → chunked, one chunk
+/// per piece; anything else 404.
+fn upstream() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for sock in listener.incoming().map_while(Result::ok) {
+            thread::spawn(move || serve_upstream(sock));
+        }
+    });
+    format!("http://{addr}")
+}
+
+fn serve_upstream(mut sock: TcpStream) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match sock.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => return,
+        }
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let path = head.split_whitespace().nth(1).unwrap_or("");
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0usize);
+    let mut body = vec![0u8; length];
+    if sock.read_exact(&mut body).is_err() {
+        return;
+    }
+    let _ = match path {
+        "/v1/echo" => {
+            let _ = write!(
+                sock,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            sock.write_all(&body)
+        }
+        "/v1/models" => write!(
+            sock,
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{MODELS}",
+            MODELS.len()
+        ),
+        "/v1/stream" => {
+            let _ = write!(
+                sock,
+                "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+            );
+            for p in PIECES {
+                let _ = write!(sock, "{:x}\r\n{p}\r\n", p.len());
+                let _ = sock.flush();
+            }
+            write!(sock, "0\r\n\r\n")
+        }
+        _ => write!(
+            sock,
+            "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        ),
+    };
+}
+
+/// A response: status, lowercase headers, decoded body.
+struct Response {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+/// GET over a fresh connection with `connection: close`, read to EOF.
+fn get(addr: &str, path: &str) -> std::io::Result<Response> {
+    request(addr, "GET", path, &[])
+}
+
+/// A request over a fresh connection with `connection: close`, read to EOF.
+fn request(addr: &str, method: &str, path: &str, body: &[u8]) -> std::io::Result<Response> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    )?;
+    s.write_all(body)?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_owned());
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| bad("no end of head"))?;
+    let head = String::from_utf8_lossy(&raw[..end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("bad status line"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let rest = &raw[end + 4..];
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"));
+    let body = if chunked {
+        dechunk(rest).ok_or_else(|| bad("bad chunked body"))?
+    } else {
+        rest.to_vec()
+    };
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
+}
+
+fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let i = b.windows(2).position(|w| w == b"\r\n")?;
+        let size = usize::from_str_radix(std::str::from_utf8(&b[..i]).ok()?.trim(), 16).ok()?;
+        b = &b[i + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(b.get(..size)?);
+        b = b.get(size + 2..)?;
+    }
+}
+
+/// RUST_LOG of a process, overridable for diagnosis (`INTEROP_OUR_LOG`, `INTEROP_ORIG_LOG`).
+fn log_filter(var: &str, default: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| default.to_owned())
+}
+
+/// Runs signal + upstream + provider + consumer (the first to join offers), then the two requests through the consumer.
+fn pairing(orig_serves: bool, provider_first: bool) {
+    let tunnel = tunnel_bin();
+    assert!(
+        tunnel.exists(),
+        "{} not found: build it (`cargo build` at the repo root) or set TUNNEL_BIN",
+        tunnel.display()
+    );
+    let orig = orig_bin();
+    let mut signal = Proc::spawn(
+        "tunnel signal",
+        &tunnel,
+        &["signal", "--listen", "127.0.0.1:0"],
+        "info",
+    );
+    let ws = format!(
+        "ws://{}",
+        signal.wait_for("listening on ws://", Duration::from_secs(10))
+    );
+    let up = upstream();
+    let room = "interop";
+    let serve_args = ["serve", "--signal", &ws, "--room", room, "--upstream", &up];
+    let proxy_args = [
+        "proxy",
+        "--signal",
+        &ws,
+        "--room",
+        room,
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    let ice = ["--ice-addr", "127.0.0.1"];
+    let our_log = log_filter("INTEROP_OUR_LOG", "info,tunnel=debug,str0m=info");
+    let orig_log = log_filter("INTEROP_ORIG_LOG", "info,orig_client=debug,webrtc=info");
+    let serve_ours = [&serve_args[..], &ice[..]].concat();
+    let proxy_ours = [&proxy_args[..], &ice[..]].concat();
+    let (serve, proxy) = if orig_serves {
+        (
+            ("orig-client serve", &orig, &serve_args[..], &orig_log[..]),
+            ("tunnel proxy", &tunnel, &proxy_ours[..], &our_log[..]),
+        )
+    } else {
+        (
+            ("tunnel serve", &tunnel, &serve_ours[..], &our_log[..]),
+            ("orig-client proxy", &orig, &proxy_args[..], &orig_log[..]),
+        )
+    };
+    let (first, second) = if provider_first {
+        (serve, proxy)
+    } else {
+        (proxy, serve)
+    };
+    // The first joiner offers: start the second only once the first has joined.
+    let mut a = Proc::spawn(first.0, first.1, first.2, first.3);
+    a.wait_for("joined room", Duration::from_secs(10));
+    let b = Proc::spawn(second.0, second.1, second.2, second.3);
+    let (provider, mut consumer) = if provider_first { (a, b) } else { (b, a) };
+    let addr = consumer.wait_for("proxy listening on http://", Duration::from_secs(10));
+    let logs = |what: &str| {
+        format!(
+            "{what}\n--- {} ---\n{}\n--- {} ---\n{}\n--- signal ---\n{}",
+            provider.name,
+            provider.log(),
+            consumer.name,
+            consumer.log(),
+            signal.log()
+        )
+    };
+
+    // The consumer answers 503 until the tunnel is up: poll.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let models = loop {
+        match get(&addr, "/v1/models") {
+            Ok(r) if r.status == 200 => break r,
+            Ok(r) if r.status == 503 => {}
+            Ok(r) => panic!(
+                "{}",
+                logs(&format!(
+                    "GET /v1/models: status {} body {:?}",
+                    r.status,
+                    String::from_utf8_lossy(&r.body)
+                ))
+            ),
+            Err(e) => panic!("{}", logs(&format!("GET /v1/models: {e}"))),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            logs("tunnel not ready within 30 s")
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        String::from_utf8_lossy(&models.body),
+        MODELS,
+        "{}",
+        logs("models body")
+    );
+    assert!(
+        models
+            .headers
+            .iter()
+            .any(|(n, v)| n == "content-type" && v == "application/json"),
+        "{}",
+        logs("models content-type")
+    );
+
+    let stream = get(&addr, "/v1/stream")
+        .unwrap_or_else(|e| panic!("{}", logs(&format!("GET /v1/stream: {e}"))));
+    assert_eq!(stream.status, 200, "{}", logs("stream status"));
+    assert_eq!(
+        String::from_utf8_lossy(&stream.body),
+        PIECES.concat(),
+        "{}",
+        logs("stream body")
+    );
+    assert!(
+        stream
+            .headers
+            .iter()
+            .any(|(n, v)| n == "content-type" && v == "text/event-stream"),
+        "{}",
+        logs("stream content-type")
+    );
+
+    // Several body frames each way (frames carry at most 65 408 body bytes).
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let echo = request(&addr, "POST", "/v1/echo", &big)
+        .unwrap_or_else(|e| panic!("{}", logs(&format!("POST /v1/echo: {e}"))));
+    assert_eq!(echo.status, 200, "{}", logs("echo status"));
+    assert!(
+        echo.body == big,
+        "{}",
+        logs(&format!("echo body: {} bytes back", echo.body.len()))
+    );
+
+    let missing =
+        get(&addr, "/nope").unwrap_or_else(|e| panic!("{}", logs(&format!("GET /nope: {e}"))));
+    assert_eq!(missing.status, 404, "{}", logs("404 status"));
+}
+
+#[test]
+fn our_serve_offers_to_original_proxy() {
+    pairing(false, true);
+}
+
+#[test]
+fn original_proxy_offers_to_our_serve() {
+    pairing(false, false);
+}
+
+#[test]
+fn original_serve_offers_to_our_proxy() {
+    pairing(true, true);
+}
+
+#[test]
+fn our_proxy_offers_to_original_serve() {
+    pairing(true, false);
+}
