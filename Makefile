@@ -68,7 +68,6 @@ static:
 
 ## interop: our binary against a webrtc-rs stand-in of the original client (tests/interop, its
 ## own workspace; builds the webrtc crate, several minutes the first time)
-TARGET_DIR     ?= $(or $(CARGO_TARGET_DIR),target)
 INTEROP_TARGET ?= $(abspath $(TARGET_DIR))/interop
 interop:
 	$(CARGO) build
