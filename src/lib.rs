@@ -6,6 +6,7 @@ pub mod cli;
 pub mod demo;
 pub mod frame;
 pub mod http1;
+pub mod nbio;
 pub mod peer;
 pub mod signal;
 pub mod stun;

@@ -20,6 +20,7 @@ use tungstenite::{Message, WebSocket};
 use super::agent::{Agent, IceConfig, SseOut, KEEPALIVE_EVERY, PRUNE_EVERY};
 use super::dialect::{ConnId, Dialect, Outbox};
 use crate::http1::{self, BodyDecoder, BodyFraming, HeadError, Request};
+use crate::nbio::{would_block, write_out};
 use crate::stun;
 
 const LISTENER: Token = Token(0);
@@ -148,10 +149,6 @@ pub struct Server {
     next_keepalive: Instant,
     next_prune: Instant,
     scratch: Vec<u8>,
-}
-
-fn would_block(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::WouldBlock
 }
 
 impl Server {
@@ -939,8 +936,8 @@ impl Server {
             return;
         };
         let failed = match &mut conn.state {
-            State::Http(h) => write_out(&mut h.stream, &mut h.out).is_err(),
-            State::Sse(s) => write_out(&mut s.stream, &mut s.out).is_err(),
+            State::Http(h) => write_out(&mut h.stream, &mut h.out, 0).is_err(),
+            State::Sse(s) => write_out(&mut s.stream, &mut s.out, 0).is_err(),
             State::Ws(w) => match w.ws.flush() {
                 Ok(()) => false,
                 Err(tungstenite::Error::Io(e)) if would_block(&e) => false,
@@ -1050,28 +1047,6 @@ impl Server {
             self.deliver(out, now);
         }
     }
-}
-
-/// Writes `out` until it is empty or the socket would block.
-fn write_out(stream: &mut TcpStream, out: &mut Vec<u8>) -> io::Result<()> {
-    let mut written = 0;
-    let result = loop {
-        if written == out.len() {
-            break Ok(());
-        }
-        match stream.write(&out[written..]) {
-            Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => written += n,
-            Err(e) if would_block(&e) => break Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => break Err(e),
-        }
-    };
-    out.drain(..written);
-    if out.is_empty() && out.capacity() > 4096 {
-        out.shrink_to(0);
-    }
-    result
 }
 
 /// The head of a complete response, without its body (for HEAD requests).

@@ -57,6 +57,8 @@ const LINK_BASE: usize = 1;
 pub const FIRST_SOCKET: usize = LINK_BASE + Link::TOKENS;
 /// Bytes one socket read takes at most: one body frame's payload.
 pub const READ_CHUNK: usize = crate::frame::MAX_BODY_CHUNK;
+/// Output buffers that grew past this while a peer was slow are shrunk back once drained.
+pub const OUT_KEEP: usize = 256 * 1024;
 
 /// The data channel as the roles see it: framed messages, a FIFO for frames the channel could
 /// not take yet, the HELLO/AGREE state and the PING timer.
@@ -423,44 +425,4 @@ pub fn token_of(i: usize) -> Token {
 /// Slab slot of a role token, if it is one.
 pub fn slot_of(token: Token) -> Option<usize> {
     token.0.checked_sub(FIRST_SOCKET)
-}
-
-pub fn would_block(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::WouldBlock
-}
-
-/// Writes `out` to `stream` until done or WouldBlock; the written prefix is removed.
-pub fn write_out<W: io::Write>(stream: &mut W, out: &mut Vec<u8>) -> io::Result<()> {
-    let mut written = 0;
-    let result = loop {
-        if written == out.len() {
-            break Ok(());
-        }
-        match stream.write(&out[written..]) {
-            Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => written += n,
-            Err(e) if would_block(&e) => break Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => break Err(e),
-        }
-    };
-    out.drain(..written);
-    if out.is_empty() && out.capacity() > 256 * 1024 {
-        out.shrink_to(16 * 1024);
-    }
-    result
-}
-
-/// Reads once into `buf`'s spare room (up to `max` new bytes): Ok(0) is EOF.
-pub fn read_some<R: io::Read>(stream: &mut R, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
-    let start = buf.len();
-    buf.resize(start + max, 0);
-    let result = loop {
-        match stream.read(&mut buf[start..]) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            other => break other,
-        }
-    };
-    buf.truncate(start + *result.as_ref().unwrap_or(&0));
-    result
 }

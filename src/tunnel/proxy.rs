@@ -11,11 +11,10 @@ use mio::event::Event;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry, Token};
 
-use super::{
-    read_some, slot_of, token_of, write_out, Channel, Role, READ_CHUNK, WINDOW, WINDOW_ACK,
-};
+use super::{slot_of, token_of, Channel, Role, OUT_KEEP, READ_CHUNK, WINDOW, WINDOW_ACK};
 use crate::frame::{body_chunks, Hello, Message, ReqHeaders, ResHeaders};
 use crate::http1::{self, BodyDecoder, BodyFraming, HeadError};
+use crate::nbio::{read_some, would_block, write_out};
 
 /// No RES_HEADERS this long after the request: 504.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -102,7 +101,7 @@ impl Proxy {
         loop {
             let (mut stream, peer) = match self.listener.accept() {
                 Ok(s) => s,
-                Err(e) if super::would_block(&e) => return,
+                Err(e) if would_block(&e) => return,
                 Err(e) => {
                     log::warn!("accept failed: {e}");
                     return;
@@ -164,7 +163,7 @@ impl Proxy {
                     match read_some(&mut c.stream, &mut c.inbuf, budget) {
                         Ok(0) => c.eof = true,
                         Ok(_) => read_any = true,
-                        Err(e) if super::would_block(&e) => {}
+                        Err(e) if would_block(&e) => {}
                         Err(_) => c.eof = true,
                     }
                 }
@@ -362,7 +361,7 @@ impl Proxy {
         let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
             return;
         };
-        let failed = write_out(&mut c.stream, &mut c.out).is_err();
+        let failed = write_out(&mut c.stream, &mut c.out, OUT_KEEP).is_err();
         if failed || (c.closing && c.out.is_empty()) {
             return self.close(slot, ch, registry, now);
         }

@@ -12,11 +12,10 @@ use mio::event::Event;
 use mio::net::TcpStream;
 use mio::{Interest, Registry};
 
-use super::{
-    read_some, slot_of, token_of, write_out, Channel, Role, READ_CHUNK, WINDOW, WINDOW_ACK,
-};
+use super::{slot_of, token_of, Channel, Role, OUT_KEEP, READ_CHUNK, WINDOW, WINDOW_ACK};
 use crate::frame::{negotiate, Message, ReqHeaders, ResHeaders};
 use crate::http1::{self, BodyDecoder, BodyFraming, HeadError};
+use crate::nbio::{read_some, would_block, write_out};
 
 /// Request bytes buffered for one upstream before the stream is failed (v1 has no flow
 /// control; an upstream that stops reading its request cannot be waited for forever).
@@ -354,7 +353,7 @@ impl Serve {
         if !s.connected {
             return;
         }
-        if let Err(e) = write_out(&mut s.sock, &mut s.out) {
+        if let Err(e) = write_out(&mut s.sock, &mut s.out, OUT_KEEP) {
             let sid = s.sid;
             self.upstream_failed(slot, &e.to_string(), ch, registry, now);
             log::debug!("stream {sid}: upstream write failed: {e}");
@@ -420,7 +419,7 @@ impl Serve {
             let eof = match read_some(&mut s.sock, &mut s.inbuf, budget) {
                 Ok(0) => true,
                 Ok(_) => false,
-                Err(e) if super::would_block(&e) => return,
+                Err(e) if would_block(&e) => return,
                 Err(e) => {
                     let err = e.to_string();
                     return self.upstream_failed(slot, &err, ch, registry, now);

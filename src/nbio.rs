@@ -1,0 +1,46 @@
+//! Non-blocking socket helpers shared by the mio drivers (`signal::server`, `tunnel`): read
+//! once into a buffer, write a buffer until the socket would block.
+
+use std::io::{self, Read, Write};
+
+/// Whether an I/O error only means "not now" on a non-blocking socket.
+pub fn would_block(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock
+}
+
+/// Writes `out` to `stream` until done or WouldBlock; the written prefix is removed. An emptied
+/// buffer whose capacity grew past `keep` bytes is shrunk back to `keep`.
+pub fn write_out<W: Write>(stream: &mut W, out: &mut Vec<u8>, keep: usize) -> io::Result<()> {
+    let mut written = 0;
+    let result = loop {
+        if written == out.len() {
+            break Ok(());
+        }
+        match stream.write(&out[written..]) {
+            Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => written += n,
+            Err(e) if would_block(&e) => break Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(e),
+        }
+    };
+    out.drain(..written);
+    if out.is_empty() && out.capacity() > keep {
+        out.shrink_to(keep);
+    }
+    result
+}
+
+/// Reads once into `buf`'s spare room (up to `max` new bytes): Ok(0) is EOF.
+pub fn read_some<R: Read>(stream: &mut R, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+    let start = buf.len();
+    buf.resize(start + max, 0);
+    let result = loop {
+        match stream.read(&mut buf[start..]) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => break other,
+        }
+    };
+    buf.truncate(start + *result.as_ref().unwrap_or(&0));
+    result
+}
