@@ -5,6 +5,11 @@ use std::process::ExitCode;
 
 use tunnel::cli::{Cli, Command};
 
+/// musl's malloc makes str0m's per-packet allocations the bottleneck; see Cargo.toml.
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli: Cli = argh::from_env();
     if cli.version {
