@@ -5,7 +5,7 @@ MUSL_TARGET  := x86_64-unknown-linux-musl
 TARGET_DIR   := $(or $(CARGO_TARGET_DIR),target)
 BIN          := $(TARGET_DIR)/release/tunnel
 STATIC_BIN   := $(TARGET_DIR)/$(MUSL_TARGET)/release/tunnel
-BENCH        := $(TARGET_DIR)/release/tunnel-bench
+STATIC_BENCH := $(TARGET_DIR)/$(MUSL_TARGET)/release/tunnel-bench
 
 .PHONY: all build release test test-deps lint fmt demo bench fuzz static interop clean
 
@@ -41,11 +41,11 @@ fmt:
 demo: release
 	$(BIN) demo
 
-## bench: figures side by side (signal server; tunnel vs. direct)
-bench:
-	$(CARGO) build --release --bins
-	$(BENCH) signal
-	$(BENCH) tunnel
+## bench: figures side by side (signal server; tunnel vs. direct), measured on the static
+## musl binary that `make static` builds (the one routers and Pis run)
+bench: static
+	$(STATIC_BENCH) signal
+	$(STATIC_BENCH) tunnel
 
 ## fuzz: run each fuzz target (frame codec, HTTP/1.1 codec) for FUZZ_SECONDS (nightly +
 ## cargo-fuzz); new inputs go to target/fuzz-corpus, the committed seeds stay as they are
