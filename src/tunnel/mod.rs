@@ -403,8 +403,7 @@ pub fn proxy(opts: ProxyOpts) -> Result<(), String> {
     let stun = stun_addr(&opts.stun)?;
     warn_turn(&opts.turn, &opts.turn_user, &opts.turn_pass);
     let mut poll = Poll::new().map_err(|e| format!("cannot create poll: {e}"))?;
-    let role = proxy::Proxy::bind(listen, poll.registry())?;
-    log::info!("proxy listening on http://{}", role.local_addr());
+    let mut role = proxy::Proxy::bind(listen, poll.registry())?;
     let mut ch = start_link(
         &poll,
         signal_url,
@@ -413,7 +412,7 @@ pub fn proxy(opts: ProxyOpts) -> Result<(), String> {
         stun,
         features(&opts.features)?,
     )?;
-    let mut role = role;
+    log::info!("proxy listening on http://{}", role.local_addr());
     run_loop(&mut poll, &mut ch, &mut role)
 }
 
