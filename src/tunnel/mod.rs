@@ -367,7 +367,7 @@ pub fn serve(opts: ServeOpts) -> Result<(), String> {
     };
     let advertise = opts.advertise.clone().unwrap_or_else(|| "/".into());
     let mut poll = Poll::new().map_err(|e| format!("cannot create poll: {e}"))?;
-    log::info!("serving {} in room '{room}' via {signal_url}", upstream.url);
+    let announce = format!("serving {} in room '{room}' via {signal_url}", upstream.url);
     let mut ch = start_link(
         &poll,
         signal_url,
@@ -376,6 +376,7 @@ pub fn serve(opts: ServeOpts) -> Result<(), String> {
         stun,
         features(&opts.features)?,
     )?;
+    log::info!("{announce}");
     let mut role = serve::Serve::new(upstream, &advertise);
     run_loop(&mut poll, &mut ch, &mut role)
 }
