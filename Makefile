@@ -7,7 +7,7 @@ BIN          := $(TARGET_DIR)/release/tunnel
 STATIC_BIN   := $(TARGET_DIR)/$(MUSL_TARGET)/release/tunnel
 STATIC_BENCH := $(TARGET_DIR)/$(MUSL_TARGET)/release/tunnel-bench
 
-.PHONY: all build release test test-deps lint fmt demo bench fuzz static interop clean
+.PHONY: all build release test test-deps lint fmt demo bench fuzz static static-arm64 interop clean
 
 all: build
 
@@ -65,6 +65,18 @@ static:
 	CC_x86_64_unknown_linux_musl=musl-gcc $(CARGO) build --release --target $(MUSL_TARGET)
 	@file $(STATIC_BIN) | grep -q 'static' || (echo "not a static binary" && false)
 	@ls -l $(STATIC_BIN) | awk '{ printf "static binary: %s, %d bytes (%.2f MiB)\n", $$9, $$5, $$5/1048576 }'
+
+## static-arm64: the same for 64-bit ARM (Raspberry Pi 3/4/5, arm64 routers), cross-built with
+## cargo-zigbuild; smoke-tested under qemu-aarch64 when it is installed
+ARM_TARGET := aarch64-unknown-linux-musl
+ARM_BIN    := $(TARGET_DIR)/$(ARM_TARGET)/release/tunnel
+static-arm64:
+	@rustup target list --installed | grep -qx $(ARM_TARGET) || rustup target add $(ARM_TARGET)
+	@command -v cargo-zigbuild >/dev/null || pip install -q ziglang cargo-zigbuild
+	$(CARGO) zigbuild --release --target $(ARM_TARGET) --bin tunnel
+	@file $(ARM_BIN) | grep -q 'ARM aarch64.*static' || (echo "not a static aarch64 binary" && false)
+	@ls -l $(ARM_BIN) | awk '{ printf "static binary: %s, %d bytes (%.2f MiB)\n", $$9, $$5, $$5/1048576 }'
+	@if command -v qemu-aarch64 >/dev/null; then qemu-aarch64 $(ARM_BIN) --version; fi
 
 ## interop: our binary against a webrtc-rs stand-in of the original client (tests/interop, its
 ## own workspace; builds the webrtc crate, several minutes the first time)
