@@ -67,7 +67,7 @@ static:
 	@ls -l $(STATIC_BIN) | awk '{ printf "static binary: %s, %d bytes (%.2f MiB)\n", $$9, $$5, $$5/1048576 }'
 
 ## static-arm64: the same for 64-bit ARM (Raspberry Pi 3/4/5, arm64 routers), cross-built with
-## cargo-zigbuild; smoke-tested under qemu-aarch64 when it is installed
+## cargo-zigbuild; under qemu-aarch64 (when installed) it then serves a native proxy in a test
 ARM_TARGET := aarch64-unknown-linux-musl
 ARM_BIN    := $(TARGET_DIR)/$(ARM_TARGET)/release/tunnel
 static-arm64:
@@ -76,7 +76,10 @@ static-arm64:
 	$(CARGO) zigbuild --release --target $(ARM_TARGET) --bin tunnel
 	@file $(ARM_BIN) | grep -q 'ARM aarch64.*static' || (echo "not a static aarch64 binary" && false)
 	@ls -l $(ARM_BIN) | awk '{ printf "static binary: %s, %d bytes (%.2f MiB)\n", $$9, $$5, $$5/1048576 }'
-	@if command -v qemu-aarch64 >/dev/null; then qemu-aarch64 $(ARM_BIN) --version; fi
+	@if command -v qemu-aarch64 >/dev/null; then \
+	  qemu-aarch64 $(ARM_BIN) --version && \
+	  TUNNEL_ARM64_BIN=$(abspath $(ARM_BIN)) $(CARGO) test --test arm64 -- --nocapture; \
+	fi
 
 ## interop: our binary against a webrtc-rs stand-in of the original client (tests/interop, its
 ## own workspace; builds the webrtc crate, several minutes the first time)

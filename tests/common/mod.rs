@@ -22,7 +22,12 @@ pub struct Proc {
 
 impl Proc {
     pub fn start(args: &[&str], envs: &[(&str, &str)]) -> Proc {
-        let mut cmd = Command::new(BIN);
+        Proc::start_program(BIN, args, envs)
+    }
+
+    /// Starts any program (e.g. `qemu-aarch64` with another build of the binary).
+    pub fn start_program(program: &str, args: &[&str], envs: &[(&str, &str)]) -> Proc {
+        let mut cmd = Command::new(program);
         cmd.args(args)
             .env_remove("PORT")
             .env("RUST_LOG", "debug")
