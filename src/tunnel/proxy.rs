@@ -48,8 +48,9 @@ struct Client {
     /// The request body still being forwarded: stream id and decoder.
     req_body: Option<(u32, BodyDecoder)>,
     resp: Resp,
-    /// The current request's method and whether the client keeps the connection.
+    /// The current request's method and target, and whether the client keeps the connection.
     method: String,
+    target: String,
     keep_alive: bool,
     http10: bool,
     started: Instant,
@@ -129,6 +130,7 @@ impl Proxy {
                 req_body: None,
                 resp: Resp::Idle,
                 method: String::new(),
+                target: String::new(),
                 keep_alive: true,
                 http10: false,
                 started: now,
@@ -245,25 +247,25 @@ impl Proxy {
             };
             c.inbuf.drain(..head_len);
             c.method = req.method.clone();
+            c.target = req.target.clone();
             c.keep_alive = req.keep_alive();
             c.http10 = req.minor_version == 0;
             c.started = now;
             if !ch.ready {
-                log::debug!("{} {}: 503 (tunnel not ready)", req.method, req.target);
-                let has_body = !matches!(framing, BodyFraming::None);
-                let c = self.clients[slot].as_mut();
-                if let Some(c) = c {
-                    c.out.extend_from_slice(&http1::simple_response(
-                        503,
-                        "text/plain",
-                        b"tunnel not ready",
-                        &[("Retry-After", "1")],
-                    ));
-                    // The body (if any) is not read: the connection ends after the answer.
-                    if has_body || !c.keep_alive {
-                        c.closing = true;
-                    }
+                log::debug!("{} {} → 503 (tunnel not ready)", req.method, req.target);
+                // A body is not read: the connection ends after the answer.
+                let close = !matches!(framing, BodyFraming::None) || !c.keep_alive;
+                let mut headers = vec![("Retry-After", "1")];
+                if close {
+                    headers.push(("Connection", "close"));
                 }
+                c.out.extend_from_slice(&http1::simple_response(
+                    503,
+                    "text/plain",
+                    b"tunnel not ready",
+                    &headers,
+                ));
+                c.closing = close;
                 continue;
             }
             let sid = self.next_sid;
@@ -438,8 +440,9 @@ impl Proxy {
         }
         http1::write_response_head(&mut c.out, h.status, &headers);
         log::debug!(
-            "{} → {} ({} ms to head)",
+            "{} {} → {} ({} ms to the response head)",
             c.method,
+            c.target,
             h.status,
             c.started.elapsed().as_millis()
         );
