@@ -15,6 +15,8 @@ use serde_json::{json, Value};
 use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
+use crate::procfs::{percentile, schedstat, status_bytes, verdict, Sched};
+
 /// WebSockets held open (rooms of two) for the memory figures.
 const IDLE_CONNS: usize = 10_000;
 /// Room pairs ping-ponging candidates for the relay figures.
@@ -49,11 +51,11 @@ impl Drop for Server {
 pub fn run(bin: &Path) -> Result<(), String> {
     let (server, addr) = start(bin)?;
     let pid = server.child.id();
-    let rss_idle = rss(pid)?;
+    let rss_idle = status_bytes(pid, "VmRSS")?;
 
     let deadline = Instant::now() + IDLE_PHASE;
     let (held, idle_streams) = hold_idle(addr, deadline)?;
-    let rss_with = rss(pid)?;
+    let rss_with = status_bytes(pid, "VmRSS")?;
     let idle_metrics = http_get(addr, "/metrics")?;
 
     let (relay, relay_streams) = relay(addr, pid)?;
@@ -126,18 +128,6 @@ fn start(bin: &Path) -> Result<(Server, SocketAddr), String> {
         .parse()
         .map_err(|e| format!("bad listening address {shown:?}: {e}"))?;
     Ok((server, addr))
-}
-
-/// VmRSS of a process, in bytes.
-fn rss(pid: u32) -> Result<u64, String> {
-    let path = format!("/proc/{pid}/status");
-    let status = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kib| kib * 1024)
-        .ok_or_else(|| format!("{path}: no VmRSS line"))
 }
 
 /// One plain HTTP GET; returns the body.
@@ -271,35 +261,6 @@ struct Relay {
 
 /// This thread's scheduler statistics.
 const CLIENT_STAT: &str = "/proc/thread-self/schedstat";
-
-/// Time a thread spent on a CPU and waiting for one (runnable but not running).
-#[derive(Clone, Copy)]
-struct Sched {
-    cpu: Duration,
-    waiting: Duration,
-}
-
-impl Sched {
-    fn since(self, before: Sched) -> Sched {
-        Sched {
-            cpu: self.cpu.saturating_sub(before.cpu),
-            waiting: self.waiting.saturating_sub(before.waiting),
-        }
-    }
-}
-
-/// Reads `/proc/.../schedstat`: nanoseconds on CPU, nanoseconds waiting on a run queue, slices.
-fn schedstat(path: &str) -> Result<Sched, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
-    let mut fields = text.split_whitespace().map(str::parse::<u64>);
-    match (fields.next(), fields.next()) {
-        (Some(Ok(cpu)), Some(Ok(waiting))) => Ok(Sched {
-            cpu: Duration::from_nanos(cpu),
-            waiting: Duration::from_nanos(waiting),
-        }),
-        _ => Err(format!("{path}: unexpected {text:?}")),
-    }
-}
 
 type Ws = WebSocket<Drained>;
 
@@ -463,20 +424,11 @@ struct Figures {
     relay: Relay,
 }
 
-fn percentile(sorted: &[Duration], p: usize) -> Option<Duration> {
-    let last = sorted.len().checked_sub(1)?;
-    sorted.get((sorted.len() * p / 100).min(last)).copied()
-}
-
 fn micros(d: Option<Duration>) -> String {
     d.map_or_else(
         || "n/a".to_string(),
         |d| format!("{:.0} µs", d.as_secs_f64() * 1e6),
     )
-}
-
-fn verdict(ok: bool) -> String {
-    if ok { "yes" } else { "MISSED" }.to_string()
 }
 
 fn print_table(f: &Figures) {

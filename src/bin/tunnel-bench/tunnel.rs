@@ -13,6 +13,8 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::procfs::{percentile, schedstat, status_bytes, verdict, Sched};
+
 /// Bytes per transfer in the throughput runs (100 MiB), and runs per direction (best kept).
 const TRANSFER: u64 = 100 * 1024 * 1024;
 const TRANSFER_RUNS: usize = 3;
@@ -73,12 +75,12 @@ pub fn run(bin: &Path) -> Result<(), String> {
     let pair = main_pair.ok_or("no serve/proxy pair started")?;
     let idle = [
         [
-            rss(pair.serve.pid(), "VmRSS")?,
-            rss(pair.serve.pid(), "RssAnon")?,
+            status_bytes(pair.serve.pid(), "VmRSS")?,
+            status_bytes(pair.serve.pid(), "RssAnon")?,
         ],
         [
-            rss(pair.proxy.pid(), "VmRSS")?,
-            rss(pair.proxy.pid(), "RssAnon")?,
+            status_bytes(pair.proxy.pid(), "VmRSS")?,
+            status_bytes(pair.proxy.pid(), "RssAnon")?,
         ],
     ];
     let proxy = pair.proxy_addr;
@@ -103,9 +105,9 @@ pub fn run(bin: &Path) -> Result<(), String> {
     };
 
     check_budget(end)?;
-    let cpu_before = [sched(pair.serve.pid())?, sched(pair.proxy.pid())?];
+    let cpu_before = [sched_of(pair.serve.pid())?, sched_of(pair.proxy.pid())?];
     let down_tunnel = best_transfer(proxy, Direction::Down, end)?;
-    let cpu_after = [sched(pair.serve.pid())?, sched(pair.proxy.pid())?];
+    let cpu_after = [sched_of(pair.serve.pid())?, sched_of(pair.proxy.pid())?];
     let down = Side {
         tunnel: down_tunnel,
         direct: best_transfer(upstream, Direction::Down, end)?,
@@ -116,8 +118,8 @@ pub fn run(bin: &Path) -> Result<(), String> {
         direct: best_transfer(upstream, Direction::Up, end)?,
     };
     let peak = [
-        rss(pair.serve.pid(), "VmHWM")?,
-        rss(pair.proxy.pid(), "VmHWM")?,
+        status_bytes(pair.serve.pid(), "VmHWM")?,
+        status_bytes(pair.proxy.pid(), "VmHWM")?,
     ];
     drop(pair);
 
@@ -291,46 +293,9 @@ fn wait_ready(proxy: SocketAddr, deadline: Instant) -> Result<(), String> {
     ))
 }
 
-/// A value of /proc/PID/status (`VmRSS`, `VmHWM`), in bytes.
-fn rss(pid: u32, field: &str) -> Result<u64, String> {
-    let path = format!("/proc/{pid}/status");
-    let status = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kib| kib * 1024)
-        .ok_or_else(|| format!("{path}: no {field} line"))
-}
-
-/// Time a thread spent on a CPU and waiting for one (runnable but not running).
-#[derive(Clone, Copy)]
-struct Sched {
-    cpu: Duration,
-    waiting: Duration,
-}
-
-impl Sched {
-    fn since(self, before: Sched) -> Sched {
-        Sched {
-            cpu: self.cpu.saturating_sub(before.cpu),
-            waiting: self.waiting.saturating_sub(before.waiting),
-        }
-    }
-}
-
 /// The main thread's scheduler statistics (the tunnel modes run one thread).
-fn sched(pid: u32) -> Result<Sched, String> {
-    let path = format!("/proc/{pid}/schedstat");
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
-    let mut fields = text.split_whitespace().map(str::parse::<u64>);
-    match (fields.next(), fields.next()) {
-        (Some(Ok(cpu)), Some(Ok(waiting))) => Ok(Sched {
-            cpu: Duration::from_nanos(cpu),
-            waiting: Duration::from_nanos(waiting),
-        }),
-        _ => Err(format!("{path}: unexpected {text:?}")),
-    }
+fn sched_of(pid: u32) -> Result<Sched, String> {
+    schedstat(&format!("/proc/{pid}/schedstat"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -869,14 +834,6 @@ struct Figures {
     peak: [u64; 2],
 }
 
-fn percentile(sorted: &[Duration], p: usize) -> Duration {
-    let last = sorted.len().saturating_sub(1);
-    sorted
-        .get((sorted.len() * p / 100).min(last))
-        .copied()
-        .unwrap_or_default()
-}
-
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
@@ -884,10 +841,6 @@ fn ms(d: Duration) -> String {
 fn plus_ms(tunnel: Duration, direct: Duration) -> String {
     let diff = tunnel.as_secs_f64() - direct.as_secs_f64();
     format!("{:+.2} ms", diff * 1000.0)
-}
-
-fn verdict(ok: bool) -> String {
-    if ok { "yes" } else { "MISSED" }.to_string()
 }
 
 fn print_table(f: &Figures) {
@@ -920,7 +873,10 @@ fn print_table(f: &Figures) {
         (50, "≤ direct + 1 ms", "+43 ms (direct 0.7 ms)"),
         (99, "", ""),
     ] {
-        let (t, d) = (percentile(&lat.tunnel, p), percentile(&lat.direct, p));
+        let (t, d) = (
+            percentile(&lat.tunnel, p).unwrap_or_default(),
+            percentile(&lat.direct, p).unwrap_or_default(),
+        );
         rows.push([
             format!("GET /small latency p{p} ({LATENCY_REQUESTS} seq.)"),
             ms(t),
@@ -947,8 +903,8 @@ fn print_table(f: &Figures) {
         ]);
     }
     let (t, d) = (
-        percentile(&f.ttft.tunnel, 50),
-        percentile(&f.ttft.direct, 50),
+        percentile(&f.ttft.tunnel, 50).unwrap_or_default(),
+        percentile(&f.ttft.direct, 50).unwrap_or_default(),
     );
     rows.push([
         format!("time to first SSE token (median of {TTFT_SAMPLES})"),
@@ -961,7 +917,10 @@ fn print_table(f: &Figures) {
     ]);
     let mut setups = f.setups.clone();
     setups.sort_unstable();
-    let (best, median) = (percentile(&setups, 0), percentile(&setups, 50));
+    let (best, median) = (
+        percentile(&setups, 0).unwrap_or_default(),
+        percentile(&setups, 50).unwrap_or_default(),
+    );
     rows.push([
         format!("set-up to first 200, best / median of {}", setups.len()),
         format!("{:.3} / {:.3} s", best.as_secs_f64(), median.as_secs_f64()),
