@@ -9,6 +9,7 @@ pub mod http1;
 pub mod nbio;
 pub mod peer;
 pub mod signal;
+pub mod stop;
 pub mod stun;
 pub mod tunnel;
 pub mod util;

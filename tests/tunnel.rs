@@ -334,6 +334,43 @@ fn peer_lost_ends_in_flight_requests() {
 }
 
 #[test]
+fn sigterm_leaves_the_room_at_once() {
+    let mut t = Tunnel::start(&api_upstream());
+    assert_eq!(request(t.addr, "GET", "/health", b"").0, 200);
+    // The proxy closes the channel, says `bye` and exits 0; serve hears it at once, not when
+    // ICE times out (~20 s).
+    t.proxy.terminate();
+    assert_eq!(
+        t.proxy.wait_exit(5),
+        Some(0),
+        "proxy exit code after SIGTERM"
+    );
+    t.proxy.wait_line("stopping: leaving the room", 1);
+    t.serve.wait_line("peer lost", 5);
+    t.serve.wait_line("left the room", 5);
+    // A new proxy in the same room gets through to the same provider.
+    let (mut proxy, addr) = proxy(&t.signal_url, &t.room);
+    proxy.wait_line("tunnel ready", 15);
+    assert_eq!(request(addr, "GET", "/health", b"").0, 200);
+    // serve and the signal server stop the same way.
+    t.serve.terminate();
+    assert_eq!(
+        t.serve.wait_exit(5),
+        Some(0),
+        "serve exit code after SIGTERM"
+    );
+    proxy.wait_line("peer lost", 5);
+    proxy.wait_line("left the room", 5);
+    t.signal.terminate();
+    assert_eq!(
+        t.signal.wait_exit(5),
+        Some(0),
+        "signal exit code after SIGTERM"
+    );
+    t.signal.wait_line("stopping", 1);
+}
+
+#[test]
 fn proxy_without_signal_names_the_flag() {
     let mut p = Proc::start(&["proxy", "--room", "r"], &[("TUNNEL_SIGNAL", "")]);
     assert_eq!(p.wait_exit(10), Some(1));

@@ -106,6 +106,7 @@ pub fn config(opts: &SignalOpts) -> Result<(Config, DialectKind), String> {
 pub fn run(opts: SignalOpts) -> Result<(), String> {
     let (cfg, kind) = config(&opts)?;
     let mut server = Server::bind(cfg)?;
+    server.stop_on_signals()?;
     announce(&server, kind);
     server.run()
 }

@@ -226,6 +226,12 @@ impl Server {
     }
 
     /// Runs the loop forever (until an unrecoverable poll error).
+    /// Makes SIGINT / SIGTERM end [`Server::run`] (for `tunnel signal`, which owns the process).
+    pub fn stop_on_signals(&self) -> Result<(), String> {
+        crate::stop::install(self.poll.registry())
+            .map_err(|e| format!("cannot install the SIGINT/SIGTERM handler: {e}"))
+    }
+
     pub fn run(&mut self) -> Result<(), String> {
         let mut events = Events::with_capacity(1024);
         loop {
@@ -238,11 +244,16 @@ impl Server {
                 }
                 return Err(format!("poll failed: {e}"));
             }
+            if crate::stop::requested() {
+                log::info!("stopping");
+                return Ok(());
+            }
             let now = Instant::now();
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept(now),
                     STUN => self.stun_readable(),
+                    crate::stop::TOKEN => {}
                     Token(t) => self.conn_ready(t - FIRST_CONN, event.is_read_closed(), now),
                 }
                 self.reap(now);

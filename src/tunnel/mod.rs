@@ -170,8 +170,11 @@ pub trait Role {
     fn next_deadline(&self) -> Option<Instant>;
 }
 
-/// The one loop: poll → feed the link and the role → drain link events → timers.
+/// The one loop: poll → feed the link and the role → drain link events → timers; until SIGINT
+/// or SIGTERM, when it leaves the room (`bye`) and returns.
 fn run_loop(poll: &mut Poll, ch: &mut Channel, role: &mut dyn Role) -> Result<(), String> {
+    crate::stop::install(poll.registry())
+        .map_err(|e| format!("cannot install the SIGINT/SIGTERM handler: {e}"))?;
     let mut events = Events::with_capacity(256);
     loop {
         let now = Instant::now();
@@ -186,8 +189,16 @@ fn run_loop(poll: &mut Poll, ch: &mut Channel, role: &mut dyn Role) -> Result<()
             }
             return Err(format!("poll failed: {e}"));
         }
+        if crate::stop::requested() {
+            log::info!("stopping: leaving the room");
+            ch.link.close(poll.registry());
+            return Ok(());
+        }
         let now = Instant::now();
         for event in events.iter() {
+            if event.token() == crate::stop::TOKEN {
+                continue;
+            }
             if ch.link.owns(event.token()) {
                 ch.link.handle_event(poll.registry(), event, now);
             } else {

@@ -90,6 +90,15 @@ impl Proc {
         &self.seen
     }
 
+    /// Sends SIGTERM (through `kill(1)`), as a service manager or Ctrl-C would.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+    }
+
     /// Waits for the process to exit (up to `secs`), returning its exit code.
     pub fn wait_exit(&mut self, secs: u64) -> Option<i32> {
         let deadline = Instant::now() + Duration::from_secs(secs);
