@@ -1,7 +1,29 @@
 //! What both benchmarks read of a running process (memory from `/proc/PID/status`, CPU and
-//! run-queue time from `schedstat`) and the small helpers of their tables.
+//! run-queue time from `schedstat`), how they stop one, and the small helpers of their tables.
 
-use std::time::Duration;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+/// How long a child gets to leave after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
+/// Stops a `tunnel` child as a service manager would: SIGTERM (it leaves its room and exits),
+/// then SIGKILL if it is still there after [`STOP_GRACE`].
+pub fn stop(child: &mut Child) {
+    let deadline = Instant::now() + STOP_GRACE;
+    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: plain syscall on our own child's pid, which `child` keeps unreaped.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        while Instant::now() < deadline {
+            if !matches!(child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::park_timeout(Duration::from_millis(10));
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
 
 /// A value of /proc/PID/status (`VmRSS`, `VmHWM`, `RssAnon`), in bytes.
 pub fn status_bytes(pid: u32, field: &str) -> Result<u64, String> {

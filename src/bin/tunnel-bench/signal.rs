@@ -35,15 +35,14 @@ const CANDIDATE: &str = r#"{"candidate":"candidate:842163049 1 udp 1677729535 20
 /// Every relayed candidate starts like this.
 const CANDIDATE_PREFIX: &str = r#"{"type":"candidate""#;
 
-/// The server child process; killed when dropped, so also on every error path.
+/// The server child process; stopped when dropped, so also on every error path.
 struct Server {
     child: Child,
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        crate::procfs::stop(&mut self.child);
     }
 }
 

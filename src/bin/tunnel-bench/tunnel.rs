@@ -1,7 +1,7 @@
 //! `tunnel-bench tunnel`: measures HTTP through `tunnel serve` + `tunnel proxy` on loopback
 //! against the same requests sent straight to the upstream, and prints the figures next to the
 //! original p2p-llm-tunnel's. It spawns `tunnel signal`, `serve` and `proxy` as child processes
-//! (killed on drop, so also on every error path), runs its own thread-per-connection HTTP/1.1
+//! (stopped on drop, so also on every error path), runs its own thread-per-connection HTTP/1.1
 //! upstream, and talks to both with a blocking `TcpStream` client. Called by `main`.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -165,7 +165,7 @@ fn check_budget(end: Instant) -> Result<(), String> {
 // ---------------------------------------------------------------------------------------------
 // Child processes
 
-/// A `tunnel` child process whose stderr is drained by a thread; killed when dropped.
+/// A `tunnel` child process whose stderr is drained by a thread; stopped when dropped.
 struct Kid {
     child: Child,
     lines: mpsc::Receiver<String>,
@@ -232,8 +232,7 @@ impl Kid {
 
 impl Drop for Kid {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        crate::procfs::stop(&mut self.child);
     }
 }
 
