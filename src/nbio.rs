@@ -1,7 +1,8 @@
-//! Non-blocking socket helpers shared by the mio drivers (`signal::server`, `tunnel`): read
-//! once into a buffer, write a buffer until the socket would block.
+//! Non-blocking socket helpers shared by the mio drivers (`signal::server`, `tunnel`, `peer`):
+//! read once into a buffer, write a buffer until the socket would block, size kernel buffers.
 
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 
 /// Whether an I/O error only means "not now" on a non-blocking socket.
 pub fn would_block(e: &io::Error) -> bool {
@@ -43,4 +44,24 @@ pub fn read_some<R: Read>(stream: &mut R, buf: &mut Vec<u8>, max: usize) -> io::
     };
     buf.truncate(start + *result.as_ref().unwrap_or(&0));
     result
+}
+
+/// Sets the kernel's `SO_RCVBUF` or `SO_SNDBUF` (`option`) of `socket` to `bytes`.
+pub fn set_buffer_size(socket: &impl AsRawFd, option: libc::c_int, bytes: usize) -> io::Result<()> {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: a valid descriptor, and a pointer to a c_int that outlives the call, with its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
