@@ -56,6 +56,10 @@ const REOFFER_DELAY: Duration = Duration::from_secs(1);
 const MAX_EARLY_CANDIDATES: usize = 64;
 /// Largest datagram read; longer ones are truncated (and then rejected by str0m).
 const DATAGRAM_BUF: usize = 2048;
+/// Mutations (received datagrams, channel writes) str0m takes before its output is drained.
+/// Under load this turns a run of SCTP SACKs into one pass over the send queue instead of one
+/// each; it stays well below the 30 records DTLS (dimpl) queues before refusing input.
+const INPUT_BATCH: usize = 8;
 
 /// How to reach the room and which local addresses to offer.
 #[derive(Debug, Clone)]
@@ -105,7 +109,6 @@ struct Session {
     mid: Option<String>,
     channel: Option<ChannelId>,
     open: bool,
-    buffered: usize,
     deadline: Instant,
 }
 
@@ -132,6 +135,8 @@ pub struct Link {
     early_candidates: Vec<Candidate>,
     events: VecDeque<LinkEvent>,
     closed: bool,
+    /// Mutations (channel writes, received datagrams) since str0m's output was last drained.
+    undrained: usize,
 }
 
 impl Link {
@@ -204,6 +209,7 @@ impl Link {
             early_candidates: Vec::new(),
             events: VecDeque::new(),
             closed: false,
+            undrained: 0,
         };
         link.connect_ws(registry);
         link.send_stun(now);
@@ -276,14 +282,21 @@ impl Link {
         .min()
     }
 
-    /// Next event for the driver.
-    pub fn poll_event(&mut self) -> Option<LinkEvent> {
+    /// Next event for the driver. Once the queue is empty, str0m's output is drained of what
+    /// the messages [`Link::send`] took and the datagrams received since the last drain produce
+    /// (which may be more events), so a driver that polls until `None` leaves nothing pending.
+    pub fn poll_event(&mut self, now: Instant) -> Option<LinkEvent> {
+        if self.events.is_empty() && self.undrained > 0 {
+            self.drive(now);
+        }
         self.events.pop_front()
     }
 
     /// Sends one binary message on the `tunnel` channel, all or nothing. `false`: not open, or
-    /// no room in the send buffer (wait for [`LinkEvent::Writable`]).
-    pub fn send(&mut self, data: &[u8], now: Instant) -> bool {
+    /// no room in the send buffer (wait for [`LinkEvent::Writable`]). str0m's output is drained
+    /// by the next [`Link::poll_event`]: a burst of messages and acknowledgements then costs
+    /// SCTP one pass over its send queue rather than one each.
+    pub fn send(&mut self, data: &[u8]) -> bool {
         let Some(session) = &mut self.session else {
             return false;
         };
@@ -295,7 +308,7 @@ impl Link {
         };
         match channel.write(true, data) {
             Ok(true) => {
-                self.drive(now);
+                self.undrained += 1;
                 true
             }
             Ok(false) => false,
@@ -312,8 +325,17 @@ impl Link {
     }
 
     /// Bytes queued on the channel and not yet acknowledged by the peer.
-    pub fn buffered_amount(&self) -> usize {
-        self.session.as_ref().map_or(0, |s| s.buffered)
+    pub fn buffered_amount(&mut self) -> usize {
+        let Some(session) = &mut self.session else {
+            return 0;
+        };
+        let Some(id) = session.channel else {
+            return 0;
+        };
+        session
+            .rtc
+            .channel(id)
+            .map_or(0, |mut ch| ch.buffered_amount())
     }
 
     /// Leaves: closes the WebRTC session, sends `bye`, closes the WebSocket (best effort) and
@@ -490,7 +512,6 @@ impl Link {
             mid: None,
             channel: None,
             open: false,
-            buffered: 0,
             deadline: now,
         }
     }
@@ -637,6 +658,7 @@ impl Link {
 
     /// Drains str0m's output after a mutation: transmits, events, next timeout.
     fn drive(&mut self, now: Instant) {
+        self.undrained = 0;
         let Some(session) = &mut self.session else {
             return;
         };
@@ -664,17 +686,22 @@ impl Link {
         }
     }
 
-    /// Reads every datagram waiting on socket `index` and feeds it to str0m.
+    /// Reads every datagram waiting on socket `index` and feeds it to str0m. Its output is
+    /// drained after every [`INPUT_BATCH`] mutations, and by the driver's next
+    /// [`Link::poll_event`].
     fn read_udp(&mut self, index: usize, now: Instant) {
         let mut buf = [0u8; DATAGRAM_BUF];
         loop {
+            if self.undrained >= INPUT_BATCH {
+                self.drive(now);
+            }
             let Some(sock) = self.sockets.get(index) else {
-                return;
+                break;
             };
             let local = sock.local;
             let (n, source) = match sock.socket.recv_from(&mut buf) {
                 Ok(v) => v,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -683,7 +710,10 @@ impl Link {
                 {
                     continue
                 }
-                Err(e) => return log::debug!("UDP read on {local}: {e}"),
+                Err(e) => {
+                    log::debug!("UDP read on {local}: {e}");
+                    break;
+                }
             };
             let Some(data) = buf.get(..n) else {
                 continue;
@@ -719,7 +749,7 @@ impl Link {
                 self.lose(format!("WebRTC error: {e}"), now);
                 continue;
             }
-            self.drive(now);
+            self.undrained += 1;
         }
     }
 }
@@ -743,11 +773,6 @@ fn drain(
                 }
             }
             Err(e) => return Some(format!("WebRTC error: {e}")),
-        }
-    }
-    if let Some(id) = session.channel {
-        if let Some(mut ch) = session.rtc.channel(id) {
-            session.buffered = ch.buffered_amount();
         }
     }
     None
@@ -820,9 +845,22 @@ fn transmit(sockets: &[UdpSock], source: SocketAddr, destination: SocketAddr, da
     }
 }
 
+/// Kernel buffer asked for each UDP socket. A burst of datagrams larger than the default
+/// (~208 KiB) while the loop is busy elsewhere would be dropped and cost SCTP a retransmission
+/// and a halved congestion window. The kernel caps it at `net.core.rmem_max` / `wmem_max`.
+const UDP_BUFFER: usize = 2 * 1024 * 1024;
+
 fn bind_udp(ip: IpAddr, registry: &Registry, token: Token) -> io::Result<UdpSock> {
     let mut socket = UdpSocket::bind(SocketAddr::new(ip, 0))?;
     let local = socket.local_addr()?;
+    for (name, option) in [
+        ("SO_RCVBUF", libc::SO_RCVBUF),
+        ("SO_SNDBUF", libc::SO_SNDBUF),
+    ] {
+        if let Err(e) = crate::nbio::set_buffer_size(&socket, option, UDP_BUFFER) {
+            log::debug!("{name} on {local}: {e}");
+        }
+    }
     registry.register(&mut socket, token, Interest::READABLE)?;
     Ok(UdpSock { socket, local })
 }

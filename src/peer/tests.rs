@@ -107,7 +107,7 @@ fn run_until(
     let mut events = Events::with_capacity(256);
     loop {
         for (link, seen) in links.iter_mut().zip(seen.iter_mut()) {
-            while let Some(ev) = link.poll_event() {
+            while let Some(ev) = link.poll_event(Instant::now()) {
                 seen.push(ev);
             }
         }
@@ -171,7 +171,7 @@ fn two_links_connect_exchange_and_notice_loss() {
     let created = Instant::now();
     assert!(a.owns(Token(0)) && a.owns(Token(63)) && !a.owns(Token(64)));
     assert!(b.owns(Token(64)) && !b.owns(Token(0)));
-    assert!(!a.send(b"too early", Instant::now()));
+    assert!(!a.send(b"too early"));
 
     let mut seen = [Vec::new(), Vec::new()];
     run_until(
@@ -189,8 +189,8 @@ fn two_links_connect_exchange_and_notice_loss() {
     assert!(setup < Duration::from_secs(5), "set-up took {setup:?}");
     assert!(a.is_open() && b.is_open());
 
-    assert!(a.send(b"hello from a", Instant::now()));
-    assert!(b.send(b"hello from b", Instant::now()));
+    assert!(a.send(b"hello from a"));
+    assert!(b.send(b"hello from b"));
     run_until(
         &mut poll,
         &mut [&mut a, &mut b],
@@ -206,7 +206,7 @@ fn two_links_connect_exchange_and_notice_loss() {
     let mut refused = false;
     while sent < payload.len() {
         let chunk = &payload[sent..(sent + 60_000).min(payload.len())];
-        if a.send(chunk, Instant::now()) {
+        if a.send(chunk) {
             sent += chunk.len();
             continue;
         }
@@ -243,7 +243,7 @@ fn two_links_connect_exchange_and_notice_loss() {
         |s| s.iter().all(|v| v.ends_with(&[LinkEvent::ChannelOpen])),
     );
     assert!(seen.iter().any(|v| v.contains(&LinkEvent::ChannelLost)));
-    assert!(a.send(b"after reconnect", Instant::now()));
+    assert!(a.send(b"after reconnect"));
     run_until(
         &mut poll,
         &mut [&mut a, &mut b],
@@ -264,7 +264,7 @@ fn two_links_connect_exchange_and_notice_loss() {
         |s| s[1].contains(&LinkEvent::ChannelLost),
     );
     assert!(!b.is_open());
-    assert!(!b.send(b"gone", Instant::now()));
+    assert!(!b.send(b"gone"));
 
     // A newcomer gets a channel with B again (B is now the offerer).
     let mut c = Link::new(
@@ -282,7 +282,7 @@ fn two_links_connect_exchange_and_notice_loss() {
         "reopen",
         |s| s.iter().all(|v| v.contains(&LinkEvent::ChannelOpen)),
     );
-    assert!(c.send(b"again", Instant::now()));
+    assert!(c.send(b"again"));
     run_until(
         &mut poll,
         &mut [&mut b, &mut c],
@@ -550,7 +550,7 @@ fn stun_srflx_candidates_are_trickled_while_ice_still_connects() {
             .is_some_and(|u| !u.is_empty()));
     }
     assert!(a.is_open() && b.is_open());
-    assert!(a.send(b"still connected", Instant::now()));
+    assert!(a.send(b"still connected"));
     run_until(
         &mut poll,
         &mut [&mut a, &mut b],

@@ -97,22 +97,22 @@ impl Channel {
 
     /// Sends a frame, queueing it (in order) when the channel's buffer is full. Frames for a
     /// closed channel are dropped: the streams they belong to have failed already.
-    pub fn send(&mut self, msg: &Message, now: Instant) {
+    pub fn send(&mut self, msg: &Message) {
         if !self.link.is_open() {
             return;
         }
         self.encode_buf.clear();
         msg.encode(&mut self.encode_buf);
-        if self.queue.is_empty() && self.link.send(&self.encode_buf, now) {
+        if self.queue.is_empty() && self.link.send(&self.encode_buf) {
             return;
         }
         self.queue.push_back(std::mem::take(&mut self.encode_buf));
     }
 
     /// Moves queued frames into the channel while it takes them.
-    fn flush(&mut self, now: Instant) {
+    fn flush(&mut self) {
         while let Some(frame) = self.queue.front() {
-            if !self.link.send(frame, now) {
+            if !self.link.send(frame) {
                 return;
             }
             self.queue.pop_front();
@@ -141,10 +141,10 @@ impl Channel {
     }
 
     /// Answers PINGs; returns the message if the role must handle it.
-    fn keepalive<'a>(&mut self, msg: Message<'a>, now: Instant) -> Option<Message<'a>> {
+    fn keepalive<'a>(&mut self, msg: Message<'a>) -> Option<Message<'a>> {
         match msg {
             Message::Ping => {
-                self.send(&Message::Pong, now);
+                self.send(&Message::Pong);
                 None
             }
             Message::Pong => None,
@@ -204,15 +204,17 @@ fn run_loop(poll: &mut Poll, ch: &mut Channel, role: &mut dyn Role) -> Result<()
             } else {
                 role.on_socket(ch, poll.registry(), event, now);
             }
-            drain_link(ch, role, poll.registry(), now);
         }
+        // Once for all the events: what they wrote and received reaches str0m's output in one
+        // drain.
+        drain_link(ch, role, poll.registry(), now);
         let now = Instant::now();
         if ch.link.next_deadline().is_some_and(|d| d <= now) {
             ch.link.handle_timeout(poll.registry(), now);
         }
         if ch.next_ping.is_some_and(|d| d <= now) {
             ch.next_ping = Some(now + PING_EVERY);
-            ch.send(&Message::Ping, now);
+            ch.send(&Message::Ping);
         }
         drain_link(ch, role, poll.registry(), now);
         role.on_timeout(ch, poll.registry(), now);
@@ -221,7 +223,7 @@ fn run_loop(poll: &mut Poll, ch: &mut Channel, role: &mut dyn Role) -> Result<()
 }
 
 fn drain_link(ch: &mut Channel, role: &mut dyn Role, registry: &Registry, now: Instant) {
-    while let Some(event) = ch.link.poll_event() {
+    while let Some(event) = ch.link.poll_event(now) {
         match event {
             LinkEvent::ChannelOpen => {
                 ch.opened(now);
@@ -229,14 +231,14 @@ fn drain_link(ch: &mut Channel, role: &mut dyn Role, registry: &Registry, now: I
             }
             LinkEvent::Data(bytes) => match Message::decode(&bytes) {
                 Ok(msg) => {
-                    if let Some(msg) = ch.keepalive(msg, now) {
+                    if let Some(msg) = ch.keepalive(msg) {
                         role.on_message(ch, registry, msg, now);
                     }
                 }
                 Err(e) => log::warn!("bad frame from peer ignored: {e}"),
             },
             LinkEvent::Writable => {
-                ch.flush(now);
+                ch.flush();
                 if ch.can_send() {
                     role.on_writable(ch, registry, now);
                 }

@@ -171,14 +171,14 @@ impl Proxy {
                 }
             }
             self.process(slot, ch, now);
-            self.flush(slot, ch, registry, now);
+            self.flush(slot, ch, registry);
             let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
                 return;
             };
             if c.eof && matches!(c.resp, Resp::Idle) && c.req_body.is_none() {
                 // The client is done and nothing is in flight: finish writing, then close.
                 c.closing = true;
-                self.flush(slot, ch, registry, now);
+                self.flush(slot, ch, registry);
                 return;
             }
             let progressed = read_any || (c.inbuf.len(), c.out.len()) != before;
@@ -207,24 +207,24 @@ impl Proxy {
                     Ok(d) => d,
                     Err(e) => {
                         log::debug!("client {}: bad request body: {e}", c.peer);
-                        self.abort(slot, ch, now);
+                        self.abort(slot, ch);
                         return;
                     }
                 };
                 let (consumed, done) = (decoded.consumed, decoded.done);
                 c.credit -= decoded.data.len() as i64;
                 for piece in body_chunks(decoded.data) {
-                    ch.send(&Message::ReqBody(sid, piece), now);
+                    ch.send(&Message::ReqBody(sid, piece));
                 }
                 c.inbuf.drain(..consumed);
                 if done {
-                    ch.send(&Message::ReqEnd(sid), now);
+                    ch.send(&Message::ReqEnd(sid));
                     c.req_body = None;
                     continue;
                 }
                 if c.eof {
                     log::debug!("client {}: closed mid-body", c.peer);
-                    self.abort(slot, ch, now);
+                    self.abort(slot, ch);
                 }
                 return;
             }
@@ -279,15 +279,12 @@ impl Proxy {
                 })
                 .map(|(n, v)| (n.to_ascii_lowercase(), v))
                 .collect();
-            ch.send(
-                &Message::ReqHeaders(ReqHeaders {
-                    stream_id: sid,
-                    method: req.method.clone(),
-                    path: req.target.clone(),
-                    headers,
-                }),
-                now,
-            );
+            ch.send(&Message::ReqHeaders(ReqHeaders {
+                stream_id: sid,
+                method: req.method.clone(),
+                path: req.target.clone(),
+                headers,
+            }));
             self.streams.insert(sid, slot);
             let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
                 return;
@@ -299,8 +296,8 @@ impl Proxy {
             c.credit = WINDOW;
             c.unacked = 0;
             match framing {
-                BodyFraming::None | BodyFraming::UntilClose => ch.send(&Message::ReqEnd(sid), now),
-                BodyFraming::Length(0) => ch.send(&Message::ReqEnd(sid), now),
+                BodyFraming::None | BodyFraming::UntilClose => ch.send(&Message::ReqEnd(sid)),
+                BodyFraming::Length(0) => ch.send(&Message::ReqEnd(sid)),
                 f => {
                     if req.expects_continue() {
                         c.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
@@ -328,7 +325,7 @@ impl Proxy {
 
     /// Forgets the client's stream in flight, telling the provider (with `cancel`) that
     /// nothing more is wanted.
-    fn forget_stream(&mut self, slot: usize, ch: &mut Channel, now: Instant) {
+    fn forget_stream(&mut self, slot: usize, ch: &mut Channel) {
         let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
             return;
         };
@@ -342,14 +339,14 @@ impl Proxy {
         c.resp = Resp::Idle;
         if let Some(sid) = sid {
             if self.streams.remove(&sid).is_some() && ch.cancel {
-                ch.send(&Message::Cancel(sid), now);
+                ch.send(&Message::Cancel(sid));
             }
         }
     }
 
     /// Ends a client connection at once; its stream's later frames are ignored.
-    fn abort(&mut self, slot: usize, ch: &mut Channel, now: Instant) {
-        self.forget_stream(slot, ch, now);
+    fn abort(&mut self, slot: usize, ch: &mut Channel) {
+        self.forget_stream(slot, ch);
         if let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) {
             c.out.clear();
             c.closing = true;
@@ -359,24 +356,24 @@ impl Proxy {
 
     /// Writes pending output, acknowledges what the client took (with `window`), and closes
     /// the connection when it is finished.
-    fn flush(&mut self, slot: usize, ch: &mut Channel, registry: &Registry, now: Instant) {
+    fn flush(&mut self, slot: usize, ch: &mut Channel, registry: &Registry) {
         let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
             return;
         };
         let failed = write_out(&mut c.stream, &mut c.out, OUT_KEEP).is_err();
         if failed || (c.closing && c.out.is_empty()) {
-            return self.close(slot, ch, registry, now);
+            return self.close(slot, ch, registry);
         }
         if let Resp::Streaming { sid, .. } = c.resp {
             if ch.window && c.unacked > 0 && c.out.len() < WINDOW_ACK {
                 let credit = std::mem::take(&mut c.unacked);
-                ch.send(&Message::Window(sid, credit as u32), now);
+                ch.send(&Message::Window(sid, credit as u32));
             }
         }
     }
 
-    fn close(&mut self, slot: usize, ch: &mut Channel, registry: &Registry, now: Instant) {
-        self.forget_stream(slot, ch, now);
+    fn close(&mut self, slot: usize, ch: &mut Channel, registry: &Registry) {
+        self.forget_stream(slot, ch);
         let Some(mut c) = self.clients.get_mut(slot).and_then(Option::take) else {
             return;
         };
@@ -386,7 +383,7 @@ impl Proxy {
     }
 
     /// A complete error answer for the request in flight (before any response head).
-    fn fail(&mut self, slot: usize, status: u16, text: &str, ch: &mut Channel, now: Instant) {
+    fn fail(&mut self, slot: usize, status: u16, text: &str, ch: &mut Channel) {
         let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
             return;
         };
@@ -406,7 +403,7 @@ impl Proxy {
         if close {
             c.closing = true;
         }
-        self.forget_stream(slot, ch, now);
+        self.forget_stream(slot, ch);
     }
 
     fn on_res_headers(&mut self, h: ResHeaders) {
@@ -453,7 +450,7 @@ impl Proxy {
         };
     }
 
-    fn on_res_body(&mut self, sid: u32, data: &[u8], ch: &mut Channel, now: Instant) {
+    fn on_res_body(&mut self, sid: u32, data: &[u8], ch: &mut Channel) {
         let Some(&slot) = self.streams.get(&sid) else {
             return;
         };
@@ -480,7 +477,7 @@ impl Proxy {
                 "client {} does not read its response; cutting it off",
                 c.peer
             );
-            self.abort(slot, ch, now);
+            self.abort(slot, ch);
         }
     }
 
@@ -516,7 +513,7 @@ impl Proxy {
         }
     }
 
-    fn on_error(&mut self, sid: u32, text: &str, ch: &mut Channel, now: Instant) {
+    fn on_error(&mut self, sid: u32, text: &str, ch: &mut Channel) {
         let Some(&slot) = self.streams.get(&sid) else {
             return;
         };
@@ -528,10 +525,10 @@ impl Proxy {
             .is_some_and(|c| matches!(c.resp, Resp::Waiting { .. }));
         if waiting {
             self.streams.remove(&sid);
-            self.fail(slot, 502, &format!("Tunnel error: {text}"), ch, now);
+            self.fail(slot, 502, &format!("Tunnel error: {text}"), ch);
         } else {
             // Mid-body: the client sees a truncated response (no last chunk, or short length).
-            self.abort(slot, ch, now);
+            self.abort(slot, ch);
         }
     }
 
@@ -556,15 +553,15 @@ impl Role for Proxy {
             self.pump(slot, ch, registry, now);
         }
         if event.is_writable() {
-            self.flush(slot, ch, registry, now);
+            self.flush(slot, ch, registry);
             // Output drained: a finished response may let the next request proceed.
             self.pump(slot, ch, registry, now);
         }
     }
 
-    fn on_open(&mut self, ch: &mut Channel, now: Instant) {
+    fn on_open(&mut self, ch: &mut Channel, _now: Instant) {
         let offered: Vec<&str> = ch.offered.iter().map(String::as_str).collect();
-        ch.send(&Message::Hello(Hello::ours(&offered)), now);
+        ch.send(&Message::Hello(Hello::ours(&offered)));
     }
 
     fn on_message(&mut self, ch: &mut Channel, registry: &Registry, msg: Message, now: Instant) {
@@ -595,7 +592,7 @@ impl Role for Proxy {
             }
             Message::ResBody(sid, data) => {
                 let slot = self.streams.get(&sid).copied();
-                self.on_res_body(sid, data, ch, now);
+                self.on_res_body(sid, data, ch);
                 slot
             }
             Message::ResEnd(sid) => {
@@ -605,7 +602,7 @@ impl Role for Proxy {
             }
             Message::Error(sid, text) => {
                 let slot = self.streams.get(&sid).copied();
-                self.on_error(sid, &text, ch, now);
+                self.on_error(sid, &text, ch);
                 slot
             }
             Message::Hello(_) => {
@@ -618,13 +615,13 @@ impl Role for Proxy {
             }
         };
         if let Some(slot) = touched {
-            self.flush(slot, ch, registry, now);
+            self.flush(slot, ch, registry);
             // A finished response lets a pipelined request go.
             self.pump(slot, ch, registry, now);
         }
     }
 
-    fn on_lost(&mut self, ch: &mut Channel, registry: &Registry, now: Instant) {
+    fn on_lost(&mut self, ch: &mut Channel, registry: &Registry, _now: Instant) {
         for slot in self.slots_in_flight() {
             let state = self.clients[slot].as_ref().map(|c| match c.resp {
                 Resp::Waiting { .. } => 1,
@@ -632,11 +629,11 @@ impl Role for Proxy {
                 Resp::Idle => 0,
             });
             match state {
-                Some(1) => self.fail(slot, 502, "Tunnel error: peer lost", ch, now),
-                Some(2) => self.abort(slot, ch, now),
+                Some(1) => self.fail(slot, 502, "Tunnel error: peer lost", ch),
+                Some(2) => self.abort(slot, ch),
                 _ => {}
             }
-            self.flush(slot, ch, registry, now);
+            self.flush(slot, ch, registry);
         }
         self.streams.clear();
     }
@@ -668,9 +665,8 @@ impl Role for Proxy {
                     504,
                     "Gateway Timeout: no response through the tunnel within 60 s",
                     ch,
-                    now,
                 );
-                self.flush(slot, ch, registry, now);
+                self.flush(slot, ch, registry);
             }
         }
     }

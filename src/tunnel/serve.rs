@@ -169,7 +169,7 @@ impl Serve {
         let attempt = self.preferred;
         let mut sock = match self.connect(attempt) {
             Ok(s) => s,
-            Err(e) => return bad_gateway(ch, sid, &e.to_string(), now),
+            Err(e) => return bad_gateway(ch, sid, &e.to_string()),
         };
         let slot = self.free.pop().unwrap_or_else(|| {
             self.streams.push(None);
@@ -181,7 +181,7 @@ impl Serve {
             Interest::READABLE | Interest::WRITABLE,
         ) {
             self.free.push(slot);
-            return bad_gateway(ch, sid, &e.to_string(), now);
+            return bad_gateway(ch, sid, &e.to_string());
         }
         let _ = sock.set_nodelay(true);
         let target = self.upstream.target(&self.advertise, &h.path);
@@ -270,14 +270,7 @@ impl Serve {
         true
     }
 
-    fn req_body(
-        &mut self,
-        sid: u32,
-        data: &[u8],
-        ch: &mut Channel,
-        registry: &Registry,
-        now: Instant,
-    ) {
+    fn req_body(&mut self, sid: u32, data: &[u8], ch: &mut Channel, registry: &Registry) {
         let Some(&slot) = self.by_sid.get(&sid) else {
             return;
         };
@@ -300,20 +293,17 @@ impl Serve {
         s.unacked += data.len();
         if s.out.len() > MAX_UPSTREAM_BACKLOG {
             log::warn!("stream {sid}: upstream does not read the request body; failing the stream");
-            ch.send(
-                &Message::Error(
-                    sid,
-                    "upstream error: upstream stopped reading the request".into(),
-                ),
-                now,
-            );
-            ch.send(&Message::ResEnd(sid), now);
+            ch.send(&Message::Error(
+                sid,
+                "upstream error: upstream stopped reading the request".into(),
+            ));
+            ch.send(&Message::ResEnd(sid));
             return self.close(slot, registry);
         }
-        self.write(slot, ch, registry, now);
+        self.write(slot, ch, registry);
     }
 
-    fn req_end(&mut self, sid: u32, ch: &mut Channel, registry: &Registry, now: Instant) {
+    fn req_end(&mut self, sid: u32, ch: &mut Channel, registry: &Registry) {
         let Some(&slot) = self.by_sid.get(&sid) else {
             return;
         };
@@ -342,11 +332,11 @@ impl Serve {
             }
             _ => {}
         }
-        self.write(slot, ch, registry, now);
+        self.write(slot, ch, registry);
     }
 
     /// Writes pending request bytes once connected.
-    fn write(&mut self, slot: usize, ch: &mut Channel, registry: &Registry, now: Instant) {
+    fn write(&mut self, slot: usize, ch: &mut Channel, registry: &Registry) {
         let Some(s) = self.streams.get_mut(slot).and_then(Option::as_mut) else {
             return;
         };
@@ -355,35 +345,28 @@ impl Serve {
         }
         if let Err(e) = write_out(&mut s.sock, &mut s.out, OUT_KEEP) {
             let sid = s.sid;
-            self.upstream_failed(slot, &e.to_string(), ch, registry, now);
+            self.upstream_failed(slot, &e.to_string(), ch, registry);
             log::debug!("stream {sid}: upstream write failed: {e}");
             return;
         }
         // With `window`: what the upstream took frees credit for the consumer.
         if ch.window && s.unacked > 0 && s.out.len() < WINDOW_ACK {
             let credit = std::mem::take(&mut s.unacked);
-            ch.send(&Message::Window(s.sid, credit as u32), now);
+            ch.send(&Message::Window(s.sid, credit as u32));
         }
     }
 
     /// The connection to the upstream failed (connect or I/O error).
-    fn upstream_failed(
-        &mut self,
-        slot: usize,
-        err: &str,
-        ch: &mut Channel,
-        registry: &Registry,
-        now: Instant,
-    ) {
+    fn upstream_failed(&mut self, slot: usize, err: &str, ch: &mut Channel, registry: &Registry) {
         let Some(s) = self.streams.get(slot).and_then(Option::as_ref) else {
             return;
         };
         let sid = s.sid;
         if s.body.is_none() {
-            bad_gateway(ch, sid, err, now);
+            bad_gateway(ch, sid, err);
         } else {
-            ch.send(&Message::Error(sid, format!("upstream error: {err}")), now);
-            ch.send(&Message::ResEnd(sid), now);
+            ch.send(&Message::Error(sid, format!("upstream error: {err}")));
+            ch.send(&Message::ResEnd(sid));
         }
         self.close(slot, registry);
     }
@@ -398,7 +381,7 @@ impl Serve {
     }
 
     /// Reads the upstream response while the channel can take it, framing it as RES_*.
-    fn read(&mut self, slot: usize, ch: &mut Channel, registry: &Registry, now: Instant) {
+    fn read(&mut self, slot: usize, ch: &mut Channel, registry: &Registry) {
         loop {
             let Some(s) = self.streams.get_mut(slot).and_then(Option::as_mut) else {
                 return;
@@ -422,11 +405,11 @@ impl Serve {
                 Err(e) if would_block(&e) => return,
                 Err(e) => {
                     let err = e.to_string();
-                    return self.upstream_failed(slot, &err, ch, registry, now);
+                    return self.upstream_failed(slot, &err, ch, registry);
                 }
             };
-            if let Err(err) = self.consume(slot, eof, ch, now) {
-                return self.upstream_failed(slot, &err, ch, registry, now);
+            if let Err(err) = self.consume(slot, eof, ch) {
+                return self.upstream_failed(slot, &err, ch, registry);
             }
             let done = self
                 .streams
@@ -440,13 +423,7 @@ impl Serve {
     }
 
     /// Turns buffered upstream bytes into frames. Err: the response is broken.
-    fn consume(
-        &mut self,
-        slot: usize,
-        eof: bool,
-        ch: &mut Channel,
-        now: Instant,
-    ) -> Result<(), String> {
+    fn consume(&mut self, slot: usize, eof: bool, ch: &mut Channel) -> Result<(), String> {
         let Some(s) = self.streams.get_mut(slot).and_then(Option::as_mut) else {
             return Ok(());
         };
@@ -463,7 +440,7 @@ impl Serve {
             s.inbuf.drain(..len);
             if head.status < 200 {
                 // 100 Continue and friends: the final response follows.
-                return self.consume(slot, eof, ch, now);
+                return self.consume(slot, eof, ch);
             }
             let framing = head
                 .body_framing(&s.method)
@@ -479,17 +456,14 @@ impl Serve {
                 head.status,
                 s.started.elapsed().as_millis()
             );
-            ch.send(
-                &Message::ResHeaders(ResHeaders {
-                    stream_id: s.sid,
-                    status: head.status,
-                    headers,
-                }),
-                now,
-            );
+            ch.send(&Message::ResHeaders(ResHeaders {
+                stream_id: s.sid,
+                status: head.status,
+                headers,
+            }));
             s.body = Some(BodyDecoder::new(framing));
             if framing == BodyFraming::None {
-                ch.send(&Message::ResEnd(s.sid), now);
+                ch.send(&Message::ResEnd(s.sid));
                 return Ok(());
             }
         }
@@ -503,7 +477,7 @@ impl Serve {
                 .decode(&s.inbuf[pos..])
                 .map_err(|e| format!("bad upstream body: {e}"))?;
             if !d.data.is_empty() {
-                ch.send(&Message::ResBody(sid, d.data), now);
+                ch.send(&Message::ResBody(sid, d.data));
                 s.credit -= d.data.len() as i64;
             }
             pos += d.consumed;
@@ -513,17 +487,17 @@ impl Serve {
         }
         s.inbuf.drain(..pos);
         if dec.is_done() {
-            ch.send(&Message::ResEnd(sid), now);
+            ch.send(&Message::ResEnd(sid));
         } else if eof {
             dec.finish_eof()
                 .map_err(|e| format!("upstream closed mid-body: {e}"))?;
-            ch.send(&Message::ResEnd(sid), now);
+            ch.send(&Message::ResEnd(sid));
         }
         Ok(())
     }
 
     /// Resumes a stream that stopped reading (channel full or out of credit).
-    fn resume(&mut self, slot: usize, ch: &mut Channel, registry: &Registry, now: Instant) {
+    fn resume(&mut self, slot: usize, ch: &mut Channel, registry: &Registry) {
         let Some(s) = self.streams.get_mut(slot).and_then(Option::as_mut) else {
             return;
         };
@@ -531,7 +505,7 @@ impl Serve {
             return;
         }
         s.paused = false;
-        self.read(slot, ch, registry, now);
+        self.read(slot, ch, registry);
     }
 
     fn slots(&self) -> Vec<usize> {
@@ -544,26 +518,23 @@ impl Serve {
 }
 
 /// RES_HEADERS 502 + `Bad Gateway: <err>` + RES_END, as the v1 provider answers.
-fn bad_gateway(ch: &mut Channel, sid: u32, err: &str, now: Instant) {
+fn bad_gateway(ch: &mut Channel, sid: u32, err: &str) {
     log::debug!("stream {sid}: 502 ({err})");
     let body = format!("Bad Gateway: {err}");
-    ch.send(
-        &Message::ResHeaders(ResHeaders {
-            stream_id: sid,
-            status: 502,
-            headers: vec![
-                ("content-type".into(), "text/plain".into()),
-                ("content-length".into(), body.len().to_string()),
-            ],
-        }),
-        now,
-    );
-    ch.send(&Message::ResBody(sid, body.as_bytes()), now);
-    ch.send(&Message::ResEnd(sid), now);
+    ch.send(&Message::ResHeaders(ResHeaders {
+        stream_id: sid,
+        status: 502,
+        headers: vec![
+            ("content-type".into(), "text/plain".into()),
+            ("content-length".into(), body.len().to_string()),
+        ],
+    }));
+    ch.send(&Message::ResBody(sid, body.as_bytes()));
+    ch.send(&Message::ResEnd(sid));
 }
 
 impl Role for Serve {
-    fn on_socket(&mut self, ch: &mut Channel, registry: &Registry, event: &Event, now: Instant) {
+    fn on_socket(&mut self, ch: &mut Channel, registry: &Registry, event: &Event, _now: Instant) {
         let Some(slot) = slot_of(event.token()) else {
             return;
         };
@@ -584,16 +555,16 @@ impl Role for Serve {
                     return;
                 }
                 let err = format!("cannot connect to upstream: {e}");
-                return self.upstream_failed(slot, &err, ch, registry, now);
+                return self.upstream_failed(slot, &err, ch, registry);
             }
             s.connected = true;
             self.preferred = s.attempt;
         }
         if event.is_writable() {
-            self.write(slot, ch, registry, now);
+            self.write(slot, ch, registry);
         }
         if event.is_readable() || event.is_read_closed() || event.is_error() {
-            self.read(slot, ch, registry, now);
+            self.read(slot, ch, registry);
         }
     }
 
@@ -609,7 +580,7 @@ impl Role for Serve {
             ) {
                 Some(agree) => {
                     let features = agree.features.clone();
-                    ch.send(&Message::Agree(agree), now);
+                    ch.send(&Message::Agree(agree));
                     ch.agreed(&features);
                 }
                 None => {
@@ -622,14 +593,14 @@ impl Role for Serve {
                 }
             },
             Message::ReqHeaders(h) => self.open(h, ch, registry, now),
-            Message::ReqBody(sid, data) => self.req_body(sid, data, ch, registry, now),
-            Message::ReqEnd(sid) => self.req_end(sid, ch, registry, now),
+            Message::ReqBody(sid, data) => self.req_body(sid, data, ch, registry),
+            Message::ReqEnd(sid) => self.req_end(sid, ch, registry),
             Message::Window(sid, credit) => {
                 if let Some(&slot) = self.by_sid.get(&sid) {
                     if let Some(s) = self.streams[slot].as_mut() {
                         s.credit += i64::from(credit);
                     }
-                    self.resume(slot, ch, registry, now);
+                    self.resume(slot, ch, registry);
                 }
             }
             Message::Cancel(sid) => {
@@ -651,9 +622,9 @@ impl Role for Serve {
         }
     }
 
-    fn on_writable(&mut self, ch: &mut Channel, registry: &Registry, now: Instant) {
+    fn on_writable(&mut self, ch: &mut Channel, registry: &Registry, _now: Instant) {
         for slot in self.slots() {
-            self.resume(slot, ch, registry, now);
+            self.resume(slot, ch, registry);
             if !ch.can_send() {
                 return;
             }
