@@ -49,6 +49,24 @@ fn models_and_health_through_the_tunnel() {
 }
 
 #[test]
+fn both_sides_size_the_send_window_from_a_ping_after_agree() {
+    let mut t = Tunnel::start(&api_upstream());
+    // Loopback answers in about a millisecond or less: a window near the 32 KiB floor, far
+    // below the 1 MiB a long path gets.
+    for side in [&mut t.serve, &mut t.proxy] {
+        let line = side.wait_line("send window", 5);
+        let kib: usize = line
+            .rsplit("send window ")
+            .next()
+            .and_then(|w| w.trim_end_matches(" KiB").parse().ok())
+            .unwrap_or_else(|| panic!("no window in {line:?}"));
+        assert!((32..=128).contains(&kib), "{line}");
+    }
+    let (status, _, _) = request(t.addr, "GET", "/health", b"");
+    assert_eq!(status, 200);
+}
+
+#[test]
 fn keep_alive_head_and_query_strings() {
     let up = upstream(|req| {
         let text = format!("{} {}", req.method(), req.url());

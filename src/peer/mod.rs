@@ -45,9 +45,16 @@ use ws::{WsClient, WsEvent, WsUrl};
 
 /// Label of the one data channel.
 const LABEL: &str = "tunnel";
-/// `Writable` is reported when the channel's buffered amount falls to this (str0m's shared send
-/// buffer is 128 KiB).
-const LOW_THRESHOLD: usize = 64 * 1024;
+/// Send window (bytes sent on the channel and not yet acknowledged) until the driver sets one
+/// from the path's round trip: str0m's own default.
+const DEFAULT_WINDOW: usize = 128 * 1024;
+/// Bounds of [`Link::set_send_window`]. Below 32 KiB a loopback or LAN path idles; above 1 MiB
+/// SCTP's per-packet cost, which grows with what is in flight, outweighs the larger window.
+const MIN_WINDOW: usize = 32 * 1024;
+const MAX_WINDOW: usize = 1024 * 1024;
+/// str0m's send buffer: the largest window plus one message, since a send is refused only once
+/// the window is full.
+const SCTP_BUFFER: usize = MAX_WINDOW + 128 * 1024;
 /// Reconnect delays for the signal server, in seconds; the last one repeats.
 const BACKOFF_SECS: [u64; 6] = [1, 2, 4, 8, 16, 30];
 /// The offerer waits this long before offering again after losing a peer that is still in the room.
@@ -109,6 +116,8 @@ struct Session {
     mid: Option<String>,
     channel: Option<ChannelId>,
     open: bool,
+    /// The send window; `Writable` is reported when the buffered amount falls to half of it.
+    window: usize,
     deadline: Instant,
 }
 
@@ -306,6 +315,9 @@ impl Link {
         let Some(mut channel) = session.rtc.channel(id) else {
             return false;
         };
+        if channel.buffered_amount() >= session.window {
+            return false;
+        }
         match channel.write(true, data) {
             Ok(true) => {
                 self.undrained += 1;
@@ -322,6 +334,29 @@ impl Link {
     /// Whether the `tunnel` channel is open.
     pub fn is_open(&self) -> bool {
         self.session.as_ref().is_some_and(|s| s.open)
+    }
+
+    /// Sets the send window (clamped to 32 KiB ..= 1 MiB) and returns it: [`Link::send`]
+    /// refuses messages while this much is unacknowledged. The driver sizes it to the path's
+    /// round trip; it lasts until the session ends.
+    pub fn set_send_window(&mut self, bytes: usize) -> usize {
+        let window = bytes.clamp(MIN_WINDOW, MAX_WINDOW);
+        let Some(session) = &mut self.session else {
+            return window;
+        };
+        session.window = window;
+        let Some(id) = session.channel else {
+            return window;
+        };
+        if let Some(mut ch) = session.rtc.channel(id) {
+            ch.set_buffered_amount_low_threshold(session.window / 2);
+            // A larger window may leave the buffered amount below the new threshold without
+            // ever crossing it: report the room now.
+            if ch.buffered_amount() < session.window {
+                self.events.push_back(LinkEvent::Writable);
+            }
+        }
+        window
     }
 
     /// Bytes queued on the channel and not yet acknowledged by the peer.
@@ -482,7 +517,7 @@ impl Link {
 
     /// A fresh `Rtc` with one host candidate per UDP socket and the server-reflexive ones.
     fn new_session(&self, offerer: bool, now: Instant) -> Session {
-        let mut config = Rtc::builder();
+        let mut config = Rtc::builder().set_sctp_max_buffered_amount(SCTP_BUFFER);
         if let Some(cert) = &self.dtls_cert {
             config = config.set_dtls_cert(cert.clone());
         }
@@ -512,6 +547,7 @@ impl Link {
             mid: None,
             channel: None,
             open: false,
+            window: DEFAULT_WINDOW,
             deadline: now,
         }
     }
@@ -795,7 +831,7 @@ fn on_rtc_event(
             session.channel = Some(id);
             session.open = true;
             if let Some(mut ch) = session.rtc.channel(id) {
-                ch.set_buffered_amount_low_threshold(LOW_THRESHOLD);
+                ch.set_buffered_amount_low_threshold(session.window / 2);
             }
             log::info!("peer connected");
             events.push_back(LinkEvent::ChannelOpen);

@@ -55,8 +55,13 @@ pub const WINDOW_ACK: usize = 64 * 1024;
 const LINK_BASE: usize = 1;
 /// First token of the role's own sockets (clients, upstream connections).
 pub const FIRST_SOCKET: usize = LINK_BASE + Link::TOKENS;
-/// Bytes one socket read takes at most: one body frame's payload.
-pub const READ_CHUNK: usize = crate::frame::MAX_BODY_CHUNK;
+/// Bytes one socket read takes at most, so one body frame's payload. Smaller than the 65 408
+/// the framing allows: the send window is then filled in finer steps, and SCTP keeps fewer
+/// chunks in flight per step (its per-packet cost grows with them).
+pub const READ_CHUNK: usize = 16 * 1024;
+/// The send window is the round trip times this rate (within the link's bounds): enough to
+/// carry this much per second on that path, and no more in flight than that needs.
+const WINDOW_RATE: f64 = 64.0 * 1024.0 * 1024.0;
 /// Output buffers that grew past this while a peer was slow are shrunk back once drained.
 pub const OUT_KEEP: usize = 256 * 1024;
 
@@ -73,6 +78,10 @@ pub struct Channel {
     /// The extensions this side offers (HELLO) or accepts (AGREE).
     pub offered: Vec<String>,
     next_ping: Option<Instant>,
+    /// When the PING now awaiting its PONG was sent.
+    ping_sent: Option<Instant>,
+    /// Shortest PING round trip on the current channel.
+    min_rtt: Option<Duration>,
     encode_buf: Vec<u8>,
 }
 
@@ -86,6 +95,8 @@ impl Channel {
             cancel: false,
             offered: Vec::new(),
             next_ping: None,
+            ping_sent: None,
+            min_rtt: None,
             encode_buf: Vec::new(),
         }
     }
@@ -124,30 +135,65 @@ impl Channel {
         self.next_ping = Some(now + PING_EVERY);
     }
 
+    fn ping(&mut self, now: Instant) {
+        self.next_ping = Some(now + PING_EVERY);
+        self.ping_sent = Some(now);
+        self.send(&Message::Ping);
+    }
+
+    /// A PONG arrived: a round-trip sample. The shortest one seen sets the send window, since
+    /// later samples may include time queued behind data.
+    fn ponged(&mut self, now: Instant) {
+        let Some(sent) = self.ping_sent.take() else {
+            return;
+        };
+        let rtt = now.saturating_duration_since(sent);
+        if self.min_rtt.is_some_and(|min| min <= rtt) {
+            return;
+        }
+        self.min_rtt = Some(rtt);
+        // Saturating float-to-int conversion; the link clamps the result.
+        let window = self
+            .link
+            .set_send_window((rtt.as_secs_f64() * WINDOW_RATE) as usize);
+        log::debug!(
+            "round trip {:.2} ms: send window {} KiB",
+            rtt.as_secs_f64() * 1e3,
+            window.div_ceil(1024)
+        );
+    }
+
     fn lost(&mut self) {
         self.queue.clear();
         self.ready = false;
         self.window = false;
         self.cancel = false;
         self.next_ping = None;
+        self.ping_sent = None;
+        self.min_rtt = None;
     }
 
-    /// Marks the channel ready with the agreed features.
-    pub fn agreed(&mut self, features: &[String]) {
+    /// Marks the channel ready with the agreed features. The first PING goes at once: its round
+    /// trip, on a channel with nothing else in flight yet, sizes the send window.
+    pub fn agreed(&mut self, features: &[String], now: Instant) {
         self.ready = true;
+        self.next_ping = Some(now);
         self.window = features.iter().any(|f| f == "window");
         self.cancel = features.iter().any(|f| f == "cancel");
         log::info!("tunnel ready (features: {})", features.join(","));
     }
 
     /// Answers PINGs; returns the message if the role must handle it.
-    fn keepalive<'a>(&mut self, msg: Message<'a>) -> Option<Message<'a>> {
+    fn keepalive<'a>(&mut self, msg: Message<'a>, now: Instant) -> Option<Message<'a>> {
         match msg {
             Message::Ping => {
                 self.send(&Message::Pong);
                 None
             }
-            Message::Pong => None,
+            Message::Pong => {
+                self.ponged(now);
+                None
+            }
             other => Some(other),
         }
     }
@@ -213,8 +259,7 @@ fn run_loop(poll: &mut Poll, ch: &mut Channel, role: &mut dyn Role) -> Result<()
             ch.link.handle_timeout(poll.registry(), now);
         }
         if ch.next_ping.is_some_and(|d| d <= now) {
-            ch.next_ping = Some(now + PING_EVERY);
-            ch.send(&Message::Ping);
+            ch.ping(now);
         }
         drain_link(ch, role, poll.registry(), now);
         role.on_timeout(ch, poll.registry(), now);
@@ -231,7 +276,7 @@ fn drain_link(ch: &mut Channel, role: &mut dyn Role, registry: &Registry, now: I
             }
             LinkEvent::Data(bytes) => match Message::decode(&bytes) {
                 Ok(msg) => {
-                    if let Some(msg) = ch.keepalive(msg) {
+                    if let Some(msg) = ch.keepalive(msg, now) {
                         role.on_message(ch, registry, msg, now);
                     }
                 }

@@ -571,7 +571,7 @@ impl Role for Proxy {
                     log::warn!("provider agreed on unknown version {}", agree.version);
                     return;
                 }
-                ch.agreed(&agree.features);
+                ch.agreed(&agree.features, now);
                 None
             }
             Message::Window(sid, credit) => {

@@ -581,7 +581,7 @@ impl Role for Serve {
                 Some(agree) => {
                     let features = agree.features.clone();
                     ch.send(&Message::Agree(agree));
-                    ch.agreed(&features);
+                    ch.agreed(&features, now);
                 }
                 None => {
                     log::warn!(
