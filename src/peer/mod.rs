@@ -48,10 +48,11 @@ const LABEL: &str = "tunnel";
 /// Send window (bytes sent on the channel and not yet acknowledged) until the driver sets one
 /// from the path's round trip: str0m's own default.
 const DEFAULT_WINDOW: usize = 128 * 1024;
-/// Bounds of [`Link::set_send_window`]. Below 32 KiB a loopback or LAN path idles; above 1 MiB
-/// SCTP's per-packet cost, which grows with what is in flight, outweighs the larger window.
+/// Bounds of [`Link::set_send_window`]. Below 32 KiB a loopback or LAN path idles. Above
+/// 256 KiB, SCTP's per-packet cost (it grows with what is in flight) and its unpaced bursts,
+/// which overflow a receiver's socket buffer and turn into retransmissions, outweigh the gain.
 const MIN_WINDOW: usize = 32 * 1024;
-const MAX_WINDOW: usize = 1024 * 1024;
+const MAX_WINDOW: usize = 256 * 1024;
 /// str0m's send buffer: the largest window plus one message, since a send is refused only once
 /// the window is full.
 const SCTP_BUFFER: usize = MAX_WINDOW + 128 * 1024;
@@ -336,7 +337,7 @@ impl Link {
         self.session.as_ref().is_some_and(|s| s.open)
     }
 
-    /// Sets the send window (clamped to 32 KiB ..= 1 MiB) and returns it: [`Link::send`]
+    /// Sets the send window (clamped to 32 KiB ..= 256 KiB) and returns it: [`Link::send`]
     /// refuses messages while this much is unacknowledged. The driver sizes it to the path's
     /// round trip; it lasts until the session ends.
     pub fn set_send_window(&mut self, bytes: usize) -> usize {

@@ -62,6 +62,10 @@ pub const READ_CHUNK: usize = 16 * 1024;
 /// The send window is the round trip times this rate (within the link's bounds): enough to
 /// carry this much per second on that path, and no more in flight than that needs.
 const WINDOW_RATE: f64 = 64.0 * 1024.0 * 1024.0;
+/// Round trips measured in quick succession after AGREE (the shortest counts), so that one
+/// sample delayed by a busy CPU does not size the window.
+const QUICK_PINGS: u32 = 3;
+const QUICK_PING_GAP: Duration = Duration::from_millis(100);
 /// Output buffers that grew past this while a peer was slow are shrunk back once drained.
 pub const OUT_KEEP: usize = 256 * 1024;
 
@@ -80,8 +84,9 @@ pub struct Channel {
     next_ping: Option<Instant>,
     /// When the PING now awaiting its PONG was sent.
     ping_sent: Option<Instant>,
-    /// Shortest PING round trip on the current channel.
+    /// Shortest PING round trip on the current channel, and how many were measured.
     min_rtt: Option<Duration>,
+    rtt_samples: u32,
     encode_buf: Vec<u8>,
 }
 
@@ -97,6 +102,7 @@ impl Channel {
             next_ping: None,
             ping_sent: None,
             min_rtt: None,
+            rtt_samples: 0,
             encode_buf: Vec::new(),
         }
     }
@@ -148,6 +154,10 @@ impl Channel {
             return;
         };
         let rtt = now.saturating_duration_since(sent);
+        self.rtt_samples += 1;
+        if self.rtt_samples < QUICK_PINGS {
+            self.next_ping = Some(now + QUICK_PING_GAP);
+        }
         if self.min_rtt.is_some_and(|min| min <= rtt) {
             return;
         }
@@ -171,10 +181,12 @@ impl Channel {
         self.next_ping = None;
         self.ping_sent = None;
         self.min_rtt = None;
+        self.rtt_samples = 0;
     }
 
     /// Marks the channel ready with the agreed features. The first PING goes at once: its round
-    /// trip, on a channel with nothing else in flight yet, sizes the send window.
+    /// trip, on a channel with nothing else in flight yet, sizes the send window (with the next
+    /// [`QUICK_PINGS`] − 1, [`QUICK_PING_GAP`] apart).
     pub fn agreed(&mut self, features: &[String], now: Instant) {
         self.ready = true;
         self.next_ping = Some(now);
