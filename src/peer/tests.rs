@@ -520,6 +520,13 @@ fn stun_srflx_candidates_are_trickled_while_ice_still_connects() {
     );
     assert!(b.srflx.is_empty());
     assert!(b.stun.next_deadline().is_some());
+    // The relay records on its own thread: wait for it to have seen A's trickle.
+    drive_until(
+        &mut poll,
+        &mut [&mut a, &mut b],
+        "A's srflx candidate at the relay",
+        |_| !trickled_srflx(&relayed, public_a).is_empty(),
+    );
     assert_eq!(
         trickled_srflx(&relayed, public_a).len(),
         1,
