@@ -1,8 +1,28 @@
 //! Non-blocking socket helpers shared by the mio drivers (`signal::server`, `tunnel`, `peer`):
-//! read once into a buffer, write a buffer until the socket would block, size kernel buffers.
+//! accept a connection, read once into a buffer, write a buffer until the socket would block,
+//! size kernel buffers.
 
 use std::io::{self, Read, Write};
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
+
+use mio::net::{TcpListener, TcpStream};
+
+/// Accepts one waiting connection, with TCP_NODELAY set; `None` once none is waiting (or on an
+/// error, which is logged).
+pub fn accept(listener: &TcpListener) -> Option<(TcpStream, SocketAddr)> {
+    match listener.accept() {
+        Ok((stream, peer)) => {
+            let _ = stream.set_nodelay(true);
+            Some((stream, peer))
+        }
+        Err(e) if would_block(&e) => None,
+        Err(e) => {
+            log::warn!("accept failed: {e}");
+            None
+        }
+    }
+}
 
 /// Whether an I/O error only means "not now" on a non-blocking socket.
 pub fn would_block(e: &io::Error) -> bool {

@@ -357,9 +357,8 @@ fn sigterm_leaves_the_room_at_once() {
     assert_eq!(request(t.addr, "GET", "/health", b"").0, 200);
     // The proxy closes the channel, says `bye` and exits 0; serve hears it at once, not when
     // ICE times out (~20 s).
-    t.proxy.terminate();
     assert_eq!(
-        t.proxy.wait_exit(5),
+        t.proxy.terminate(5),
         Some(0),
         "proxy exit code after SIGTERM"
     );
@@ -371,17 +370,15 @@ fn sigterm_leaves_the_room_at_once() {
     proxy.wait_line("tunnel ready", 15);
     assert_eq!(request(addr, "GET", "/health", b"").0, 200);
     // serve and the signal server stop the same way.
-    t.serve.terminate();
     assert_eq!(
-        t.serve.wait_exit(5),
+        t.serve.terminate(5),
         Some(0),
         "serve exit code after SIGTERM"
     );
     proxy.wait_line("peer lost", 5);
     proxy.wait_line("left the room", 5);
-    t.signal.terminate();
     assert_eq!(
-        t.signal.wait_exit(5),
+        t.signal.terminate(5),
         Some(0),
         "signal exit code after SIGTERM"
     );

@@ -114,28 +114,37 @@ fn run_until(
         if done(seen) {
             return;
         }
-        let now = Instant::now();
-        assert!(now < deadline, "timed out waiting for {what}: {seen:?}");
-        let next = links
-            .iter()
-            .filter_map(|l| l.next_deadline())
-            .min()
-            .unwrap_or(deadline)
-            .min(deadline);
-        poll.poll(&mut events, Some(next.saturating_duration_since(now)))
-            .expect("poll");
-        let now = Instant::now();
-        for event in events.iter() {
-            for link in links.iter_mut() {
-                if link.owns(event.token()) {
-                    link.handle_event(poll.registry(), event, now);
-                }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {seen:?}"
+        );
+        step(poll, links, &mut events, deadline);
+    }
+}
+
+/// One pass of a driver: poll until the links' next deadline (at most `deadline`), hand each
+/// event to the link owning its token, then fire due timeouts.
+fn step(poll: &mut Poll, links: &mut [&mut Link], events: &mut Events, deadline: Instant) {
+    let now = Instant::now();
+    let next = links
+        .iter()
+        .filter_map(|l| l.next_deadline())
+        .min()
+        .unwrap_or(deadline)
+        .min(deadline);
+    poll.poll(events, Some(next.saturating_duration_since(now)))
+        .expect("poll");
+    let now = Instant::now();
+    for event in events.iter() {
+        for link in links.iter_mut() {
+            if link.owns(event.token()) {
+                link.handle_event(poll.registry(), event, now);
             }
         }
-        for link in links.iter_mut() {
-            if link.next_deadline().is_some_and(|t| t <= now) {
-                link.handle_timeout(poll.registry(), now);
-            }
+    }
+    for link in links.iter_mut() {
+        if link.next_deadline().is_some_and(|t| t <= now) {
+            link.handle_timeout(poll.registry(), now);
         }
     }
 }
@@ -409,27 +418,8 @@ fn drive_until(
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut events = Events::with_capacity(64);
     while !done(links) {
-        let now = Instant::now();
-        assert!(now < deadline, "timed out waiting for {what}");
-        let next = links
-            .iter()
-            .filter_map(|l| l.next_deadline())
-            .min()
-            .unwrap_or(deadline)
-            .min(deadline);
-        poll.poll(&mut events, Some(next.saturating_duration_since(now)))
-            .expect("poll");
-        let now = Instant::now();
-        for event in events.iter() {
-            for link in links.iter_mut() {
-                link.handle_event(poll.registry(), event, now);
-            }
-        }
-        for link in links.iter_mut() {
-            if link.next_deadline().is_some_and(|t| t <= now) {
-                link.handle_timeout(poll.registry(), now);
-            }
-        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        step(poll, links, &mut events, deadline);
     }
 }
 

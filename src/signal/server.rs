@@ -20,7 +20,7 @@ use tungstenite::{Message, WebSocket};
 use super::agent::{Agent, IceConfig, SseOut, KEEPALIVE_EVERY, PRUNE_EVERY};
 use super::dialect::{ConnId, Dialect, Outbox};
 use crate::http1::{self, BodyDecoder, BodyFraming, HeadError, Request};
-use crate::nbio::{would_block, write_out};
+use crate::nbio::{accept, would_block, write_out};
 use crate::stun;
 
 const LISTENER: Token = Token(0);
@@ -308,21 +308,12 @@ impl Server {
     }
 
     fn accept(&mut self, now: Instant) {
-        loop {
-            let (mut stream, peer) = match self.listener.accept() {
-                Ok(s) => s,
-                Err(e) if would_block(&e) => return,
-                Err(e) => {
-                    log::warn!("accept failed: {e}");
-                    return;
-                }
-            };
+        while let Some((mut stream, peer)) = accept(&self.listener) {
             if self.live >= self.cfg.max_connections {
                 self.metrics.errors += 1;
                 log::debug!("refusing {peer}: {} connections open", self.live);
                 continue;
             }
-            let _ = stream.set_nodelay(true);
             let id = match self.free.pop() {
                 Some(id) => id,
                 None => {

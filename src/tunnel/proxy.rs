@@ -14,7 +14,7 @@ use mio::{Interest, Registry, Token};
 use super::{slot_of, token_of, Channel, Role, OUT_KEEP, READ_CHUNK, WINDOW, WINDOW_ACK};
 use crate::frame::{body_chunks, Hello, Message, ReqHeaders, ResHeaders};
 use crate::http1::{self, BodyDecoder, BodyFraming, HeadError};
-use crate::nbio::{read_some, would_block, write_out};
+use crate::nbio::{accept, read_some, would_block, write_out};
 
 /// No RES_HEADERS this long after the request: 504.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -99,16 +99,7 @@ impl Proxy {
     }
 
     fn accept(&mut self, registry: &Registry, now: Instant) {
-        loop {
-            let (mut stream, peer) = match self.listener.accept() {
-                Ok(s) => s,
-                Err(e) if would_block(&e) => return,
-                Err(e) => {
-                    log::warn!("accept failed: {e}");
-                    return;
-                }
-            };
-            let _ = stream.set_nodelay(true);
+        while let Some((mut stream, peer)) = accept(&self.listener) {
             let slot = self.free.pop().unwrap_or_else(|| {
                 self.clients.push(None);
                 self.clients.len() - 1

@@ -35,6 +35,14 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    /// Starts a non-blocking connection to address `attempt` (modulo their count), with
+    /// TCP_NODELAY set.
+    fn connect(&self, attempt: usize) -> std::io::Result<TcpStream> {
+        let sock = TcpStream::connect(self.addrs[attempt % self.addrs.len()])?;
+        let _ = sock.set_nodelay(true);
+        Ok(sock)
+    }
+
     /// Parses and resolves (once, at start-up) an `http://` upstream URL.
     pub fn parse(url: &str) -> Result<Upstream, String> {
         let rest = url.strip_prefix("http://").ok_or_else(|| {
@@ -167,7 +175,7 @@ impl Serve {
             return;
         }
         let attempt = self.preferred;
-        let mut sock = match self.connect(attempt) {
+        let mut sock = match self.upstream.connect(attempt) {
             Ok(s) => s,
             Err(e) => return bad_gateway(ch, sid, &e.to_string()),
         };
@@ -183,7 +191,6 @@ impl Serve {
             self.free.push(slot);
             return bad_gateway(ch, sid, &e.to_string());
         }
-        let _ = sock.set_nodelay(true);
         let target = self.upstream.target(&self.advertise, &h.path);
         let mut headers: Vec<(String, String)> = http1::end_to_end(&h.headers)
             .into_iter()
@@ -231,11 +238,6 @@ impl Serve {
         self.by_sid.insert(sid, slot);
     }
 
-    fn connect(&self, attempt: usize) -> std::io::Result<TcpStream> {
-        let addrs = &self.upstream.addrs;
-        TcpStream::connect(addrs[attempt % addrs.len()])
-    }
-
     /// A connection attempt failed: tries the upstream's next address, if any is left.
     /// Returns false when none is.
     fn try_next_address(&mut self, slot: usize, registry: &Registry) -> bool {
@@ -248,7 +250,7 @@ impl Serve {
         }
         let next = (s.attempt + 1) % count;
         let addr = self.upstream.addrs[next];
-        let Ok(mut sock) = TcpStream::connect(addr) else {
+        let Ok(mut sock) = self.upstream.connect(next) else {
             return false;
         };
         if registry
@@ -262,7 +264,6 @@ impl Serve {
             return false;
         }
         let _ = registry.deregister(&mut s.sock);
-        let _ = sock.set_nodelay(true);
         log::debug!("stream {}: trying upstream address {addr}", s.sid);
         s.sock = sock;
         s.attempt = next;

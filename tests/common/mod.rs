@@ -90,13 +90,15 @@ impl Proc {
         &self.seen
     }
 
-    /// Sends SIGTERM (through `kill(1)`), as a service manager or Ctrl-C would.
-    pub fn terminate(&self) {
+    /// Sends SIGTERM (through `kill(1)`), as a service manager or Ctrl-C would, and waits up to
+    /// `secs` for the process to exit; returns its exit code.
+    pub fn terminate(&mut self, secs: u64) -> Option<i32> {
         let status = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()
             .expect("run kill");
         assert!(status.success(), "kill -TERM failed");
+        self.wait_exit(secs)
     }
 
     /// Waits for the process to exit (up to `secs`), returning its exit code.

@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -39,7 +39,14 @@ fn orig_bin() -> PathBuf {
 struct Proc {
     name: &'static str,
     child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
+    log: Arc<Log>,
+}
+
+/// The lines a child printed so far, and whether its stderr has ended; the reader thread
+/// notifies `grew` after each change.
+struct Log {
+    state: Mutex<(Vec<String>, bool)>,
+    grew: Condvar,
 }
 
 impl Proc {
@@ -52,22 +59,29 @@ impl Proc {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
-        let lines = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::new(Log {
+            state: Mutex::new((Vec::new(), false)),
+            grew: Condvar::new(),
+        });
         let stderr = child.stderr.take().expect("piped stderr");
-        let sink = lines.clone();
+        let sink = log.clone();
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
+                sink.state.lock().unwrap().0.push(line);
+                sink.grew.notify_all();
             }
+            sink.state.lock().unwrap().1 = true;
+            sink.grew.notify_all();
         });
-        Proc { name, child, lines }
+        Proc { name, child, log }
     }
 
     /// Waits for a stderr line containing `marker`; returns the word that follows it.
     fn wait_for(&mut self, marker: &str, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
+        let mut state = self.log.state.lock().unwrap();
         loop {
-            let found = self.lines.lock().unwrap().iter().find_map(|l| {
+            let found = state.0.iter().find_map(|l| {
                 l.find(marker).map(|i| {
                     l[i + marker.len()..]
                         .split_whitespace()
@@ -80,25 +94,27 @@ impl Proc {
             if let Some(f) = found {
                 return f;
             }
-            if let Ok(Some(status)) = self.child.try_wait() {
+            let lines = state.0.join("\n");
+            if state.1 {
+                drop(state);
+                let status = self.child.wait().map(|s| s.to_string());
                 panic!(
-                    "{} exited ({status}) before '{marker}':\n{}",
-                    self.name,
-                    self.log()
+                    "{} exited ({status:?}) before '{marker}':\n{lines}",
+                    self.name
                 );
             }
+            let left = deadline.saturating_duration_since(Instant::now());
             assert!(
-                Instant::now() < deadline,
-                "{}: no '{marker}' within {timeout:?}:\n{}",
-                self.name,
-                self.log()
+                !left.is_zero(),
+                "{}: no '{marker}' within {timeout:?}:\n{lines}",
+                self.name
             );
-            thread::sleep(Duration::from_millis(20));
+            state = self.log.grew.wait_timeout(state, left).unwrap().0;
         }
     }
 
     fn log(&self) -> String {
-        self.lines.lock().unwrap().join("\n")
+        self.log.state.lock().unwrap().0.join("\n")
     }
 }
 
@@ -307,6 +323,8 @@ fn pairing(orig_serves: bool, provider_first: bool) {
     let b = Proc::spawn(second.0, second.1, second.2, second.3);
     let (provider, mut consumer) = if provider_first { (a, b) } else { (b, a) };
     let addr = consumer.wait_for("proxy listening on http://", Duration::from_secs(10));
+    // Both consumers answer 503 until AGREE, and log `tunnel ready` when it arrives.
+    consumer.wait_for("tunnel ready", Duration::from_secs(30));
     let logs = |what: &str| {
         format!(
             "{what}\n--- {} ---\n{}\n--- {} ---\n{}\n--- signal ---\n{}",
@@ -318,28 +336,17 @@ fn pairing(orig_serves: bool, provider_first: bool) {
         )
     };
 
-    // The consumer answers 503 until the tunnel is up: poll.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let models = loop {
-        match get(&addr, "/v1/models") {
-            Ok(r) if r.status == 200 => break r,
-            Ok(r) if r.status == 503 => {}
-            Ok(r) => panic!(
-                "{}",
-                logs(&format!(
-                    "GET /v1/models: status {} body {:?}",
-                    r.status,
-                    String::from_utf8_lossy(&r.body)
-                ))
-            ),
-            Err(e) => panic!("{}", logs(&format!("GET /v1/models: {e}"))),
-        }
-        assert!(
-            Instant::now() < deadline,
+    let models = match get(&addr, "/v1/models") {
+        Ok(r) if r.status == 200 => r,
+        Ok(r) => panic!(
             "{}",
-            logs("tunnel not ready within 30 s")
-        );
-        thread::sleep(Duration::from_millis(100));
+            logs(&format!(
+                "GET /v1/models: status {} body {:?}",
+                r.status,
+                String::from_utf8_lossy(&r.body)
+            ))
+        ),
+        Err(e) => panic!("{}", logs(&format!("GET /v1/models: {e}"))),
     };
     assert_eq!(
         String::from_utf8_lossy(&models.body),
