@@ -75,7 +75,7 @@ pub fn config(opts: &SignalOpts) -> Result<(Config, DialectKind), String> {
         return Err("--turn-secret and --turn-url go together".into());
     }
     let dialect: Box<dyn dialect::Dialect + Send> = match kind {
-        DialectKind::Tunnel => Box::new(tunnel_rooms::TunnelRooms::new(opts.max_peers)),
+        DialectKind::Tunnel => Box::new(tunnel_rooms::TunnelRooms::new(opts.max_peers, 32)),
         DialectKind::WebLlm => Box::new(webllm::WebLlm::new(opts.webllm_global_signal, port)),
         DialectKind::ChronoFlux => Box::new(chronoflux::ChronoFlux::new()),
     };
@@ -116,7 +116,7 @@ pub fn spawn(listen: SocketAddr) -> Result<(SocketAddr, Option<SocketAddr>), Str
     let cfg = Config {
         listen,
         stun: Some(SocketAddr::new(listen.ip(), 0)),
-        dialect: Box::new(tunnel_rooms::TunnelRooms::new(2)),
+        dialect: Box::new(tunnel_rooms::TunnelRooms::new(2, 32)),
         ice: IceConfig::default(),
         max_message: 64 * 1024,
         max_connections: 1024,
