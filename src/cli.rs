@@ -43,9 +43,15 @@ pub struct SignalOpts {
     #[argh(option, default = "String::from(\"tunnel\")")]
     pub dialect: String,
 
-    /// members per room in the tunnel dialect (default 2); above 2, messages may carry "to"
+    /// members per room in the tunnel dialect while no member gave a "role" in its join
+    /// (default 2); above 2, messages may carry "to"
     #[argh(option, default = "2")]
     pub max_peers: usize,
+
+    /// consumers per provider room in the tunnel dialect (default 32): a room where a join
+    /// carried "role":"provider" or "role":"consumer" holds one provider and up to N consumers
+    #[argh(option, default = "32")]
+    pub max_consumers: usize,
 
     /// webllm dialect: deliver signal/direct to any registered device, as the original did,
     /// instead of only within the sender's room

@@ -68,6 +68,9 @@ pub fn config(opts: &SignalOpts) -> Result<(Config, DialectKind), String> {
     if opts.max_peers < 2 {
         return Err("--max-peers must be at least 2".into());
     }
+    if opts.max_consumers < 1 {
+        return Err("--max-consumers must be at least 1".into());
+    }
     if opts.max_message < 1024 {
         return Err("--max-message must be at least 1024 bytes".into());
     }
@@ -75,7 +78,10 @@ pub fn config(opts: &SignalOpts) -> Result<(Config, DialectKind), String> {
         return Err("--turn-secret and --turn-url go together".into());
     }
     let dialect: Box<dyn dialect::Dialect + Send> = match kind {
-        DialectKind::Tunnel => Box::new(tunnel_rooms::TunnelRooms::new(opts.max_peers, 32)),
+        DialectKind::Tunnel => Box::new(tunnel_rooms::TunnelRooms::new(
+            opts.max_peers,
+            opts.max_consumers,
+        )),
         DialectKind::WebLlm => Box::new(webllm::WebLlm::new(opts.webllm_global_signal, port)),
         DialectKind::ChronoFlux => Box::new(chronoflux::ChronoFlux::new()),
     };
