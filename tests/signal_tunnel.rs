@@ -1,5 +1,6 @@
 //! The p2p-llm-tunnel dialect against the running binary: the golden transcript of
-//! protocols.md §1, byte for byte, plus the listen forms and `--max-peers`.
+//! protocols.md §1, byte for byte, plus the listen forms, `--max-peers`, and provider rooms
+//! (`"role"` in `join`, `--max-consumers`).
 
 mod common;
 use common::*;
@@ -204,4 +205,194 @@ fn listen_forms_port_env_and_ipv6() {
     let mut bad = Proc::start(&["signal", "--listen", "nonsense:port"], &[]);
     assert_eq!(bad.wait_exit(10), Some(1));
     bad.wait_line("invalid address", 5);
+}
+
+/// Joins `room` (with `role`, if not empty) and returns the new peer id and the `joined` text.
+fn join_as(s: &mut Ws, room: &str, role: &str) -> (String, String) {
+    if role.is_empty() {
+        send(s, &format!(r#"{{"type":"join","room":"{room}"}}"#));
+    } else {
+        send(
+            s,
+            &format!(r#"{{"type":"join","room":"{room}","role":"{role}"}}"#),
+        );
+    }
+    let joined = text(s);
+    let v: Value = serde_json::from_str(&joined).unwrap();
+    assert_eq!(v["type"], "joined", "{joined}");
+    let id = v["peerId"].as_str().unwrap().to_string();
+    assert!(is_uuid_v4(&id), "{id}");
+    (id, joined)
+}
+
+fn joined_text(id: &str, peers: &[&str]) -> String {
+    format!(
+        r#"{{"type":"joined","peerId":"{id}","peers":{}}}"#,
+        serde_json::to_string(peers).unwrap()
+    )
+}
+
+fn notice(kind: &str, id: &str) -> String {
+    format!(r#"{{"type":"{kind}","peerId":"{id}"}}"#)
+}
+
+fn error_text(message: &str) -> String {
+    json!({"type": "error", "message": message}).to_string()
+}
+
+/// Asserts that nothing is waiting for the joined socket `s`: the next message it gets is the
+/// answer to a probe.
+fn nothing_pending(s: &mut Ws) {
+    send(s, r#"{"type":"join","room":"probe"}"#);
+    assert_eq!(text(s), error_text("already joined a room"));
+}
+
+#[test]
+fn provider_room_with_three_consumers() {
+    let (_server, addr) = signal(&[]);
+    let mut c: Vec<Ws> = (0..3).map(|_| ws(addr, "/")).collect();
+    let mut p = ws(addr, "/");
+
+    // Two consumers wait for the provider: they see no one, and no one hears of them.
+    let (c1, joined) = join_as(&mut c[0], "llm", "consumer");
+    assert_eq!(joined, joined_text(&c1, &[]));
+    let (c2, joined) = join_as(&mut c[1], "llm", "consumer");
+    assert_eq!(joined, joined_text(&c2, &[]));
+    nothing_pending(&mut c[0]);
+
+    // The provider sees both, in join order; each hears of the provider only.
+    let (pid, joined) = join_as(&mut p, "llm", "provider");
+    assert_eq!(joined, joined_text(&pid, &[&c1, &c2]));
+    assert_eq!(text(&mut c[0]), notice("peer-joined", &pid));
+    assert_eq!(text(&mut c[1]), notice("peer-joined", &pid));
+
+    // A third consumer, beyond --max-peers 2, sees the provider; only the provider hears of it.
+    let (c3, joined) = join_as(&mut c[2], "llm", "consumer");
+    assert_eq!(joined, joined_text(&c3, &[&pid]));
+    assert_eq!(text(&mut p), notice("peer-joined", &c3));
+    for s in c.iter_mut() {
+        nothing_pending(s);
+    }
+    let (_, _, health) = get(addr, "/healthz");
+    assert_eq!(serde_json::from_str::<Value>(&health).unwrap()["rooms"], 1);
+
+    // The provider addresses consumers with `to`; without it, the first consumer.
+    send(
+        &mut p,
+        &format!(r#"{{"type":"offer","sdp":"v=0","to":"{c3}"}}"#),
+    );
+    assert_eq!(
+        text(&mut c[2]),
+        format!(r#"{{"type":"offer","peerId":"{pid}","sdp":"v=0"}}"#)
+    );
+    send(&mut p, r#"{"type":"offer","sdp":{"k":[1]}}"#);
+    assert_eq!(
+        text(&mut c[0]),
+        format!(r#"{{"type":"offer","peerId":"{pid}","sdp":{{"k":[1]}}}}"#)
+    );
+    // A consumer's messages go to the provider; another consumer is not in its room.
+    send(&mut c[1], r#"{"type":"candidate","candidate":"c2"}"#);
+    assert_eq!(
+        text(&mut p),
+        format!(r#"{{"type":"candidate","peerId":"{c2}","candidate":"c2"}}"#)
+    );
+    send(
+        &mut c[1],
+        &format!(r#"{{"type":"answer","sdp":"a","to":"{c1}"}}"#),
+    );
+    assert_eq!(
+        text(&mut c[1]),
+        error_text(&format!("peer '{c1}' is not in the room"))
+    );
+    send(
+        &mut c[2],
+        &format!(r#"{{"type":"answer","sdp":"a3","to":"{pid}"}}"#),
+    );
+    assert_eq!(
+        text(&mut p),
+        format!(r#"{{"type":"answer","peerId":"{c3}","sdp":"a3"}}"#)
+    );
+
+    // A consumer leaving (bye, close) is news to the provider only.
+    send(&mut c[0], r#"{"type":"bye"}"#);
+    assert_eq!(text(&mut p), notice("peer-left", &c1));
+    c[2].close(None).unwrap();
+    assert_eq!(text(&mut p), notice("peer-left", &c3));
+    nothing_pending(&mut c[1]);
+    nothing_pending(&mut p);
+    // The provider leaving is news to every consumer still there.
+    p.close(None).unwrap();
+    assert_eq!(text(&mut c[1]), notice("peer-left", &pid));
+}
+
+#[test]
+fn a_role_less_provider_serves_consumers() {
+    // The original p2p-llm-tunnel serve sends no role: a consumer takes it for the provider.
+    let (_server, addr) = signal(&[]);
+    let mut serve = ws(addr, "/");
+    let (sid, _) = join_as(&mut serve, "v1", "");
+    let mut consumers = Vec::new();
+    for _ in 0..2 {
+        let mut s = ws(addr, "/");
+        let (id, joined) = join_as(&mut s, "v1", "consumer");
+        assert_eq!(joined, joined_text(&id, &[&sid]));
+        assert_eq!(text(&mut serve), notice("peer-joined", &id));
+        consumers.push((s, id));
+    }
+    nothing_pending(&mut consumers[0].0);
+    // Without `to` the version-1 provider reaches the first consumer.
+    send(&mut serve, r#"{"type":"offer","sdp":"v=0"}"#);
+    assert_eq!(
+        text(&mut consumers[0].0),
+        format!(r#"{{"type":"offer","peerId":"{sid}","sdp":"v=0"}}"#)
+    );
+    // A role-less joiner now is a consumer too.
+    let mut late = ws(addr, "/");
+    let (lid, joined) = join_as(&mut late, "v1", "");
+    assert_eq!(joined, joined_text(&lid, &[&sid]));
+    assert_eq!(text(&mut serve), notice("peer-joined", &lid));
+    nothing_pending(&mut consumers[1].0);
+}
+
+#[test]
+fn max_consumers_and_provider_errors() {
+    let (_server, addr) = signal(&["--max-consumers", "2"]);
+    let mut p = ws(addr, "/");
+    let (pid, _) = join_as(&mut p, "cap", "provider");
+    let mut c1 = ws(addr, "/");
+    let (c1_id, _) = join_as(&mut c1, "cap", "consumer");
+    let mut c2 = ws(addr, "/");
+    let (c2_id, _) = join_as(&mut c2, "cap", "consumer");
+    let mut c3 = ws(addr, "/");
+    send(&mut c3, r#"{"type":"join","room":"cap","role":"consumer"}"#);
+    assert_eq!(
+        text(&mut c3),
+        r#"{"type":"error","message":"room 'cap' is full (max 2 consumers)"}"#
+    );
+    send(&mut c3, r#"{"type":"join","room":"cap","role":"provider"}"#);
+    assert_eq!(
+        text(&mut c3),
+        r#"{"type":"error","message":"room 'cap' already has a provider"}"#
+    );
+    send(&mut c3, r#"{"type":"join","room":"cap","role":"admin"}"#);
+    assert_eq!(
+        text(&mut c3),
+        r#"{"type":"error","message":"role must be \"provider\" or \"consumer\""}"#
+    );
+    // Still open and unjoined: it gets in once a consumer has left.
+    send(&mut c3, r#"{"type":"offer","sdp":"x"}"#);
+    assert_eq!(text(&mut c3), error_text("must join a room first"));
+    assert_eq!(text(&mut p), notice("peer-joined", &c1_id));
+    assert_eq!(text(&mut p), notice("peer-joined", &c2_id));
+    send(&mut c1, r#"{"type":"bye"}"#);
+    assert_eq!(text(&mut p), notice("peer-left", &c1_id));
+    let (c3_id, joined) = join_as(&mut c3, "cap", "consumer");
+    assert_eq!(joined, joined_text(&c3_id, &[&pid]));
+
+    let mut bad = Proc::start(
+        &["signal", "--listen", "127.0.0.1:0", "--max-consumers", "0"],
+        &[],
+    );
+    assert_eq!(bad.wait_exit(10), Some(1));
+    bad.wait_line("--max-consumers must be at least 1", 5);
 }
