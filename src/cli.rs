@@ -146,6 +146,14 @@ pub struct ServeOpts {
     /// TURN password (env TUNNEL_TURN_PASS)
     #[argh(option)]
     pub turn_pass: Option<String>,
+
+    /// consumers (tunnel proxy, browsers) served at once (default 32); more are refused
+    #[argh(option, default = "32")]
+    pub max_consumers: usize,
+
+    /// requests in flight per consumer (default 64); beyond it a request gets 503
+    #[argh(option, default = "64")]
+    pub max_streams: usize,
 }
 
 /// Listen locally and carry every HTTP request through the tunnel to the provider: the consumer.

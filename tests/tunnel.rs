@@ -363,7 +363,8 @@ fn sigterm_leaves_the_room_at_once() {
         "proxy exit code after SIGTERM"
     );
     t.proxy.wait_line("stopping: leaving the room", 1);
-    t.serve.wait_line("peer lost", 5);
+    t.serve.wait_line("consumer", 5);
+    t.serve.wait_line(" left: ", 5);
     t.serve.wait_line("left the room", 5);
     // A new proxy in the same room gets through to the same provider.
     let (mut proxy, addr) = proxy(&t.signal_url, &t.room);

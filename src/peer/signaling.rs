@@ -1,26 +1,47 @@
 //! Sans-IO client of the tunnel signaling dialect (`spec/protocols.md` §1): JSON text from the
 //! server goes in, JSON text for the server and [`SignalEvent`]s come out. It knows the room, our
-//! id and the other member's id; it never touches a socket. The peer link (`super::Link`) feeds it
-//! from its WebSocket and turns its events into WebRTC actions.
+//! id and the other members' ids; it never touches a socket. The peer core (`super::core`)
+//! feeds it and turns its events into WebRTC actions.
+//!
+//! A consumer (`tunnel proxy`) joins with `"role":"consumer"` and talks to one member, the
+//! provider. A provider (`tunnel serve`) joins with `"role":"provider"`, talks to every member
+//! and addresses each message with `"to"`. Both extension fields are ignored by servers that do
+//! not know them (the original Node server), where a room simply holds two members.
 
 use std::collections::VecDeque;
 
 use serde_json::Value;
 
-/// What the server told us, in the terms the link acts on.
+/// Which side of a provider room we are (the `role` field of `join`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoomRole {
+    Provider,
+    Consumer,
+}
+
+impl RoomRole {
+    fn as_str(self) -> &'static str {
+        match self {
+            RoomRole::Provider => "provider",
+            RoomRole::Consumer => "consumer",
+        }
+    }
+}
+
+/// What the server told us, in the terms the core acts on.
 #[derive(Debug, PartialEq, Eq)]
 pub enum SignalEvent {
-    /// We are in the room with id `id`; `peers` other members were there before us (0 or 1).
-    Joined { id: String, peers: usize },
-    /// Another member arrived after us: we are the offerer.
+    /// We are in the room with id `id`; `peers` are the members there before us, in join order.
+    Joined { id: String, peers: Vec<String> },
+    /// Another member arrived after us: we are its offerer.
     PeerJoined { peer: String },
-    /// An SDP offer from the other member.
-    Offer { sdp: String },
-    /// An SDP answer from the other member.
-    Answer { sdp: String },
-    /// A trickled candidate string from the other member (JSON text or a bare line).
-    Candidate { candidate: String },
-    /// The other member left the room (bye, socket closed).
+    /// An SDP offer from member `from`.
+    Offer { from: String, sdp: String },
+    /// An SDP answer from member `from`.
+    Answer { from: String, sdp: String },
+    /// A trickled candidate string (JSON text or a bare line) from member `from`.
+    Candidate { from: String, candidate: String },
+    /// Member `peer` left the room (bye, socket closed).
     PeerLeft { peer: String },
     /// The server refused something (`{"type":"error"}`), with its message.
     ServerError { message: String },
@@ -29,20 +50,23 @@ pub enum SignalEvent {
 /// The client side of one signaling connection.
 pub struct Signaling {
     room: String,
+    role: RoomRole,
     connected: bool,
     my_id: Option<String>,
-    peer: Option<String>,
+    /// The other members we know of, in the order we learnt of them.
+    members: Vec<String>,
     out: VecDeque<String>,
     events: VecDeque<SignalEvent>,
 }
 
 impl Signaling {
-    pub fn new(room: &str) -> Signaling {
+    pub fn new(room: &str, role: RoomRole) -> Signaling {
         Signaling {
             room: room.to_string(),
+            role,
             connected: false,
             my_id: None,
-            peer: None,
+            members: Vec::new(),
             out: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -54,13 +78,14 @@ impl Signaling {
         self.my_id = None;
         self.out.clear();
         self.out.push_back(format!(
-            r#"{{"type":"join","room":{}}}"#,
-            Value::from(self.room.as_str())
+            r#"{{"type":"join","room":{},"role":"{}"}}"#,
+            Value::from(self.room.as_str()),
+            self.role.as_str()
         ));
     }
 
-    /// The WebSocket is gone: we are no longer a member; unsent text is dropped. The other
-    /// member's id is kept until the next `joined` tells who is there.
+    /// The WebSocket is gone: we are no longer a member; unsent text is dropped. The members'
+    /// ids are kept until the next `joined` tells who is there.
     pub fn on_disconnected(&mut self) {
         self.connected = false;
         self.my_id = None;
@@ -77,9 +102,14 @@ impl Signaling {
         self.my_id.as_deref()
     }
 
-    /// The other member of the room, if any.
+    /// The member a consumer talks to: the last one it learnt of.
     pub fn peer(&self) -> Option<&str> {
-        self.peer.as_deref()
+        self.members.last().map(String::as_str)
+    }
+
+    /// Whether `member` is in the room as far as we know.
+    pub fn has_member(&self, member: &str) -> bool {
+        self.members.iter().any(|m| m == member)
     }
 
     pub fn is_joined(&self) -> bool {
@@ -117,11 +147,8 @@ impl Signaling {
                     })
                     .unwrap_or_default();
                 self.my_id = Some(id.clone());
-                self.peer = peers.last().cloned();
-                self.events.push_back(SignalEvent::Joined {
-                    id,
-                    peers: peers.len(),
-                });
+                self.members = peers.clone();
+                self.events.push_back(SignalEvent::Joined { id, peers });
             }
             "error" => {
                 let message = str_field("message").unwrap_or_default();
@@ -142,27 +169,29 @@ impl Signaling {
         let field = |name: &str| value.get(name).and_then(Value::as_str).map(str::to_string);
         match kind {
             "peer-joined" => {
-                self.peer = Some(from.clone());
+                self.members.retain(|m| *m != from);
+                self.members.push(from.clone());
                 self.events
                     .push_back(SignalEvent::PeerJoined { peer: from });
             }
             "peer-left" => {
-                if self.peer.as_deref() == Some(from.as_str()) {
-                    self.peer = None;
-                }
+                self.members.retain(|m| *m != from);
                 self.events.push_back(SignalEvent::PeerLeft { peer: from });
             }
             "offer" | "answer" | "candidate" => {
-                if self.peer.is_none() {
-                    self.peer = Some(from.clone());
-                } else if self.peer.as_deref() != Some(from.as_str()) {
-                    log::debug!("signaling: ignoring {kind} from {from}, not our peer");
-                    return;
+                if !self.has_member(&from) {
+                    // A consumer talks to one member; a provider to whoever the server relays.
+                    if self.role == RoomRole::Consumer && !self.members.is_empty() {
+                        log::debug!("signaling: ignoring {kind} from {from}, not our peer");
+                        return;
+                    }
+                    self.members.push(from.clone());
                 }
                 let event = match kind {
-                    "offer" => field("sdp").map(|sdp| SignalEvent::Offer { sdp }),
-                    "answer" => field("sdp").map(|sdp| SignalEvent::Answer { sdp }),
-                    _ => field("candidate").map(|candidate| SignalEvent::Candidate { candidate }),
+                    "offer" => field("sdp").map(|sdp| SignalEvent::Offer { from, sdp }),
+                    "answer" => field("sdp").map(|sdp| SignalEvent::Answer { from, sdp }),
+                    _ => field("candidate")
+                        .map(|candidate| SignalEvent::Candidate { from, candidate }),
                 };
                 match event {
                     Some(e) => self.events.push_back(e),
@@ -173,30 +202,36 @@ impl Signaling {
         }
     }
 
-    /// Queues our offer (dropped unless joined with another member present).
-    pub fn send_offer(&mut self, sdp: &str) {
-        self.send_to_peer("offer", "sdp", sdp);
+    /// Queues our offer to `to` (dropped unless joined with that member present).
+    pub fn send_offer(&mut self, to: &str, sdp: &str) {
+        self.send_to("offer", to, "sdp", sdp);
     }
 
-    /// Queues our answer (dropped unless joined with another member present).
-    pub fn send_answer(&mut self, sdp: &str) {
-        self.send_to_peer("answer", "sdp", sdp);
+    /// Queues our answer to `to` (dropped unless joined with that member present).
+    pub fn send_answer(&mut self, to: &str, sdp: &str) {
+        self.send_to("answer", to, "sdp", sdp);
     }
 
-    /// Queues one candidate string (dropped unless joined with another member present).
-    pub fn send_candidate(&mut self, candidate: &str) {
-        self.send_to_peer("candidate", "candidate", candidate);
+    /// Queues one candidate string for `to` (dropped unless joined with that member present).
+    pub fn send_candidate(&mut self, to: &str, candidate: &str) {
+        self.send_to("candidate", to, "candidate", candidate);
     }
 
-    fn send_to_peer(&mut self, kind: &str, key: &str, text: &str) {
-        if !self.is_joined() || self.peer.is_none() {
-            log::debug!("signaling: not sending {kind}: no peer in the room");
+    /// A provider names the member (`"to"`); a consumer's messages go to the provider anyway,
+    /// so its wire stays what version-1 clients send.
+    fn send_to(&mut self, kind: &str, to: &str, key: &str, text: &str) {
+        if !self.is_joined() || !self.has_member(to) {
+            log::debug!("signaling: not sending {kind}: {to} is not in the room");
             return;
         }
-        self.out.push_back(format!(
-            r#"{{"type":"{kind}","{key}":{}}}"#,
-            Value::from(text)
-        ));
+        let text = Value::from(text);
+        self.out.push_back(match self.role {
+            RoomRole::Provider => format!(
+                r#"{{"type":"{kind}","{key}":{text},"to":{}}}"#,
+                Value::from(to)
+            ),
+            RoomRole::Consumer => format!(r#"{{"type":"{kind}","{key}":{text}}}"#),
+        });
     }
 
     /// Queues `bye` (leave the room) if joined.
@@ -204,7 +239,7 @@ impl Signaling {
         if self.is_joined() {
             self.out.push_back(r#"{"type":"bye"}"#.to_string());
             self.my_id = None;
-            self.peer = None;
+            self.members.clear();
         }
     }
 
@@ -213,7 +248,7 @@ impl Signaling {
         self.out.pop_front()
     }
 
-    /// Next event for the link.
+    /// Next event for the core.
     pub fn poll_event(&mut self) -> Option<SignalEvent> {
         self.events.pop_front()
     }
@@ -236,26 +271,26 @@ mod tests {
     /// Member A of the golden transcript: joins first, becomes the offerer.
     #[test]
     fn golden_transcript_first_member() {
-        let mut a = Signaling::new("r");
-        a.send_offer("too early");
+        let mut a = Signaling::new("r", RoomRole::Consumer);
+        a.send_offer("B", "too early");
         assert!(sent(&mut a).is_empty(), "nothing before the socket is open");
 
         a.on_connected();
         assert_eq!(
             a.poll_transmit().as_deref(),
-            Some(r#"{"type":"join","room":"r"}"#)
+            Some(r#"{"type":"join","room":"r","role":"consumer"}"#)
         );
         a.handle_text(r#"{"type":"joined","peerId":"A","peers":[]}"#);
         assert_eq!(
             events(&mut a),
             vec![SignalEvent::Joined {
                 id: "A".into(),
-                peers: 0
+                peers: vec![]
             }]
         );
         assert_eq!(a.my_id(), Some("A"));
 
-        a.send_offer("alone");
+        a.send_offer("B", "alone");
         assert!(sent(&mut a).is_empty(), "nothing to a lone member");
 
         a.handle_text(r#"{"type":"peer-joined","peerId":"B"}"#);
@@ -267,18 +302,20 @@ mod tests {
         assert_eq!(
             events(&mut a),
             vec![SignalEvent::Candidate {
+                from: "B".into(),
                 candidate: "c".into()
             }]
         );
 
-        a.send_offer("v=0\r\n");
-        a.send_candidate(r#"{"candidate":"candidate:1"}"#);
+        a.send_offer("B", "v=0\r\n");
+        a.send_candidate("B", r#"{"candidate":"candidate:1"}"#);
         assert_eq!(
             sent(&mut a),
             vec![
                 serde_json::json!({"type":"offer","sdp":"v=0\r\n"}),
                 serde_json::json!({"type":"candidate","candidate":"{\"candidate\":\"candidate:1\"}"}),
-            ]
+            ],
+            "a consumer's messages carry no `to`: the version-1 wire"
         );
 
         // `answer` without sdp is relayed as is by the server; nothing to act on.
@@ -286,7 +323,10 @@ mod tests {
         a.handle_text(r#"{"type":"answer","peerId":"B","sdp":"v=0"}"#);
         assert_eq!(
             events(&mut a),
-            vec![SignalEvent::Answer { sdp: "v=0".into() }]
+            vec![SignalEvent::Answer {
+                from: "B".into(),
+                sdp: "v=0".into()
+            }]
         );
 
         a.handle_text(r#"{"type":"peer-left","peerId":"B"}"#);
@@ -295,7 +335,7 @@ mod tests {
             vec![SignalEvent::PeerLeft { peer: "B".into() }]
         );
         assert_eq!(a.peer(), None);
-        a.send_candidate("late");
+        a.send_candidate("B", "late");
         assert!(sent(&mut a).is_empty(), "peer gone: nothing sent");
 
         // B rejoins with a new id: we are the offerer again.
@@ -313,22 +353,22 @@ mod tests {
     /// Member B: joins second, becomes the answerer; offer and candidates come from A.
     #[test]
     fn golden_transcript_second_member() {
-        let mut b = Signaling::new("r");
+        let mut b = Signaling::new("r", RoomRole::Consumer);
         b.on_connected();
         assert_eq!(
             sent(&mut b),
-            vec![serde_json::json!({"type":"join","room":"r"})]
+            vec![serde_json::json!({"type":"join","room":"r","role":"consumer"})]
         );
         b.handle_text(r#"{"type":"joined","peerId":"B","peers":["A"]}"#);
         assert_eq!(
             events(&mut b),
             vec![SignalEvent::Joined {
                 id: "B".into(),
-                peers: 1
+                peers: vec!["A".into()]
             }]
         );
         assert_eq!(b.peer(), Some("A"));
-        b.send_candidate("c");
+        b.send_candidate("A", "c");
         assert_eq!(
             sent(&mut b),
             vec![serde_json::json!({"type":"candidate","candidate":"c"})]
@@ -336,9 +376,12 @@ mod tests {
         b.handle_text(r#"{"type":"offer","peerId":"A","sdp":"v=0"}"#);
         assert_eq!(
             events(&mut b),
-            vec![SignalEvent::Offer { sdp: "v=0".into() }]
+            vec![SignalEvent::Offer {
+                from: "A".into(),
+                sdp: "v=0".into()
+            }]
         );
-        b.send_answer("ans");
+        b.send_answer("A", "ans");
         assert_eq!(
             sent(&mut b),
             vec![serde_json::json!({"type":"answer","sdp":"ans"})]
@@ -350,13 +393,61 @@ mod tests {
         );
     }
 
+    /// A provider talks to every member and names each one with `to`.
+    #[test]
+    fn provider_addresses_each_member() {
+        let mut p = Signaling::new("r", RoomRole::Provider);
+        p.on_connected();
+        assert_eq!(
+            sent(&mut p),
+            vec![serde_json::json!({"type":"join","room":"r","role":"provider"})]
+        );
+        p.handle_text(r#"{"type":"joined","peerId":"P","peers":["C1","C2"]}"#);
+        assert_eq!(
+            events(&mut p),
+            vec![SignalEvent::Joined {
+                id: "P".into(),
+                peers: vec!["C1".into(), "C2".into()]
+            }]
+        );
+        p.handle_text(r#"{"type":"peer-joined","peerId":"C3"}"#);
+        p.handle_text(r#"{"type":"offer","peerId":"C1","sdp":"o1"}"#);
+        p.handle_text(r#"{"type":"candidate","peerId":"C2","candidate":"c2"}"#);
+        assert_eq!(
+            events(&mut p),
+            vec![
+                SignalEvent::PeerJoined { peer: "C3".into() },
+                SignalEvent::Offer {
+                    from: "C1".into(),
+                    sdp: "o1".into()
+                },
+                SignalEvent::Candidate {
+                    from: "C2".into(),
+                    candidate: "c2".into()
+                },
+            ]
+        );
+        p.send_answer("C1", "a1");
+        p.send_offer("C3", "o3");
+        p.send_offer("nobody", "dropped");
+        assert_eq!(
+            sent(&mut p),
+            vec![
+                serde_json::json!({"type":"answer","sdp":"a1","to":"C1"}),
+                serde_json::json!({"type":"offer","sdp":"o3","to":"C3"}),
+            ]
+        );
+        p.handle_text(r#"{"type":"peer-left","peerId":"C1"}"#);
+        assert!(!p.has_member("C1") && p.has_member("C2") && p.has_member("C3"));
+    }
+
     #[test]
     fn ignores_bad_and_anonymous_messages() {
-        let mut s = Signaling::new("room \"x\"");
+        let mut s = Signaling::new("room \"x\"", RoomRole::Consumer);
         s.on_connected();
         assert_eq!(
             sent(&mut s),
-            vec![serde_json::json!({"type":"join","room":"room \"x\""})]
+            vec![serde_json::json!({"type":"join","room":"room \"x\"","role":"consumer"})]
         );
         for text in [
             "not json",
@@ -386,7 +477,7 @@ mod tests {
 
     #[test]
     fn ignores_strangers_and_resets_on_disconnect() {
-        let mut s = Signaling::new("r");
+        let mut s = Signaling::new("r", RoomRole::Consumer);
         s.on_connected();
         s.handle_text(r#"{"type":"joined","peerId":"B","peers":["A"]}"#);
         events(&mut s);
@@ -403,14 +494,14 @@ mod tests {
         );
 
         sent(&mut s);
-        s.send_answer("queued");
+        s.send_answer("A", "queued");
         s.on_disconnected();
         assert!(
             sent(&mut s).is_empty(),
             "unsent text dropped with the socket"
         );
         assert!(!s.is_joined());
-        s.send_candidate("c");
+        s.send_candidate("A", "c");
         assert!(sent(&mut s).is_empty());
         s.on_connected();
         assert_eq!(sent(&mut s).len(), 1, "rejoin");

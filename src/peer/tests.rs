@@ -1,5 +1,6 @@
 //! Two links in one mio loop on 127.0.0.1, introduced by a tiny in-test signal relay.
 
+use super::core::PeerCore;
 use super::*;
 use mio::{Events, Poll};
 use serde_json::{json, Value};
@@ -90,15 +91,92 @@ fn config(relay: SocketAddr) -> LinkConfig {
     LinkConfig {
         signal_url: format!("ws://{relay}/any?path=1"),
         room: "test-room".into(),
+        role: RoomRole::Consumer,
+        max_peers: 1,
         ice_addrs: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
         stun: None,
+    }
+}
+
+/// What a test sees of one peer's channel (the peer id left out: each side has one session).
+#[derive(Debug, PartialEq, Eq)]
+enum LinkEvent {
+    ChannelOpen,
+    Data(Vec<u8>),
+    Writable,
+    ChannelLost,
+}
+
+/// A shell and its core, with the session whose channel opened last.
+struct Peer {
+    link: Link,
+    core: PeerCore,
+    current: PeerId,
+    pending: VecDeque<LinkEvent>,
+}
+
+impl Peer {
+    fn new(cfg: LinkConfig, registry: &Registry, token_base: usize) -> Result<Peer, String> {
+        let (link, core) = Link::new(cfg, registry, token_base, Instant::now())?;
+        Ok(Peer {
+            link,
+            core,
+            current: PeerId::NONE,
+            pending: VecDeque::new(),
+        })
+    }
+
+    fn owns(&self, token: Token) -> bool {
+        self.link.owns(token)
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.link.next_deadline(&self.core)
+    }
+
+    /// Moves the core's events into `pending` and sends what the core queued.
+    fn settle(&mut self, now: Instant) {
+        while let Some(ev) = self.core.poll_event(now) {
+            let ev = match ev {
+                PeerEvent::ChannelOpen(p) => {
+                    self.current = p;
+                    LinkEvent::ChannelOpen
+                }
+                PeerEvent::Data(_, d) => LinkEvent::Data(d),
+                PeerEvent::Writable(_) => LinkEvent::Writable,
+                PeerEvent::ChannelLost(..) => LinkEvent::ChannelLost,
+            };
+            self.pending.push_back(ev);
+        }
+        self.link.flush(&mut self.core);
+    }
+
+    fn poll_event(&mut self, now: Instant) -> Option<LinkEvent> {
+        self.settle(now);
+        self.pending.pop_front()
+    }
+
+    fn send(&mut self, data: &[u8]) -> bool {
+        self.core.send(self.current, data)
+    }
+
+    fn is_open(&self) -> bool {
+        self.core.is_open(self.current)
+    }
+
+    fn buffered_amount(&mut self) -> usize {
+        self.core.buffered_amount(self.current)
+    }
+
+    fn close(&mut self, registry: &Registry) {
+        self.link.close(&mut self.core, registry);
     }
 }
 
 /// Drives the links until `done` holds for the collected events, or panics after 10 s.
 fn run_until(
     poll: &mut Poll,
-    links: &mut [&mut Link],
+    links: &mut [&mut Peer],
     seen: &mut [Vec<LinkEvent>],
     what: &str,
     mut done: impl FnMut(&[Vec<LinkEvent>]) -> bool,
@@ -124,7 +202,7 @@ fn run_until(
 
 /// One pass of a driver: poll until the links' next deadline (at most `deadline`), hand each
 /// event to the link owning its token, then fire due timeouts.
-fn step(poll: &mut Poll, links: &mut [&mut Link], events: &mut Events, deadline: Instant) {
+fn step(poll: &mut Poll, links: &mut [&mut Peer], events: &mut Events, deadline: Instant) {
     let now = Instant::now();
     let next = links
         .iter()
@@ -136,16 +214,18 @@ fn step(poll: &mut Poll, links: &mut [&mut Link], events: &mut Events, deadline:
         .expect("poll");
     let now = Instant::now();
     for event in events.iter() {
-        for link in links.iter_mut() {
-            if link.owns(event.token()) {
-                link.handle_event(poll.registry(), event, now);
+        for p in links.iter_mut() {
+            if p.owns(event.token()) {
+                p.link
+                    .handle_event(&mut p.core, poll.registry(), event, now);
             }
         }
     }
-    for link in links.iter_mut() {
-        if link.next_deadline().is_some_and(|t| t <= now) {
-            link.handle_timeout(poll.registry(), now);
+    for p in links.iter_mut() {
+        if p.next_deadline().is_some_and(|t| t <= now) {
+            p.link.handle_timeout(&mut p.core, poll.registry(), now);
         }
+        p.settle(now);
     }
 }
 
@@ -173,9 +253,8 @@ fn two_links_connect_exchange_and_notice_loss() {
     let (relay, members) = spawn_relay();
     let mut poll = Poll::new().expect("poll");
     let start = Instant::now();
-    let mut a = Link::new(config(relay), poll.registry(), 0, Instant::now()).expect("link a");
-    let mut b =
-        Link::new(config(relay), poll.registry(), Link::TOKENS, Instant::now()).expect("link b");
+    let mut a = Peer::new(config(relay), poll.registry(), 0).expect("link a");
+    let mut b = Peer::new(config(relay), poll.registry(), Link::TOKENS).expect("link b");
     // Link::new makes the DTLS certificate; what follows is signaling, ICE, DTLS, SCTP.
     let created = Instant::now();
     assert!(a.owns(Token(0)) && a.owns(Token(63)) && !a.owns(Token(64)));
@@ -276,13 +355,7 @@ fn two_links_connect_exchange_and_notice_loss() {
     assert!(!b.send(b"gone"));
 
     // A newcomer gets a channel with B again (B is now the offerer).
-    let mut c = Link::new(
-        config(relay),
-        poll.registry(),
-        2 * Link::TOKENS,
-        Instant::now(),
-    )
-    .expect("link c");
+    let mut c = Peer::new(config(relay), poll.registry(), 2 * Link::TOKENS).expect("link c");
     let mut seen3 = [Vec::new(), Vec::new()];
     run_until(
         &mut poll,
@@ -325,19 +398,20 @@ fn reconnects_after_the_signal_server_refuses() {
         signal_url: format!("ws://127.0.0.1:{port}"),
         ..config("127.0.0.1:1".parse().unwrap())
     };
-    let mut link = Link::new(cfg, poll.registry(), 0, Instant::now()).expect("link");
+    let mut p = Peer::new(cfg, poll.registry(), 0).expect("link");
     let mut poll = poll;
     let mut events = Events::with_capacity(8);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while link.reconnect_at.is_none() {
+    while p.link.reconnect_at.is_none() {
         assert!(Instant::now() < deadline, "no reconnect scheduled");
         poll.poll(&mut events, Some(Duration::from_millis(100)))
             .expect("poll");
         for event in events.iter() {
-            link.handle_event(poll.registry(), event, Instant::now());
+            p.link
+                .handle_event(&mut p.core, poll.registry(), event, Instant::now());
         }
     }
-    let delay = link.reconnect_at.expect("reconnect") - Instant::now();
+    let delay = p.link.reconnect_at.expect("reconnect") - Instant::now();
     assert!(delay <= Duration::from_secs(1) && delay > Duration::from_millis(500));
 }
 
@@ -348,7 +422,7 @@ fn new_reports_bad_urls_and_hosts() {
         signal_url: url.to_string(),
         ..config("127.0.0.1:1".parse().unwrap())
     };
-    let err = |url: &str| match Link::new(cfg(url), poll.registry(), 0, Instant::now()) {
+    let err = |url: &str| match Peer::new(cfg(url), poll.registry(), 0) {
         Ok(_) => panic!("{url} accepted"),
         Err(e) => e,
     };
@@ -359,7 +433,7 @@ fn new_reports_bad_urls_and_hosts() {
         ice_addrs: vec!["192.0.2.1".parse().unwrap()],
         ..cfg("ws://127.0.0.1:1")
     };
-    let e = Link::new(bad_ip, poll.registry(), 0, Instant::now())
+    let e = Peer::new(bad_ip, poll.registry(), 0)
         .err()
         .expect("unbindable address");
     assert!(e.contains("cannot bind UDP on 192.0.2.1"), "{e}");
@@ -372,8 +446,6 @@ fn default_addresses_and_mid() {
     assert!(ips.iter().all(|ip| usable_ip(*ip)));
     assert!(!usable_ip("fe80::1".parse().unwrap()));
     assert!(usable_ip("2001:db8::1".parse().unwrap()));
-    assert_eq!(sdp_mid("v=0\r\nm=application 9\r\na=mid:xy\r\n"), "xy");
-    assert_eq!(sdp_mid("v=0\r\n"), "0");
 }
 
 /// A UDP STUN responder on `bind` that answers every Binding request twice (a duplicate, as a
@@ -411,9 +483,9 @@ fn spawn_stun_responder(
 /// Drives the links until `done` holds for them, or panics after 10 s.
 fn drive_until(
     poll: &mut Poll,
-    links: &mut [&mut Link],
+    links: &mut [&mut Peer],
     what: &str,
-    done: impl Fn(&[&mut Link]) -> bool,
+    done: impl Fn(&[&mut Peer]) -> bool,
 ) {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut events = Events::with_capacity(64);
@@ -430,13 +502,13 @@ fn stun_defaults_to_the_signal_server_and_maps_loopback_to_itself() {
     let (stun, requests) = spawn_stun_responder(relay, None, None);
     assert_eq!(stun, relay);
     let mut poll = Poll::new().expect("poll");
-    let mut link = Link::new(config(relay), poll.registry(), 0, Instant::now()).expect("link");
+    let mut link = Peer::new(config(relay), poll.registry(), 0).expect("link");
     drive_until(&mut poll, &mut [&mut link], "the STUN answer", |l| {
-        l[0].stun.next_deadline().is_none() && l[0].signaling.is_joined()
+        l[0].core.stun.next_deadline().is_none() && l[0].core.is_joined()
     });
     assert_eq!(requests.load(Ordering::SeqCst), 1, "one request, answered");
     // On loopback the public address is the local one: no server-reflexive candidate.
-    assert!(link.srflx.is_empty());
+    assert!(link.core.srflx.is_empty());
     assert_eq!(
         default_stun_servers(&[
             "10.0.0.1:443".parse().unwrap(),
@@ -485,21 +557,23 @@ fn stun_srflx_candidates_are_trickled_while_ice_still_connects() {
     let mut poll = Poll::new().expect("poll");
 
     // A learns its address before any session: the candidate goes into every session it makes.
-    let mut a = Link::new(cfg(stun_a), poll.registry(), 0, Instant::now()).expect("link a");
+    let mut a = Peer::new(cfg(stun_a), poll.registry(), 0).expect("link a");
     drive_until(&mut poll, &mut [&mut a], "a's srflx candidate", |l| {
-        !l[0].srflx.is_empty()
+        !l[0].core.srflx.is_empty()
     });
     assert_eq!(requests_a.load(Ordering::SeqCst), 1);
-    assert_eq!(a.srflx.len(), 1);
-    assert_eq!(a.srflx[0].addr(), public_a);
-    assert_eq!(a.srflx[0].local(), a.sockets[0].local);
-    assert_eq!(a.srflx[0].kind(), str0m::CandidateKind::ServerReflexive);
-    assert_eq!(a.stun.next_deadline(), None);
+    assert_eq!(a.core.srflx.len(), 1);
+    assert_eq!(a.core.srflx[0].addr(), public_a);
+    assert_eq!(a.core.srflx[0].local(), a.link.sockets[0].local);
+    assert_eq!(
+        a.core.srflx[0].kind(),
+        str0m::CandidateKind::ServerReflexive
+    );
+    assert_eq!(a.core.stun.next_deadline(), None);
 
     // B's STUN server stays silent until the channel is open: str0m's own ICE checks on the same
     // sockets are untouched, and B's retransmissions are still pending.
-    let mut b =
-        Link::new(cfg(stun_b), poll.registry(), Link::TOKENS, Instant::now()).expect("link b");
+    let mut b = Peer::new(cfg(stun_b), poll.registry(), Link::TOKENS).expect("link b");
     let mut seen = [Vec::new(), Vec::new()];
     run_until(
         &mut poll,
@@ -508,8 +582,8 @@ fn stun_srflx_candidates_are_trickled_while_ice_still_connects() {
         "ChannelOpen",
         |s| s.iter().all(|v| v.contains(&LinkEvent::ChannelOpen)),
     );
-    assert!(b.srflx.is_empty());
-    assert!(b.stun.next_deadline().is_some());
+    assert!(b.core.srflx.is_empty());
+    assert!(b.core.stun.next_deadline().is_some());
     // The relay records on its own thread: wait for it to have seen A's trickle.
     drive_until(
         &mut poll,
@@ -531,11 +605,11 @@ fn stun_srflx_candidates_are_trickled_while_ice_still_connects() {
         &mut poll,
         &mut [&mut a, &mut b],
         "b's srflx candidate",
-        |l| !l[1].srflx.is_empty() && !trickled_srflx(&relayed, public_b).is_empty(),
+        |l| !l[1].core.srflx.is_empty() && !trickled_srflx(&relayed, public_b).is_empty(),
     );
     assert!(requests_b.load(Ordering::SeqCst) >= 1);
-    assert_eq!(b.srflx[0].addr(), public_b);
-    assert_eq!(b.stun.next_deadline(), None);
+    assert_eq!(b.core.srflx[0].addr(), public_b);
+    assert_eq!(b.core.stun.next_deadline(), None);
     for c in trickled_srflx(&relayed, public_a)
         .iter()
         .chain(&trickled_srflx(&relayed, public_b))

@@ -1,13 +1,15 @@
-//! `tunnel serve` and `tunnel proxy`: HTTP over the WebRTC data channel. This module holds what
-//! both roles share — the command-line resolution, the framed channel with its send queue and
-//! keep-alive PINGs, and the one mio loop that drives the peer link and the role's sockets.
-//! `serve.rs` (provider) and `proxy.rs` (consumer) are the two roles; `main.rs` calls
-//! [`serve`] and [`proxy`].
+//! `tunnel serve` and `tunnel proxy`: HTTP over WebRTC data channels. This module holds what
+//! both roles share — the command-line resolution, the framed channels ([`Net`]: one per peer
+//! session, each with its send queue, HELLO/AGREE state and keep-alive PINGs), and the one mio
+//! loop that drives the peer link and the role's sockets. `serve.rs` (provider, one channel per
+//! consumer) and `proxy.rs` (consumer, one channel) are the two roles, `stream.rs` what their
+//! streams share; `main.rs` calls [`serve`] and [`proxy`].
 
 pub mod proxy;
 pub mod serve;
+pub mod stream;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::time::{Duration, Instant};
@@ -17,7 +19,8 @@ use mio::{Events, Poll, Registry, Token};
 
 use crate::cli::{flag_or_env, ProxyOpts, ServeOpts};
 use crate::frame::Message;
-use crate::peer::{default_ice_addrs, Link, LinkConfig, LinkEvent};
+use crate::peer::core::PeerCore;
+use crate::peer::{default_ice_addrs, Link, LinkConfig, PeerEvent, PeerId, RoomRole};
 
 /// Both sides PING this often.
 pub const PING_EVERY: Duration = Duration::from_secs(10);
@@ -69,134 +72,206 @@ const QUICK_PING_GAP: Duration = Duration::from_millis(100);
 /// Output buffers that grew past this while a peer was slow are shrunk back once drained.
 pub const OUT_KEEP: usize = 256 * 1024;
 
-/// The data channel as the roles see it: framed messages, a FIFO for frames the channel could
-/// not take yet, the HELLO/AGREE state and the PING timer.
-pub struct Channel {
-    pub link: Link,
+/// One data channel's framing state: a FIFO for frames the channel could not take yet, the
+/// HELLO/AGREE outcome and the PING timer.
+#[derive(Default)]
+struct ChanState {
     queue: VecDeque<Vec<u8>>,
-    /// HELLO/AGREE completed on the current channel.
-    pub ready: bool,
-    /// Negotiated extensions of the current channel.
-    pub window: bool,
-    pub cancel: bool,
-    /// The extensions this side offers (HELLO) or accepts (AGREE).
-    pub offered: Vec<String>,
+    /// HELLO/AGREE completed.
+    ready: bool,
+    /// Negotiated extensions.
+    window: bool,
+    cancel: bool,
     next_ping: Option<Instant>,
     /// When the PING now awaiting its PONG was sent.
     ping_sent: Option<Instant>,
-    /// Shortest PING round trip on the current channel, and how many were measured.
+    /// Shortest PING round trip, and how many were measured.
     min_rtt: Option<Duration>,
     rtt_samples: u32,
+}
+
+/// Every data channel of the process, over the peer core: what the roles send through.
+pub struct Net {
+    pub core: PeerCore,
+    chans: HashMap<PeerId, ChanState>,
+    /// The extensions this side offers (HELLO) or accepts (AGREE).
+    pub offered: Vec<String>,
     encode_buf: Vec<u8>,
 }
 
-impl Channel {
-    fn new(link: Link) -> Self {
-        Channel {
-            link,
-            queue: VecDeque::new(),
-            ready: false,
-            window: false,
-            cancel: false,
-            offered: Vec::new(),
-            next_ping: None,
-            ping_sent: None,
-            min_rtt: None,
-            rtt_samples: 0,
+/// One peer's channel, as a role sees it while handling that peer's work.
+pub struct Chan<'a> {
+    net: &'a mut Net,
+    pub peer: PeerId,
+}
+
+impl Net {
+    pub fn new(core: PeerCore, offered: Vec<String>) -> Net {
+        Net {
+            core,
+            chans: HashMap::new(),
+            offered,
             encode_buf: Vec::new(),
         }
     }
 
+    /// `peer`'s channel (one that is not open drops what is sent and reads as not ready).
+    pub fn chan(&mut self, peer: PeerId) -> Chan<'_> {
+        Chan { net: self, peer }
+    }
+
+    /// The earliest PING due.
+    pub(crate) fn next_ping(&self) -> Option<Instant> {
+        self.chans.values().filter_map(|c| c.next_ping).min()
+    }
+
+    /// Sends the PINGs that are due.
+    pub(crate) fn ping_due(&mut self, now: Instant) {
+        let due: Vec<PeerId> = self
+            .chans
+            .iter()
+            .filter(|(_, c)| c.next_ping.is_some_and(|t| t <= now))
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in due {
+            let mut ch = self.chan(peer);
+            if let Some(st) = ch.net.chans.get_mut(&peer) {
+                st.next_ping = Some(now + PING_EVERY);
+                st.ping_sent = Some(now);
+            }
+            ch.send(&Message::Ping);
+        }
+    }
+
+    fn opened(&mut self, peer: PeerId, now: Instant) {
+        self.chans.insert(
+            peer,
+            ChanState {
+                next_ping: Some(now + PING_EVERY),
+                ..ChanState::default()
+            },
+        );
+    }
+
+    fn lost(&mut self, peer: PeerId) {
+        self.chans.remove(&peer);
+    }
+}
+
+impl Chan<'_> {
+    fn state(&self) -> Option<&ChanState> {
+        self.net.chans.get(&self.peer)
+    }
+
+    /// HELLO/AGREE completed on this channel.
+    pub fn ready(&self) -> bool {
+        self.state().is_some_and(|c| c.ready)
+    }
+
+    /// Feature `window` agreed.
+    pub fn window(&self) -> bool {
+        self.state().is_some_and(|c| c.window)
+    }
+
+    /// Feature `cancel` agreed.
+    pub fn cancel(&self) -> bool {
+        self.state().is_some_and(|c| c.cancel)
+    }
+
+    /// The extensions this side offers or accepts.
+    pub fn offered(&self) -> &[String] {
+        &self.net.offered
+    }
+
+    /// The peer core (for logs and disconnects).
+    pub fn core(&mut self) -> &mut PeerCore {
+        &mut self.net.core
+    }
+
     /// Whether a producer may read more input now: the channel is open and nothing waits.
     pub fn can_send(&self) -> bool {
-        self.link.is_open() && self.queue.is_empty()
+        self.net.core.is_open(self.peer) && self.state().is_some_and(|c| c.queue.is_empty())
     }
 
     /// Sends a frame, queueing it (in order) when the channel's buffer is full. Frames for a
     /// closed channel are dropped: the streams they belong to have failed already.
     pub fn send(&mut self, msg: &Message) {
-        if !self.link.is_open() {
+        let peer = self.peer;
+        let net = &mut *self.net;
+        if !net.core.is_open(peer) {
             return;
         }
-        self.encode_buf.clear();
-        msg.encode(&mut self.encode_buf);
-        if self.queue.is_empty() && self.link.send(&self.encode_buf) {
+        let Some(st) = net.chans.get_mut(&peer) else {
+            return;
+        };
+        net.encode_buf.clear();
+        msg.encode(&mut net.encode_buf);
+        if st.queue.is_empty() && net.core.send(peer, &net.encode_buf) {
             return;
         }
-        self.queue.push_back(std::mem::take(&mut self.encode_buf));
+        st.queue.push_back(std::mem::take(&mut net.encode_buf));
     }
 
     /// Moves queued frames into the channel while it takes them.
     fn flush(&mut self) {
-        while let Some(frame) = self.queue.front() {
-            if !self.link.send(frame) {
-                return;
-            }
-            self.queue.pop_front();
-        }
-    }
-
-    fn opened(&mut self, now: Instant) {
-        self.lost();
-        self.next_ping = Some(now + PING_EVERY);
-    }
-
-    fn ping(&mut self, now: Instant) {
-        self.next_ping = Some(now + PING_EVERY);
-        self.ping_sent = Some(now);
-        self.send(&Message::Ping);
-    }
-
-    /// A PONG arrived: a round-trip sample. The shortest one seen sets the send window, since
-    /// later samples may include time queued behind data.
-    fn ponged(&mut self, now: Instant) {
-        let Some(sent) = self.ping_sent.take() else {
+        let peer = self.peer;
+        let net = &mut *self.net;
+        let Some(st) = net.chans.get_mut(&peer) else {
             return;
         };
-        let rtt = now.saturating_duration_since(sent);
-        self.rtt_samples += 1;
-        if self.rtt_samples < QUICK_PINGS {
-            self.next_ping = Some(now + QUICK_PING_GAP);
+        while let Some(frame) = st.queue.front() {
+            if !net.core.send(peer, frame) {
+                return;
+            }
+            st.queue.pop_front();
         }
-        if self.min_rtt.is_some_and(|min| min <= rtt) {
-            return;
-        }
-        self.min_rtt = Some(rtt);
-        // Saturating float-to-int conversion; the link clamps the result.
-        let window = self
-            .link
-            .set_send_window((rtt.as_secs_f64() * WINDOW_RATE) as usize);
-        log::debug!(
-            "round trip {:.2} ms: send window {} KiB",
-            rtt.as_secs_f64() * 1e3,
-            window.div_ceil(1024)
-        );
-    }
-
-    fn lost(&mut self) {
-        self.queue.clear();
-        self.ready = false;
-        self.window = false;
-        self.cancel = false;
-        self.next_ping = None;
-        self.ping_sent = None;
-        self.min_rtt = None;
-        self.rtt_samples = 0;
     }
 
     /// Marks the channel ready with the agreed features. The first PING goes at once: its round
     /// trip, on a channel with nothing else in flight yet, sizes the send window (with the next
     /// [`QUICK_PINGS`] − 1, [`QUICK_PING_GAP`] apart).
     pub fn agreed(&mut self, features: &[String], now: Instant) {
-        self.ready = true;
-        self.next_ping = Some(now);
-        self.window = features.iter().any(|f| f == "window");
-        self.cancel = features.iter().any(|f| f == "cancel");
-        log::info!("tunnel ready (features: {})", features.join(","));
+        if let Some(st) = self.net.chans.get_mut(&self.peer) {
+            st.ready = true;
+            st.next_ping = Some(now);
+            st.window = features.iter().any(|f| f == "window");
+            st.cancel = features.iter().any(|f| f == "cancel");
+        }
+    }
+
+    /// A PONG arrived: a round-trip sample. The shortest one seen sets the send window, since
+    /// later samples may include time queued behind data.
+    fn ponged(&mut self, now: Instant) {
+        let peer = self.peer;
+        let Some(st) = self.net.chans.get_mut(&peer) else {
+            return;
+        };
+        let Some(sent) = st.ping_sent.take() else {
+            return;
+        };
+        let rtt = now.saturating_duration_since(sent);
+        st.rtt_samples += 1;
+        if st.rtt_samples < QUICK_PINGS {
+            st.next_ping = Some(now + QUICK_PING_GAP);
+        }
+        if st.min_rtt.is_some_and(|min| min <= rtt) {
+            return;
+        }
+        st.min_rtt = Some(rtt);
+        // Saturating float-to-int conversion; the core clamps the result.
+        let window = self
+            .net
+            .core
+            .set_send_window(peer, (rtt.as_secs_f64() * WINDOW_RATE) as usize);
+        log::debug!(
+            "{peer}: round trip {:.2} ms: send window {} KiB",
+            rtt.as_secs_f64() * 1e3,
+            window.div_ceil(1024)
+        );
     }
 
     /// Answers PINGs; returns the message if the role must handle it.
-    fn keepalive<'a>(&mut self, msg: Message<'a>, now: Instant) -> Option<Message<'a>> {
+    fn keepalive<'m>(&mut self, msg: Message<'m>, now: Instant) -> Option<Message<'m>> {
         match msg {
             Message::Ping => {
                 self.send(&Message::Pong);
@@ -211,35 +286,59 @@ impl Channel {
     }
 }
 
-/// What a role does with the loop's events.
+/// What a role does with the loop's events. Every call names the peer it concerns, except
+/// socket events and ticks, which the role maps to its peers itself.
 pub trait Role {
     /// A readiness event for one of the role's own tokens (>= FIRST_SOCKET, or 0).
-    fn on_socket(&mut self, ch: &mut Channel, registry: &Registry, event: &Event, now: Instant);
-    /// The data channel opened.
-    fn on_open(&mut self, ch: &mut Channel, now: Instant);
-    /// A frame arrived (PING/PONG already answered).
-    fn on_message(&mut self, ch: &mut Channel, registry: &Registry, msg: Message, now: Instant);
-    /// The channel is gone: every in-flight stream fails.
-    fn on_lost(&mut self, ch: &mut Channel, registry: &Registry, now: Instant);
-    /// The channel can take frames again: resume paused readers.
-    fn on_writable(&mut self, ch: &mut Channel, registry: &Registry, now: Instant);
-    /// Role timers (e.g. response timeouts).
-    fn on_timeout(&mut self, ch: &mut Channel, registry: &Registry, now: Instant);
+    fn on_socket(&mut self, net: &mut Net, registry: &Registry, event: &Event, now: Instant);
+    /// `peer`'s data channel opened.
+    fn on_open(&mut self, net: &mut Net, peer: PeerId, now: Instant);
+    /// A frame arrived from `peer` (PING/PONG already answered).
+    fn on_message(
+        &mut self,
+        net: &mut Net,
+        registry: &Registry,
+        peer: PeerId,
+        msg: Message,
+        now: Instant,
+    );
+    /// `peer`'s channel is gone: its in-flight streams fail.
+    fn on_lost(
+        &mut self,
+        net: &mut Net,
+        registry: &Registry,
+        peer: PeerId,
+        reason: &str,
+        now: Instant,
+    );
+    /// `peer`'s channel can take frames again: resume its paused readers.
+    fn on_writable(&mut self, net: &mut Net, registry: &Registry, peer: PeerId, now: Instant);
+    /// Once per loop pass: role timers (e.g. response timeouts) and queued work.
+    fn on_tick(&mut self, net: &mut Net, registry: &Registry, now: Instant);
     fn next_deadline(&self) -> Option<Instant>;
 }
 
-/// The one loop: poll → feed the link and the role → drain link events → timers; until SIGINT
-/// or SIGTERM, when it leaves the room (`bye`) and returns.
-fn run_loop(poll: &mut Poll, ch: &mut Channel, role: &mut dyn Role) -> Result<(), String> {
+/// The one loop: poll → feed the link and the role → drain the core's events → timers → send
+/// what the core queued; until SIGINT or SIGTERM, when it leaves the room (`bye`) and returns.
+fn run_loop(
+    poll: &mut Poll,
+    link: &mut Link,
+    net: &mut Net,
+    role: &mut dyn Role,
+) -> Result<(), String> {
     crate::stop::install(poll.registry())
         .map_err(|e| format!("cannot install the SIGINT/SIGTERM handler: {e}"))?;
     let mut events = Events::with_capacity(256);
     loop {
         let now = Instant::now();
-        let deadline = [ch.link.next_deadline(), ch.next_ping, role.next_deadline()]
-            .into_iter()
-            .flatten()
-            .min();
+        let deadline = [
+            link.next_deadline(&net.core),
+            net.next_ping(),
+            role.next_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let timeout = deadline.map(|d| d.saturating_duration_since(now));
         if let Err(e) = poll.poll(&mut events, timeout) {
             if e.kind() == io::ErrorKind::Interrupted {
@@ -249,7 +348,7 @@ fn run_loop(poll: &mut Poll, ch: &mut Channel, role: &mut dyn Role) -> Result<()
         }
         if crate::stop::requested() {
             log::info!("stopping: leaving the room");
-            ch.link.close(poll.registry());
+            link.close(&mut net.core, poll.registry());
             return Ok(());
         }
         let now = Instant::now();
@@ -257,53 +356,54 @@ fn run_loop(poll: &mut Poll, ch: &mut Channel, role: &mut dyn Role) -> Result<()
             if event.token() == crate::stop::TOKEN {
                 continue;
             }
-            if ch.link.owns(event.token()) {
-                ch.link.handle_event(poll.registry(), event, now);
+            if link.owns(event.token()) {
+                link.handle_event(&mut net.core, poll.registry(), event, now);
             } else {
-                role.on_socket(ch, poll.registry(), event, now);
+                role.on_socket(net, poll.registry(), event, now);
             }
         }
         // Once for all the events: what they wrote and received reaches str0m's output in one
         // drain.
-        drain_link(ch, role, poll.registry(), now);
+        drain(net, role, poll.registry(), now);
         let now = Instant::now();
-        if ch.link.next_deadline().is_some_and(|d| d <= now) {
-            ch.link.handle_timeout(poll.registry(), now);
+        if link.next_deadline(&net.core).is_some_and(|d| d <= now) {
+            link.handle_timeout(&mut net.core, poll.registry(), now);
         }
-        if ch.next_ping.is_some_and(|d| d <= now) {
-            ch.ping(now);
-        }
-        drain_link(ch, role, poll.registry(), now);
-        role.on_timeout(ch, poll.registry(), now);
-        drain_link(ch, role, poll.registry(), now);
+        net.ping_due(now);
+        drain(net, role, poll.registry(), now);
+        role.on_tick(net, poll.registry(), now);
+        drain(net, role, poll.registry(), now);
+        link.flush(&mut net.core);
     }
 }
 
-fn drain_link(ch: &mut Channel, role: &mut dyn Role, registry: &Registry, now: Instant) {
-    while let Some(event) = ch.link.poll_event(now) {
+/// Hands the core's events to the role until there are none (which leaves every transmit
+/// queued in the core).
+pub fn drain(net: &mut Net, role: &mut dyn Role, registry: &Registry, now: Instant) {
+    while let Some(event) = net.core.poll_event(now) {
         match event {
-            LinkEvent::ChannelOpen => {
-                ch.opened(now);
-                role.on_open(ch, now);
+            PeerEvent::ChannelOpen(peer) => {
+                net.opened(peer, now);
+                role.on_open(net, peer, now);
             }
-            LinkEvent::Data(bytes) => match Message::decode(&bytes) {
+            PeerEvent::Data(peer, bytes) => match Message::decode(&bytes) {
                 Ok(msg) => {
-                    if let Some(msg) = ch.keepalive(msg, now) {
-                        role.on_message(ch, registry, msg, now);
+                    if let Some(msg) = net.chan(peer).keepalive(msg, now) {
+                        role.on_message(net, registry, peer, msg, now);
                     }
                 }
-                Err(e) => log::warn!("bad frame from peer ignored: {e}"),
+                Err(e) => log::warn!("bad frame from peer {peer} ignored: {e}"),
             },
-            LinkEvent::Writable => {
+            PeerEvent::Writable(peer) => {
+                let mut ch = net.chan(peer);
                 ch.flush();
                 if ch.can_send() {
-                    role.on_writable(ch, registry, now);
+                    role.on_writable(net, registry, peer, now);
                 }
             }
-            LinkEvent::ChannelLost => {
-                log::warn!("peer lost; waiting for it to come back");
-                ch.lost();
-                role.on_lost(ch, registry, now);
+            PeerEvent::ChannelLost(peer, reason) => {
+                net.lost(peer);
+                role.on_lost(net, registry, peer, &reason, now);
             }
         }
     }
@@ -367,28 +467,10 @@ fn required(flag: &Option<String>, var: &str, name: &str, what: &str) -> Result<
     flag_or_env(flag, var).ok_or_else(|| format!("missing --{name} (or {var}): {what}"))
 }
 
-fn start_link(
-    poll: &Poll,
-    signal_url: String,
-    room: String,
-    ice: Vec<IpAddr>,
-    stun: Option<SocketAddr>,
-    offered: Vec<String>,
-) -> Result<Channel, String> {
-    let link = Link::new(
-        LinkConfig {
-            signal_url,
-            room,
-            ice_addrs: ice,
-            stun,
-        },
-        poll.registry(),
-        LINK_BASE,
-        Instant::now(),
-    )?;
-    let mut ch = Channel::new(link);
-    ch.offered = offered;
-    Ok(ch)
+/// Binds the link's sockets and makes the peer core; returns the shell and the channels.
+fn start_link(poll: &Poll, cfg: LinkConfig, offered: Vec<String>) -> Result<(Link, Net), String> {
+    let (link, core) = Link::new(cfg, poll.registry(), LINK_BASE, Instant::now())?;
+    Ok((link, Net::new(core, offered)))
 }
 
 /// `tunnel serve`: the provider.
@@ -435,20 +517,31 @@ pub fn serve(opts: ServeOpts) -> Result<(), String> {
             url
         }
     };
+    if opts.max_consumers == 0 || opts.max_streams == 0 {
+        return Err("--max-consumers and --max-streams must be at least 1".into());
+    }
     let advertise = opts.advertise.clone().unwrap_or_else(|| "/".into());
     let mut poll = Poll::new().map_err(|e| format!("cannot create poll: {e}"))?;
-    let announce = format!("serving {} in room '{room}' via {signal_url}", upstream.url);
-    let mut ch = start_link(
-        &poll,
+    let announce = format!(
+        "serving {} in room '{room}' via {signal_url} (up to {} consumers)",
+        upstream.url, opts.max_consumers
+    );
+    let cfg = LinkConfig {
         signal_url,
         room,
-        ice,
+        role: RoomRole::Provider,
+        max_peers: opts.max_consumers,
+        ice_addrs: ice,
         stun,
-        features(&opts.features)?,
-    )?;
+    };
+    let (mut link, mut net) = start_link(&poll, cfg, features(&opts.features)?)?;
     log::info!("{announce}");
-    let mut role = serve::Serve::new(upstream, &advertise);
-    run_loop(&mut poll, &mut ch, &mut role)
+    let limits = serve::Limits {
+        consumers: opts.max_consumers,
+        streams: opts.max_streams,
+    };
+    let mut role = serve::Serve::new(upstream, &advertise, limits);
+    run_loop(&mut poll, &mut link, &mut net, &mut role)
 }
 
 /// `tunnel proxy`: the consumer.
@@ -475,16 +568,17 @@ pub fn proxy(opts: ProxyOpts) -> Result<(), String> {
     warn_turn(&opts.turn, &opts.turn_user, &opts.turn_pass);
     let mut poll = Poll::new().map_err(|e| format!("cannot create poll: {e}"))?;
     let mut role = proxy::Proxy::bind(listen, poll.registry())?;
-    let mut ch = start_link(
-        &poll,
+    let cfg = LinkConfig {
         signal_url,
         room,
-        ice,
+        role: RoomRole::Consumer,
+        max_peers: 1,
+        ice_addrs: ice,
         stun,
-        features(&opts.features)?,
-    )?;
+    };
+    let (mut link, mut net) = start_link(&poll, cfg, features(&opts.features)?)?;
     log::info!("proxy listening on http://{}", role.local_addr());
-    run_loop(&mut poll, &mut ch, &mut role)
+    run_loop(&mut poll, &mut link, &mut net, &mut role)
 }
 
 /// Token of slab slot `i` of a role's sockets.

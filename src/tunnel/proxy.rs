@@ -1,7 +1,8 @@
 //! The consumer role (`tunnel proxy`): a local HTTP/1.1 server whose every request travels
 //! through the data channel as REQ_HEADERS / REQ_BODY / REQ_END and whose response is written
 //! back as the RES_* frames arrive (chunked to the client when the provider gives no length), so
-//! an SSE token stream reaches the client token by token. Driven by `tunnel::run_loop`.
+//! an SSE token stream reaches the client token by token. It talks to one provider: the peer
+//! whose channel opened last. Driven by `tunnel::run_loop`.
 
 use std::collections::HashMap;
 use std::net::{Shutdown, SocketAddr};
@@ -11,10 +12,12 @@ use mio::event::Event;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry, Token};
 
-use super::{slot_of, token_of, Channel, Role, OUT_KEEP, READ_CHUNK, WINDOW, WINDOW_ACK};
-use crate::frame::{body_chunks, Hello, Message, ReqHeaders, ResHeaders};
+use super::stream::{decode_body, Flow, Slab};
+use super::{slot_of, token_of, Chan, Net, Role, OUT_KEEP, READ_CHUNK};
+use crate::frame::{Hello, Message, ReqHeaders, ResHeaders};
 use crate::http1::{self, BodyDecoder, BodyFraming, HeadError};
 use crate::nbio::{accept, read_some, would_block, write_out};
+use crate::peer::PeerId;
 
 /// No RES_HEADERS this long after the request: 504.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -54,12 +57,8 @@ struct Client {
     keep_alive: bool,
     http10: bool,
     started: Instant,
-    /// Reading stopped because the channel (or the stream's credit) cannot take more.
-    paused: bool,
-    /// With `window`: request body bytes we may still send on the current stream.
-    credit: i64,
-    /// With `window`: response body bytes written to the client and not yet acknowledged.
-    unacked: usize,
+    /// Request credit (what we may send) and response acknowledgements (what we owe).
+    flow: Flow,
     eof: bool,
     /// Close once `out` is written.
     closing: bool,
@@ -68,11 +67,12 @@ struct Client {
 pub struct Proxy {
     listener: TcpListener,
     local: SocketAddr,
-    clients: Vec<Option<Client>>,
-    free: Vec<usize>,
+    clients: Slab<Client>,
     /// Stream id → client slot.
     streams: HashMap<u32, usize>,
     next_sid: u32,
+    /// The provider's session, while its channel is open.
+    peer: Option<PeerId>,
 }
 
 impl Proxy {
@@ -87,10 +87,10 @@ impl Proxy {
         Ok(Proxy {
             listener,
             local,
-            clients: Vec::new(),
-            free: Vec::new(),
+            clients: Slab::default(),
             streams: HashMap::new(),
             next_sid: 1,
+            peer: None,
         })
     }
 
@@ -100,20 +100,16 @@ impl Proxy {
 
     fn accept(&mut self, registry: &Registry, now: Instant) {
         while let Some((mut stream, peer)) = accept(&self.listener) {
-            let slot = self.free.pop().unwrap_or_else(|| {
-                self.clients.push(None);
-                self.clients.len() - 1
-            });
+            let slot = self.clients.vacant();
             if let Err(e) = registry.register(
                 &mut stream,
                 token_of(slot),
                 Interest::READABLE | Interest::WRITABLE,
             ) {
                 log::warn!("cannot register client {peer}: {e}");
-                self.free.push(slot);
                 continue;
             }
-            self.clients[slot] = Some(Client {
+            self.clients.insert(Client {
                 stream,
                 peer,
                 inbuf: Vec::new(),
@@ -125,9 +121,7 @@ impl Proxy {
                 keep_alive: true,
                 http10: false,
                 started: now,
-                paused: false,
-                credit: 0,
-                unacked: 0,
+                flow: Flow::default(),
                 eof: false,
                 closing: false,
             });
@@ -135,9 +129,9 @@ impl Proxy {
     }
 
     /// Reads what the client sent (while there is room and the channel takes it) and acts on it.
-    fn pump(&mut self, slot: usize, ch: &mut Channel, registry: &Registry, now: Instant) {
+    fn pump(&mut self, slot: usize, ch: &mut Chan, registry: &Registry, now: Instant) {
         loop {
-            let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
+            let Some(c) = self.clients.get_mut(slot) else {
                 return;
             };
             let before = (c.inbuf.len(), c.out.len());
@@ -146,12 +140,12 @@ impl Proxy {
             let mut read_any = false;
             if !c.eof && !c.closing && c.inbuf.len() < MAX_INBUF {
                 // Mid-body, read no more than the stream may send.
-                let budget = match (&c.req_body, ch.window) {
-                    (Some(_), true) => c.credit.clamp(0, READ_CHUNK as i64) as usize,
-                    _ => READ_CHUNK,
+                let budget = match &c.req_body {
+                    Some(_) => c.flow.budget(ch.window()),
+                    None => READ_CHUNK,
                 };
                 if c.req_body.is_some() && (!ch.can_send() || budget == 0) {
-                    c.paused = true;
+                    c.flow.paused = true;
                 } else {
                     match read_some(&mut c.stream, &mut c.inbuf, budget) {
                         Ok(0) => c.eof = true,
@@ -163,7 +157,7 @@ impl Proxy {
             }
             self.process(slot, ch, now);
             self.flush(slot, ch, registry);
-            let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
+            let Some(c) = self.clients.get_mut(slot) else {
                 return;
             };
             if c.eof && matches!(c.resp, Resp::Idle) && c.req_body.is_none() {
@@ -173,16 +167,16 @@ impl Proxy {
                 return;
             }
             let progressed = read_any || (c.inbuf.len(), c.out.len()) != before;
-            if !progressed || c.paused {
+            if !progressed || c.flow.paused {
                 return;
             }
         }
     }
 
     /// Parses requests and forwards body bytes from the client's input buffer.
-    fn process(&mut self, slot: usize, ch: &mut Channel, now: Instant) {
+    fn process(&mut self, slot: usize, ch: &mut Chan, now: Instant) {
         loop {
-            let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
+            let Some(c) = self.clients.get_mut(slot) else {
                 return;
             };
             if c.closing {
@@ -191,24 +185,23 @@ impl Proxy {
             if let Some((sid, dec)) = &mut c.req_body {
                 let sid = *sid;
                 if !ch.can_send() {
-                    c.paused = true;
+                    c.flow.paused = true;
                     return;
                 }
-                let decoded = match dec.decode(&c.inbuf) {
-                    Ok(d) => d,
+                let flow = &mut c.flow;
+                let step = match decode_body(dec, &c.inbuf, |piece| {
+                    ch.send(&Message::ReqBody(sid, piece));
+                    flow.spent(piece.len());
+                }) {
+                    Ok(step) => step,
                     Err(e) => {
                         log::debug!("client {}: bad request body: {e}", c.peer);
                         self.abort(slot, ch);
                         return;
                     }
                 };
-                let (consumed, done) = (decoded.consumed, decoded.done);
-                c.credit -= decoded.data.len() as i64;
-                for piece in body_chunks(decoded.data) {
-                    ch.send(&Message::ReqBody(sid, piece));
-                }
-                c.inbuf.drain(..consumed);
-                if done {
+                c.inbuf.drain(..step.consumed);
+                if step.done {
                     ch.send(&Message::ReqEnd(sid));
                     c.req_body = None;
                     continue;
@@ -242,7 +235,7 @@ impl Proxy {
             c.keep_alive = req.keep_alive();
             c.http10 = req.minor_version == 0;
             c.started = now;
-            if !ch.ready {
+            if !ch.ready() {
                 log::debug!("{} {} → 503 (tunnel not ready)", req.method, req.target);
                 // A body is not read: the connection ends after the answer.
                 let close = !matches!(framing, BodyFraming::None) || !c.keep_alive;
@@ -277,15 +270,14 @@ impl Proxy {
                 headers,
             }));
             self.streams.insert(sid, slot);
-            let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
+            let Some(c) = self.clients.get_mut(slot) else {
                 return;
             };
             c.resp = Resp::Waiting {
                 sid,
                 deadline: now + RESPONSE_TIMEOUT,
             };
-            c.credit = WINDOW;
-            c.unacked = 0;
+            c.flow = Flow::default();
             match framing {
                 BodyFraming::None | BodyFraming::UntilClose => ch.send(&Message::ReqEnd(sid)),
                 BodyFraming::Length(0) => ch.send(&Message::ReqEnd(sid)),
@@ -301,7 +293,7 @@ impl Proxy {
 
     /// Answers an unparseable request and closes the connection.
     fn reject(&mut self, slot: usize, status: u16, text: &str) {
-        if let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) {
+        if let Some(c) = self.clients.get_mut(slot) {
             log::debug!("client {}: {status} {text}", c.peer);
             c.out.extend_from_slice(&http1::simple_response(
                 status,
@@ -316,8 +308,8 @@ impl Proxy {
 
     /// Forgets the client's stream in flight, telling the provider (with `cancel`) that
     /// nothing more is wanted.
-    fn forget_stream(&mut self, slot: usize, ch: &mut Channel) {
-        let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
+    fn forget_stream(&mut self, slot: usize, ch: &mut Chan) {
+        let Some(c) = self.clients.get_mut(slot) else {
             return;
         };
         let mut sid = None;
@@ -329,16 +321,16 @@ impl Proxy {
         }
         c.resp = Resp::Idle;
         if let Some(sid) = sid {
-            if self.streams.remove(&sid).is_some() && ch.cancel {
+            if self.streams.remove(&sid).is_some() && ch.cancel() {
                 ch.send(&Message::Cancel(sid));
             }
         }
     }
 
     /// Ends a client connection at once; its stream's later frames are ignored.
-    fn abort(&mut self, slot: usize, ch: &mut Channel) {
+    fn abort(&mut self, slot: usize, ch: &mut Chan) {
         self.forget_stream(slot, ch);
-        if let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) {
+        if let Some(c) = self.clients.get_mut(slot) {
             c.out.clear();
             c.closing = true;
             c.eof = true;
@@ -347,8 +339,8 @@ impl Proxy {
 
     /// Writes pending output, acknowledges what the client took (with `window`), and closes
     /// the connection when it is finished.
-    fn flush(&mut self, slot: usize, ch: &mut Channel, registry: &Registry) {
-        let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
+    fn flush(&mut self, slot: usize, ch: &mut Chan, registry: &Registry) {
+        let Some(c) = self.clients.get_mut(slot) else {
             return;
         };
         let failed = write_out(&mut c.stream, &mut c.out, OUT_KEEP).is_err();
@@ -356,26 +348,24 @@ impl Proxy {
             return self.close(slot, ch, registry);
         }
         if let Resp::Streaming { sid, .. } = c.resp {
-            if ch.window && c.unacked > 0 && c.out.len() < WINDOW_ACK {
-                let credit = std::mem::take(&mut c.unacked);
-                ch.send(&Message::Window(sid, credit as u32));
+            if let Some(credit) = c.flow.ack(ch.window(), c.out.len()) {
+                ch.send(&Message::Window(sid, credit));
             }
         }
     }
 
-    fn close(&mut self, slot: usize, ch: &mut Channel, registry: &Registry) {
+    fn close(&mut self, slot: usize, ch: &mut Chan, registry: &Registry) {
         self.forget_stream(slot, ch);
-        let Some(mut c) = self.clients.get_mut(slot).and_then(Option::take) else {
+        let Some(mut c) = self.clients.remove(slot) else {
             return;
         };
         let _ = c.stream.shutdown(Shutdown::Write);
         let _ = registry.deregister(&mut c.stream);
-        self.free.push(slot);
     }
 
     /// A complete error answer for the request in flight (before any response head).
-    fn fail(&mut self, slot: usize, status: u16, text: &str, ch: &mut Channel) {
-        let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
+    fn fail(&mut self, slot: usize, status: u16, text: &str, ch: &mut Chan) {
+        let Some(c) = self.clients.get_mut(slot) else {
             return;
         };
         log::debug!("{} → {status} ({text})", c.method);
@@ -401,7 +391,7 @@ impl Proxy {
         let Some(&slot) = self.streams.get(&h.stream_id) else {
             return;
         };
-        let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
+        let Some(c) = self.clients.get_mut(slot) else {
             return;
         };
         if !matches!(c.resp, Resp::Waiting { .. }) {
@@ -441,11 +431,11 @@ impl Proxy {
         };
     }
 
-    fn on_res_body(&mut self, sid: u32, data: &[u8], ch: &mut Channel) {
+    fn on_res_body(&mut self, sid: u32, data: &[u8], ch: &mut Chan) {
         let Some(&slot) = self.streams.get(&sid) else {
             return;
         };
-        let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
+        let Some(c) = self.clients.get_mut(slot) else {
             return;
         };
         let Resp::Streaming {
@@ -462,7 +452,7 @@ impl Proxy {
         } else {
             c.out.extend_from_slice(data);
         }
-        c.unacked += data.len();
+        c.flow.received(data.len());
         if c.out.len() > MAX_CLIENT_BACKLOG {
             log::warn!(
                 "client {} does not read its response; cutting it off",
@@ -476,7 +466,7 @@ impl Proxy {
         let Some(slot) = self.streams.remove(&sid) else {
             return;
         };
-        let Some(c) = self.clients.get_mut(slot).and_then(Option::as_mut) else {
+        let Some(c) = self.clients.get_mut(slot) else {
             return;
         };
         match c.resp {
@@ -504,7 +494,7 @@ impl Proxy {
         }
     }
 
-    fn on_error(&mut self, sid: u32, text: &str, ch: &mut Channel) {
+    fn on_error(&mut self, sid: u32, text: &str, ch: &mut Chan) {
         let Some(&slot) = self.streams.get(&sid) else {
             return;
         };
@@ -512,7 +502,6 @@ impl Proxy {
         let waiting = self
             .clients
             .get(slot)
-            .and_then(Option::as_ref)
             .is_some_and(|c| matches!(c.resp, Resp::Waiting { .. }));
         if waiting {
             self.streams.remove(&sid);
@@ -523,39 +512,53 @@ impl Proxy {
         }
     }
 
-    fn slots_in_flight(&self) -> Vec<usize> {
-        self.clients
-            .iter()
-            .enumerate()
-            .filter_map(|(i, c)| c.as_ref().map(|_| i))
-            .collect()
+    /// The provider's channel (one that is never open while there is none).
+    fn chan<'n>(&self, net: &'n mut Net) -> Chan<'n> {
+        net.chan(self.peer.unwrap_or(PeerId::NONE))
     }
 }
 
 impl Role for Proxy {
-    fn on_socket(&mut self, ch: &mut Channel, registry: &Registry, event: &Event, now: Instant) {
+    fn on_socket(&mut self, net: &mut Net, registry: &Registry, event: &Event, now: Instant) {
         if event.token() == LISTENER {
             return self.accept(registry, now);
         }
         let Some(slot) = slot_of(event.token()) else {
             return;
         };
+        let mut ch = self.chan(net);
         if event.is_readable() || event.is_read_closed() || event.is_error() {
-            self.pump(slot, ch, registry, now);
+            self.pump(slot, &mut ch, registry, now);
         }
         if event.is_writable() {
-            self.flush(slot, ch, registry);
+            self.flush(slot, &mut ch, registry);
             // Output drained: a finished response may let the next request proceed.
-            self.pump(slot, ch, registry, now);
+            self.pump(slot, &mut ch, registry, now);
         }
     }
 
-    fn on_open(&mut self, ch: &mut Channel, _now: Instant) {
-        let offered: Vec<&str> = ch.offered.iter().map(String::as_str).collect();
-        ch.send(&Message::Hello(Hello::ours(&offered)));
+    fn on_open(&mut self, net: &mut Net, peer: PeerId, _now: Instant) {
+        log::info!("peer connected");
+        self.peer = Some(peer);
+        let mut ch = net.chan(peer);
+        let offered: Vec<&str> = ch.offered().iter().map(String::as_str).collect();
+        let hello = Message::Hello(Hello::ours(&offered));
+        ch.send(&hello);
     }
 
-    fn on_message(&mut self, ch: &mut Channel, registry: &Registry, msg: Message, now: Instant) {
+    fn on_message(
+        &mut self,
+        net: &mut Net,
+        registry: &Registry,
+        peer: PeerId,
+        msg: Message,
+        now: Instant,
+    ) {
+        if self.peer != Some(peer) {
+            return log::debug!("ignoring a frame from {peer}, not our provider");
+        }
+        let mut ch = net.chan(peer);
+        let ch = &mut ch;
         let touched = match msg {
             Message::Agree(agree) => {
                 if agree.version != 1 {
@@ -563,16 +566,14 @@ impl Role for Proxy {
                     return;
                 }
                 ch.agreed(&agree.features, now);
+                log::info!("tunnel ready (features: {})", agree.features.join(","));
                 None
             }
             Message::Window(sid, credit) => {
                 let slot = self.streams.get(&sid).copied();
-                if let Some(c) = slot
-                    .and_then(|s| self.clients.get_mut(s))
-                    .and_then(Option::as_mut)
-                {
-                    c.credit += i64::from(credit);
-                    c.paused = false;
+                if let Some(c) = slot.and_then(|s| self.clients.get_mut(s)) {
+                    c.flow.granted(credit);
+                    c.flow.paused = false;
                 }
                 slot
             }
@@ -612,31 +613,48 @@ impl Role for Proxy {
         }
     }
 
-    fn on_lost(&mut self, ch: &mut Channel, registry: &Registry, _now: Instant) {
-        for slot in self.slots_in_flight() {
-            let state = self.clients[slot].as_ref().map(|c| match c.resp {
+    fn on_lost(
+        &mut self,
+        net: &mut Net,
+        registry: &Registry,
+        peer: PeerId,
+        reason: &str,
+        _now: Instant,
+    ) {
+        if self.peer != Some(peer) {
+            return;
+        }
+        log::warn!("peer lost: {reason}; waiting for it to come back");
+        let mut ch = net.chan(peer);
+        for slot in self.clients.slots() {
+            let state = self.clients.get(slot).map(|c| match c.resp {
                 Resp::Waiting { .. } => 1,
                 Resp::Streaming { .. } => 2,
                 Resp::Idle => 0,
             });
             match state {
-                Some(1) => self.fail(slot, 502, "Tunnel error: peer lost", ch),
-                Some(2) => self.abort(slot, ch),
+                Some(1) => self.fail(slot, 502, "Tunnel error: peer lost", &mut ch),
+                Some(2) => self.abort(slot, &mut ch),
                 _ => {}
             }
-            self.flush(slot, ch, registry);
+            self.flush(slot, &mut ch, registry);
         }
         self.streams.clear();
+        self.peer = None;
     }
 
-    fn on_writable(&mut self, ch: &mut Channel, registry: &Registry, now: Instant) {
-        for slot in self.slots_in_flight() {
-            let paused = self.clients[slot].as_ref().is_some_and(|c| c.paused);
+    fn on_writable(&mut self, net: &mut Net, registry: &Registry, peer: PeerId, now: Instant) {
+        if self.peer != Some(peer) {
+            return;
+        }
+        let mut ch = net.chan(peer);
+        for slot in self.clients.slots() {
+            let paused = self.clients.get(slot).is_some_and(|c| c.flow.paused);
             if paused {
-                if let Some(c) = self.clients[slot].as_mut() {
-                    c.paused = false;
+                if let Some(c) = self.clients.get_mut(slot) {
+                    c.flow.paused = false;
                 }
-                self.pump(slot, ch, registry, now);
+                self.pump(slot, &mut ch, registry, now);
             }
             if !ch.can_send() {
                 return;
@@ -644,9 +662,10 @@ impl Role for Proxy {
         }
     }
 
-    fn on_timeout(&mut self, ch: &mut Channel, registry: &Registry, now: Instant) {
-        for slot in self.slots_in_flight() {
-            let expired = self.clients[slot].as_ref().and_then(|c| match c.resp {
+    fn on_tick(&mut self, net: &mut Net, registry: &Registry, now: Instant) {
+        let mut ch = self.chan(net);
+        for slot in self.clients.slots() {
+            let expired = self.clients.get(slot).and_then(|c| match c.resp {
                 Resp::Waiting { sid, deadline } if deadline <= now => Some(sid),
                 _ => None,
             });
@@ -655,9 +674,9 @@ impl Role for Proxy {
                     slot,
                     504,
                     "Gateway Timeout: no response through the tunnel within 60 s",
-                    ch,
+                    &mut ch,
                 );
-                self.flush(slot, ch, registry);
+                self.flush(slot, &mut ch, registry);
             }
         }
     }
@@ -665,8 +684,7 @@ impl Role for Proxy {
     fn next_deadline(&self) -> Option<Instant> {
         self.clients
             .iter()
-            .flatten()
-            .filter_map(|c| match c.resp {
+            .filter_map(|(_, c)| match c.resp {
                 Resp::Waiting { deadline, .. } => Some(deadline),
                 _ => None,
             })

@@ -1,10 +1,13 @@
-//! The provider role (`tunnel serve`): answers HELLO with AGREE, and for every stream the
-//! consumer opens makes one non-blocking HTTP/1.1 connection to the upstream, writes the request
-//! (streaming REQ_BODY as it arrives), and streams the response back as RES_HEADERS, RES_BODY per
-//! read, RES_END. The upstream is read only while the data channel can take the bytes. Driven by
+//! The provider role (`tunnel serve`): one data channel per consumer. It answers each HELLO with
+//! AGREE, and for every stream a consumer opens makes one non-blocking HTTP/1.1 connection to
+//! the upstream, writes the request (streaming REQ_BODY as it arrives), and streams the response
+//! back as RES_HEADERS, RES_BODY per read, RES_END. An upstream is read only while its
+//! consumer's channel (and, with `window`, the stream's credit) can take the bytes, and readable
+//! upstreams take turns of [`TURN_READS`] reads, round robin across streams and consumers, so a
+//! bulk download does not hold back another consumer's small request. Driven by
 //! `tunnel::run_loop`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{Shutdown, SocketAddr, ToSocketAddrs};
 use std::time::Instant;
 
@@ -12,14 +15,26 @@ use mio::event::Event;
 use mio::net::TcpStream;
 use mio::{Interest, Registry};
 
-use super::{slot_of, token_of, Channel, Role, OUT_KEEP, READ_CHUNK, WINDOW, WINDOW_ACK};
+use super::stream::{decode_body, Flow, Slab};
+use super::{slot_of, token_of, Chan, Net, Role, OUT_KEEP};
 use crate::frame::{negotiate, Message, ReqHeaders, ResHeaders};
 use crate::http1::{self, BodyDecoder, BodyFraming, HeadError};
 use crate::nbio::{read_some, would_block, write_out};
+use crate::peer::core::short;
+use crate::peer::PeerId;
 
 /// Request bytes buffered for one upstream before the stream is failed (v1 has no flow
 /// control; an upstream that stops reading its request cannot be waited for forever).
 const MAX_UPSTREAM_BACKLOG: usize = 32 << 20;
+/// Reads (of up to `READ_CHUNK` each) one readable upstream gets before the next one's turn.
+pub const TURN_READS: usize = 4;
+
+/// The caps `tunnel serve` enforces (`--max-consumers`, `--max-streams`).
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub consumers: usize,
+    pub streams: usize,
+}
 
 /// The upstream base URL: `http://host:port/base`.
 #[derive(Clone, Debug)]
@@ -122,6 +137,8 @@ struct HeldHead {
 }
 
 struct Stream {
+    /// The consumer whose stream this is, and its stream id.
+    peer: PeerId,
     sid: u32,
     sock: TcpStream,
     connected: bool,
@@ -137,13 +154,19 @@ struct Stream {
     inbuf: Vec<u8>,
     /// Set once the response head was sent as RES_HEADERS.
     body: Option<BodyDecoder>,
-    /// Reading stopped because the channel (or the stream's credit) cannot take more.
-    paused: bool,
-    /// With `window`: response body bytes we may still send.
-    credit: i64,
-    /// With `window`: request body bytes written upstream and not yet acknowledged.
-    unacked: usize,
+    /// Response credit (what we may send) and request acknowledgements (what we owe).
+    flow: Flow,
+    /// In the round-robin queue of upstreams to read.
+    queued: bool,
     started: Instant,
+}
+
+/// One consumer's session, as serve sees it.
+struct Consumer {
+    /// Its room id (for logs).
+    member: String,
+    agreed: bool,
+    streams: usize,
 }
 
 pub struct Serve {
@@ -151,45 +174,63 @@ pub struct Serve {
     /// The upstream address that last accepted a connection: tried first.
     preferred: usize,
     advertise: String,
-    streams: Vec<Option<Stream>>,
-    free: Vec<usize>,
-    by_sid: HashMap<u32, usize>,
+    limits: Limits,
+    streams: Slab<Stream>,
+    by_sid: HashMap<(PeerId, u32), usize>,
+    consumers: HashMap<PeerId, Consumer>,
+    /// Upstreams with bytes to read and room to send them, in turn order.
+    ready: VecDeque<usize>,
 }
 
 impl Serve {
-    pub fn new(upstream: Upstream, advertise: &str) -> Self {
+    pub fn new(upstream: Upstream, advertise: &str, limits: Limits) -> Self {
         Serve {
             upstream,
             preferred: 0,
             advertise: advertise.to_string(),
-            streams: Vec::new(),
-            free: Vec::new(),
+            limits,
+            streams: Slab::default(),
             by_sid: HashMap::new(),
+            consumers: HashMap::new(),
+            ready: VecDeque::new(),
         }
     }
 
-    fn open(&mut self, h: ReqHeaders, ch: &mut Channel, registry: &Registry, now: Instant) {
+    fn open(
+        &mut self,
+        peer: PeerId,
+        h: ReqHeaders,
+        net: &mut Net,
+        registry: &Registry,
+        now: Instant,
+    ) {
         let sid = h.stream_id;
-        if self.by_sid.contains_key(&sid) {
-            log::debug!("stream {sid}: opened twice; ignored");
+        let mut ch = net.chan(peer);
+        if self.by_sid.contains_key(&(peer, sid)) {
+            log::debug!("{peer} stream {sid}: opened twice; ignored");
             return;
+        }
+        let in_flight = self.consumers.get(&peer).map_or(0, |c| c.streams);
+        if in_flight >= self.limits.streams {
+            let text = format!(
+                "Service Unavailable: {in_flight} requests already in flight for this consumer \
+                 (serve --max-streams {})",
+                self.limits.streams
+            );
+            return simple_answer(&mut ch, sid, 503, &text);
         }
         let attempt = self.preferred;
         let mut sock = match self.upstream.connect(attempt) {
             Ok(s) => s,
-            Err(e) => return bad_gateway(ch, sid, &e.to_string()),
+            Err(e) => return bad_gateway(&mut ch, sid, &e.to_string()),
         };
-        let slot = self.free.pop().unwrap_or_else(|| {
-            self.streams.push(None);
-            self.streams.len() - 1
-        });
+        let slot = self.streams.vacant();
         if let Err(e) = registry.register(
             &mut sock,
             token_of(slot),
             Interest::READABLE | Interest::WRITABLE,
         ) {
-            self.free.push(slot);
-            return bad_gateway(ch, sid, &e.to_string());
+            return bad_gateway(&mut ch, sid, &e.to_string());
         }
         let target = self.upstream.target(&self.advertise, &h.path);
         let mut headers: Vec<(String, String)> = http1::end_to_end(&h.headers)
@@ -202,12 +243,13 @@ impl Serve {
             .iter()
             .any(|(n, _)| n.eq_ignore_ascii_case("content-length"));
         log::debug!(
-            "stream {sid}: {} {} → upstream {}",
+            "{peer} stream {sid}: {} {} → upstream {}",
             h.method,
             h.path,
             target
         );
         let mut stream = Stream {
+            peer,
             sid,
             sock,
             connected: false,
@@ -219,9 +261,8 @@ impl Serve {
             method: h.method.clone(),
             inbuf: Vec::new(),
             body: None,
-            paused: false,
-            credit: WINDOW,
-            unacked: 0,
+            flow: Flow::default(),
+            queued: false,
             started: now,
         };
         if has_length {
@@ -234,15 +275,18 @@ impl Serve {
                 headers,
             });
         }
-        self.streams[slot] = Some(stream);
-        self.by_sid.insert(sid, slot);
+        let slot = self.streams.insert(stream);
+        self.by_sid.insert((peer, sid), slot);
+        if let Some(c) = self.consumers.get_mut(&peer) {
+            c.streams += 1;
+        }
     }
 
     /// A connection attempt failed: tries the upstream's next address, if any is left.
     /// Returns false when none is.
     fn try_next_address(&mut self, slot: usize, registry: &Registry) -> bool {
         let count = self.upstream.addrs.len();
-        let Some(s) = self.streams.get_mut(slot).and_then(Option::as_mut) else {
+        let Some(s) = self.streams.get_mut(slot) else {
             return false;
         };
         if s.tries + 1 >= count {
@@ -264,18 +308,29 @@ impl Serve {
             return false;
         }
         let _ = registry.deregister(&mut s.sock);
-        log::debug!("stream {}: trying upstream address {addr}", s.sid);
+        log::debug!(
+            "{} stream {}: trying upstream address {addr}",
+            s.peer,
+            s.sid
+        );
         s.sock = sock;
         s.attempt = next;
         s.tries += 1;
         true
     }
 
-    fn req_body(&mut self, sid: u32, data: &[u8], ch: &mut Channel, registry: &Registry) {
-        let Some(&slot) = self.by_sid.get(&sid) else {
+    fn req_body(
+        &mut self,
+        peer: PeerId,
+        sid: u32,
+        data: &[u8],
+        net: &mut Net,
+        registry: &Registry,
+    ) {
+        let Some(&slot) = self.by_sid.get(&(peer, sid)) else {
             return;
         };
-        let Some(s) = self.streams.get_mut(slot).and_then(Option::as_mut) else {
+        let Some(s) = self.streams.get_mut(slot) else {
             return;
         };
         if s.framing == ReqFraming::Undecided {
@@ -291,9 +346,12 @@ impl Serve {
             ReqFraming::Length => s.out.extend_from_slice(data),
             _ => {}
         }
-        s.unacked += data.len();
+        s.flow.received(data.len());
         if s.out.len() > MAX_UPSTREAM_BACKLOG {
-            log::warn!("stream {sid}: upstream does not read the request body; failing the stream");
+            log::warn!(
+                "{peer} stream {sid}: upstream does not read the request body; failing the stream"
+            );
+            let mut ch = net.chan(peer);
             ch.send(&Message::Error(
                 sid,
                 "upstream error: upstream stopped reading the request".into(),
@@ -301,14 +359,14 @@ impl Serve {
             ch.send(&Message::ResEnd(sid));
             return self.close(slot, registry);
         }
-        self.write(slot, ch, registry);
+        self.write(slot, net, registry);
     }
 
-    fn req_end(&mut self, sid: u32, ch: &mut Channel, registry: &Registry) {
-        let Some(&slot) = self.by_sid.get(&sid) else {
+    fn req_end(&mut self, peer: PeerId, sid: u32, net: &mut Net, registry: &Registry) {
+        let Some(&slot) = self.by_sid.get(&(peer, sid)) else {
             return;
         };
-        let Some(s) = self.streams.get_mut(slot).and_then(Option::as_mut) else {
+        let Some(s) = self.streams.get_mut(slot) else {
             return;
         };
         match s.framing {
@@ -333,101 +391,128 @@ impl Serve {
             }
             _ => {}
         }
-        self.write(slot, ch, registry);
+        self.write(slot, net, registry);
     }
 
     /// Writes pending request bytes once connected.
-    fn write(&mut self, slot: usize, ch: &mut Channel, registry: &Registry) {
-        let Some(s) = self.streams.get_mut(slot).and_then(Option::as_mut) else {
+    fn write(&mut self, slot: usize, net: &mut Net, registry: &Registry) {
+        let Some(s) = self.streams.get_mut(slot) else {
             return;
         };
         if !s.connected {
             return;
         }
         if let Err(e) = write_out(&mut s.sock, &mut s.out, OUT_KEEP) {
-            let sid = s.sid;
-            self.upstream_failed(slot, &e.to_string(), ch, registry);
-            log::debug!("stream {sid}: upstream write failed: {e}");
-            return;
+            log::debug!("{} stream {}: upstream write failed: {e}", s.peer, s.sid);
+            return self.upstream_failed(slot, &e.to_string(), net, registry);
         }
         // With `window`: what the upstream took frees credit for the consumer.
-        if ch.window && s.unacked > 0 && s.out.len() < WINDOW_ACK {
-            let credit = std::mem::take(&mut s.unacked);
-            ch.send(&Message::Window(s.sid, credit as u32));
+        let mut ch = net.chan(s.peer);
+        if let Some(credit) = s.flow.ack(ch.window(), s.out.len()) {
+            ch.send(&Message::Window(s.sid, credit));
         }
     }
 
     /// The connection to the upstream failed (connect or I/O error).
-    fn upstream_failed(&mut self, slot: usize, err: &str, ch: &mut Channel, registry: &Registry) {
-        let Some(s) = self.streams.get(slot).and_then(Option::as_ref) else {
+    fn upstream_failed(&mut self, slot: usize, err: &str, net: &mut Net, registry: &Registry) {
+        let Some(s) = self.streams.get(slot) else {
             return;
         };
-        let sid = s.sid;
+        let mut ch = net.chan(s.peer);
         if s.body.is_none() {
-            bad_gateway(ch, sid, err);
+            bad_gateway(&mut ch, s.sid, err);
         } else {
-            ch.send(&Message::Error(sid, format!("upstream error: {err}")));
-            ch.send(&Message::ResEnd(sid));
+            ch.send(&Message::Error(s.sid, format!("upstream error: {err}")));
+            ch.send(&Message::ResEnd(s.sid));
         }
         self.close(slot, registry);
     }
 
     fn close(&mut self, slot: usize, registry: &Registry) {
-        if let Some(mut s) = self.streams.get_mut(slot).and_then(Option::take) {
+        if let Some(mut s) = self.streams.remove(slot) {
             let _ = s.sock.shutdown(Shutdown::Both);
             let _ = registry.deregister(&mut s.sock);
-            self.by_sid.remove(&s.sid);
-            self.free.push(slot);
+            self.by_sid.remove(&(s.peer, s.sid));
+            if let Some(c) = self.consumers.get_mut(&s.peer) {
+                c.streams = c.streams.saturating_sub(1);
+            }
+            // A stale entry in `ready` finds the slot empty (or reused and queued anew).
+            self.ready.retain(|&r| r != slot);
         }
     }
 
-    /// Reads the upstream response while the channel can take it, framing it as RES_*.
-    fn read(&mut self, slot: usize, ch: &mut Channel, registry: &Registry) {
-        loop {
-            let Some(s) = self.streams.get_mut(slot).and_then(Option::as_mut) else {
-                return;
+    /// Puts an upstream in the round-robin queue (once).
+    fn enqueue(&mut self, slot: usize) {
+        if let Some(s) = self.streams.get_mut(slot) {
+            if !s.queued {
+                s.queued = true;
+                self.ready.push_back(slot);
+            }
+        }
+    }
+
+    /// Serves the queue round robin: each upstream reads one turn, then goes to the back if it
+    /// may have more. Ends when every upstream is drained, paused or out of room.
+    fn pump(&mut self, net: &mut Net, registry: &Registry) {
+        while let Some(slot) = self.ready.pop_front() {
+            if let Some(s) = self.streams.get_mut(slot) {
+                s.queued = false;
+            }
+            if self.read(slot, net, registry) {
+                self.enqueue(slot);
+            }
+        }
+    }
+
+    /// Reads one turn of the upstream response while the channel can take it, framing it as
+    /// RES_*. Returns true when the turn ran out with the upstream possibly holding more.
+    fn read(&mut self, slot: usize, net: &mut Net, registry: &Registry) -> bool {
+        for _ in 0..TURN_READS {
+            let Some(s) = self.streams.get_mut(slot) else {
+                return false;
             };
             if !s.connected {
-                return;
+                return false;
             }
             // Read no more than the channel, and (with `window`) the stream's credit, allow.
-            let budget = if ch.window {
-                s.credit.clamp(0, READ_CHUNK as i64) as usize
-            } else {
-                READ_CHUNK
-            };
+            let ch = net.chan(s.peer);
+            let budget = s.flow.budget(ch.window());
             if !ch.can_send() || budget == 0 {
-                s.paused = true;
-                return;
+                s.flow.paused = true;
+                return false;
             }
             let eof = match read_some(&mut s.sock, &mut s.inbuf, budget) {
                 Ok(0) => true,
                 Ok(_) => false,
-                Err(e) if would_block(&e) => return,
+                Err(e) if would_block(&e) => return false,
                 Err(e) => {
                     let err = e.to_string();
-                    return self.upstream_failed(slot, &err, ch, registry);
+                    self.upstream_failed(slot, &err, net, registry);
+                    return false;
                 }
             };
-            if let Err(err) = self.consume(slot, eof, ch) {
-                return self.upstream_failed(slot, &err, ch, registry);
+            if let Err(err) = self.consume(slot, eof, net) {
+                self.upstream_failed(slot, &err, net, registry);
+                return false;
             }
             let done = self
                 .streams
                 .get(slot)
-                .and_then(Option::as_ref)
                 .is_some_and(|s| s.body.as_ref().is_some_and(BodyDecoder::is_done));
             if done || eof {
-                return self.close(slot, registry);
+                self.close(slot, registry);
+                return false;
             }
         }
+        true
     }
 
     /// Turns buffered upstream bytes into frames. Err: the response is broken.
-    fn consume(&mut self, slot: usize, eof: bool, ch: &mut Channel) -> Result<(), String> {
-        let Some(s) = self.streams.get_mut(slot).and_then(Option::as_mut) else {
+    fn consume(&mut self, slot: usize, eof: bool, net: &mut Net) -> Result<(), String> {
+        let Some(s) = self.streams.get_mut(slot) else {
             return Ok(());
         };
+        let mut ch = net.chan(s.peer);
         if s.body.is_none() {
             let (head, len) = match http1::parse_response(&s.inbuf) {
                 Ok(Some(parsed)) => parsed,
@@ -441,7 +526,7 @@ impl Serve {
             s.inbuf.drain(..len);
             if head.status < 200 {
                 // 100 Continue and friends: the final response follows.
-                return self.consume(slot, eof, ch);
+                return self.consume(slot, eof, net);
             }
             let framing = head
                 .body_framing(&s.method)
@@ -451,7 +536,8 @@ impl Serve {
                 .map(|(n, v)| (n.to_ascii_lowercase(), v))
                 .collect();
             log::debug!(
-                "stream {}: {} {} ({} ms)",
+                "{} stream {}: {} {} ({} ms)",
+                s.peer,
                 s.sid,
                 s.method,
                 head.status,
@@ -472,22 +558,14 @@ impl Serve {
         let Some(dec) = &mut s.body else {
             return Ok(());
         };
-        let mut pos = 0;
-        while !dec.is_done() {
-            let d = dec
-                .decode(&s.inbuf[pos..])
-                .map_err(|e| format!("bad upstream body: {e}"))?;
-            if !d.data.is_empty() {
-                ch.send(&Message::ResBody(sid, d.data));
-                s.credit -= d.data.len() as i64;
-            }
-            pos += d.consumed;
-            if d.consumed == 0 {
-                break;
-            }
-        }
-        s.inbuf.drain(..pos);
-        if dec.is_done() {
+        let flow = &mut s.flow;
+        let step = decode_body(dec, &s.inbuf, |piece| {
+            ch.send(&Message::ResBody(sid, piece));
+            flow.spent(piece.len());
+        })
+        .map_err(|e| format!("bad upstream body: {e}"))?;
+        s.inbuf.drain(..step.consumed);
+        if step.done {
             ch.send(&Message::ResEnd(sid));
         } else if eof {
             dec.finish_eof()
@@ -497,49 +575,75 @@ impl Serve {
         Ok(())
     }
 
-    /// Resumes a stream that stopped reading (channel full or out of credit).
-    fn resume(&mut self, slot: usize, ch: &mut Channel, registry: &Registry) {
-        let Some(s) = self.streams.get_mut(slot).and_then(Option::as_mut) else {
+    /// Queues a stream that stopped reading (channel full or out of credit) for its next turn.
+    fn resume(&mut self, slot: usize) {
+        let Some(s) = self.streams.get_mut(slot) else {
             return;
         };
-        if !s.paused {
-            return;
+        if s.flow.paused {
+            s.flow.paused = false;
+            self.enqueue(slot);
         }
-        s.paused = false;
-        self.read(slot, ch, registry);
     }
 
-    fn slots(&self) -> Vec<usize> {
-        self.streams
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| s.as_ref().map(|_| i))
-            .collect()
+    /// Agrees with a consumer's HELLO, or ends its session.
+    fn hello(&mut self, net: &mut Net, peer: PeerId, hello: crate::frame::Hello, now: Instant) {
+        let mut ch = net.chan(peer);
+        let offered: Vec<&str> = ch.offered().iter().map(String::as_str).collect();
+        let Some(agree) = negotiate(&hello, 1, 1, &offered) else {
+            log::warn!(
+                "consumer {peer}: incompatible (proto '{}', versions {}..={}); disconnecting it",
+                hello.proto,
+                hello.min_version,
+                hello.max_version
+            );
+            ch.core().disconnect(peer, "incompatible consumer", now);
+            return;
+        };
+        let features = agree.features.clone();
+        ch.send(&Message::Agree(agree));
+        ch.agreed(&features, now);
+        let Some(c) = self.consumers.get_mut(&peer) else {
+            return;
+        };
+        c.agreed = true;
+        let member = c.member.clone();
+        let connected = self.consumers.values().filter(|c| c.agreed).count();
+        log::info!(
+            "consumer {} connected ({connected} of {}); tunnel ready (features: {})",
+            short(&member),
+            self.limits.consumers,
+            features.join(",")
+        );
     }
 }
 
-/// RES_HEADERS 502 + `Bad Gateway: <err>` + RES_END, as the v1 provider answers.
-fn bad_gateway(ch: &mut Channel, sid: u32, err: &str) {
-    log::debug!("stream {sid}: 502 ({err})");
-    let body = format!("Bad Gateway: {err}");
+/// A complete answer with a plain-text body, as the provider sends its own errors.
+fn simple_answer(ch: &mut Chan, sid: u32, status: u16, text: &str) {
+    log::debug!("{} stream {sid}: {status} ({text})", ch.peer);
     ch.send(&Message::ResHeaders(ResHeaders {
         stream_id: sid,
-        status: 502,
+        status,
         headers: vec![
             ("content-type".into(), "text/plain".into()),
-            ("content-length".into(), body.len().to_string()),
+            ("content-length".into(), text.len().to_string()),
         ],
     }));
-    ch.send(&Message::ResBody(sid, body.as_bytes()));
+    ch.send(&Message::ResBody(sid, text.as_bytes()));
     ch.send(&Message::ResEnd(sid));
 }
 
+/// RES_HEADERS 502 + `Bad Gateway: <err>` + RES_END, as the v1 provider answers.
+fn bad_gateway(ch: &mut Chan, sid: u32, err: &str) {
+    simple_answer(ch, sid, 502, &format!("Bad Gateway: {err}"));
+}
+
 impl Role for Serve {
-    fn on_socket(&mut self, ch: &mut Channel, registry: &Registry, event: &Event, _now: Instant) {
+    fn on_socket(&mut self, net: &mut Net, registry: &Registry, event: &Event, _now: Instant) {
         let Some(slot) = slot_of(event.token()) else {
             return;
         };
-        let Some(s) = self.streams.get_mut(slot).and_then(Option::as_mut) else {
+        let Some(s) = self.streams.get_mut(slot) else {
             return;
         };
         if !s.connected {
@@ -556,57 +660,56 @@ impl Role for Serve {
                     return;
                 }
                 let err = format!("cannot connect to upstream: {e}");
-                return self.upstream_failed(slot, &err, ch, registry);
+                return self.upstream_failed(slot, &err, net, registry);
             }
             s.connected = true;
             self.preferred = s.attempt;
         }
         if event.is_writable() {
-            self.write(slot, ch, registry);
+            self.write(slot, net, registry);
         }
         if event.is_readable() || event.is_read_closed() || event.is_error() {
-            self.read(slot, ch, registry);
+            self.enqueue(slot);
         }
     }
 
-    fn on_open(&mut self, _ch: &mut Channel, _now: Instant) {}
-
-    fn on_message(&mut self, ch: &mut Channel, registry: &Registry, msg: Message, now: Instant) {
-        match msg {
-            Message::Hello(hello) => match negotiate(
-                &hello,
-                1,
-                1,
-                &ch.offered.iter().map(String::as_str).collect::<Vec<_>>(),
-            ) {
-                Some(agree) => {
-                    let features = agree.features.clone();
-                    ch.send(&Message::Agree(agree));
-                    ch.agreed(&features, now);
-                }
-                None => {
-                    log::warn!(
-                        "incompatible consumer (proto '{}', versions {}..={}); ignoring it",
-                        hello.proto,
-                        hello.min_version,
-                        hello.max_version
-                    );
-                }
+    fn on_open(&mut self, net: &mut Net, peer: PeerId, _now: Instant) {
+        let member = net.core.member(peer).unwrap_or("?").to_string();
+        log::debug!("consumer {} ({peer}): data channel open", short(&member));
+        self.consumers.insert(
+            peer,
+            Consumer {
+                member,
+                agreed: false,
+                streams: 0,
             },
-            Message::ReqHeaders(h) => self.open(h, ch, registry, now),
-            Message::ReqBody(sid, data) => self.req_body(sid, data, ch, registry),
-            Message::ReqEnd(sid) => self.req_end(sid, ch, registry),
+        );
+    }
+
+    fn on_message(
+        &mut self,
+        net: &mut Net,
+        registry: &Registry,
+        peer: PeerId,
+        msg: Message,
+        now: Instant,
+    ) {
+        match msg {
+            Message::Hello(hello) => self.hello(net, peer, hello, now),
+            Message::ReqHeaders(h) => self.open(peer, h, net, registry, now),
+            Message::ReqBody(sid, data) => self.req_body(peer, sid, data, net, registry),
+            Message::ReqEnd(sid) => self.req_end(peer, sid, net, registry),
             Message::Window(sid, credit) => {
-                if let Some(&slot) = self.by_sid.get(&sid) {
-                    if let Some(s) = self.streams[slot].as_mut() {
-                        s.credit += i64::from(credit);
+                if let Some(&slot) = self.by_sid.get(&(peer, sid)) {
+                    if let Some(s) = self.streams.get_mut(slot) {
+                        s.flow.granted(credit);
                     }
-                    self.resume(slot, ch, registry);
+                    self.resume(slot);
                 }
             }
             Message::Cancel(sid) => {
-                if let Some(&slot) = self.by_sid.get(&sid) {
-                    log::debug!("stream {sid}: cancelled by the consumer");
+                if let Some(&slot) = self.by_sid.get(&(peer, sid)) {
+                    log::debug!("{peer} stream {sid}: cancelled by the consumer");
                     self.close(slot, registry);
                 }
             }
@@ -617,22 +720,48 @@ impl Role for Serve {
         }
     }
 
-    fn on_lost(&mut self, _ch: &mut Channel, registry: &Registry, _now: Instant) {
-        for slot in self.slots() {
+    fn on_lost(
+        &mut self,
+        _net: &mut Net,
+        registry: &Registry,
+        peer: PeerId,
+        reason: &str,
+        _now: Instant,
+    ) {
+        let mine: Vec<usize> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| s.peer == peer)
+            .map(|(slot, _)| slot)
+            .collect();
+        for slot in mine {
             self.close(slot, registry);
         }
-    }
-
-    fn on_writable(&mut self, ch: &mut Channel, registry: &Registry, _now: Instant) {
-        for slot in self.slots() {
-            self.resume(slot, ch, registry);
-            if !ch.can_send() {
-                return;
-            }
+        if let Some(c) = self.consumers.remove(&peer) {
+            let connected = self.consumers.values().filter(|c| c.agreed).count();
+            log::info!(
+                "consumer {} left: {reason} ({connected} of {} connected)",
+                short(&c.member),
+                self.limits.consumers
+            );
         }
     }
 
-    fn on_timeout(&mut self, _ch: &mut Channel, _registry: &Registry, _now: Instant) {}
+    fn on_writable(&mut self, _net: &mut Net, _registry: &Registry, peer: PeerId, _now: Instant) {
+        let mine: Vec<usize> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| s.peer == peer && s.flow.paused)
+            .map(|(slot, _)| slot)
+            .collect();
+        for slot in mine {
+            self.resume(slot);
+        }
+    }
+
+    fn on_tick(&mut self, net: &mut Net, registry: &Registry, _now: Instant) {
+        self.pump(net, registry);
+    }
 
     fn next_deadline(&self) -> Option<Instant> {
         None

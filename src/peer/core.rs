@@ -1,0 +1,908 @@
+//! The sans-IO peer core: one room membership and one WebRTC session per remote member, with no
+//! socket and no clock. The shell (`super::Link`) feeds it signaling text, datagrams (with the
+//! local address they arrived on and their source) and timeouts, and carries out what it asks
+//! for: [`Transmit`]s, signaling text, and the next deadline. The tunnel driver sends and
+//! receives data-channel messages through it by [`PeerId`].
+//!
+//! Inputs: [`PeerCore::connected`] / [`PeerCore::disconnected`] (the signaling socket),
+//! [`PeerCore::handle_signal`], [`PeerCore::handle_datagram`], [`PeerCore::handle_timeout`],
+//! [`PeerCore::send`]. Outputs: [`PeerCore::poll_event`], [`PeerCore::poll_transmit`],
+//! [`PeerCore::poll_signal`], [`PeerCore::next_deadline`]. Drain `poll_event` until `None`
+//! before `poll_transmit`: str0m's output is produced lazily, so a burst of writes and
+//! acknowledgements costs SCTP one pass over its send queue rather than one each.
+//!
+//! Roles (`spec/protocols.md` §1): the member that was there first offers when `peer-joined`
+//! arrives; a joiner answers the offers of the members it found. A consumer holds one session
+//! (any new negotiation replaces it); a provider holds one per consumer, up to `max_peers`, each
+//! with its own `Rtc`, all on the same UDP sockets: a datagram goes to the session whose
+//! `Rtc::accepts` it. A session that fails (ICE disconnected, channel closed, the member left)
+//! is dropped alone; if the member is still in the room its offerer tries again after
+//! [`REOFFER_DELAY`].
+//!
+//! Server-reflexive candidates: each local socket asks the STUN server for its public address
+//! ([`super::stun_client`]); answers are picked out of the datagrams before str0m sees them, and
+//! a mapped address that differs from the socket's own becomes a candidate of every session,
+//! trickled at once where the offer/answer is out.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::channel::ChannelId;
+use str0m::config::DtlsCert;
+use str0m::net::{Protocol, Receive};
+use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
+
+use super::candidate;
+use super::signaling::{RoomRole, SignalEvent, Signaling};
+use super::stun_client::{self, Response, StunClient};
+
+/// Label of the one data channel.
+pub const LABEL: &str = "tunnel";
+/// Send window (bytes sent on the channel and not yet acknowledged) until the driver sets one
+/// from the path's round trip: str0m's own default.
+const DEFAULT_WINDOW: usize = 128 * 1024;
+/// Bounds of [`PeerCore::set_send_window`]. Below 32 KiB a loopback or LAN path idles. Above
+/// 256 KiB, SCTP's per-packet cost (it grows with what is in flight) and its unpaced bursts,
+/// which overflow a receiver's socket buffer and turn into retransmissions, outweigh the gain.
+const MIN_WINDOW: usize = 32 * 1024;
+const MAX_WINDOW: usize = 256 * 1024;
+/// str0m's send buffer: the largest window plus one message, since a send is refused only once
+/// the window is full.
+const SCTP_BUFFER: usize = MAX_WINDOW + 128 * 1024;
+/// The offerer waits this long before offering again after losing a member still in the room.
+pub const REOFFER_DELAY: Duration = Duration::from_secs(1);
+/// Remote candidates kept per member while waiting for its description.
+const MAX_EARLY_CANDIDATES: usize = 64;
+/// Mutations (received datagrams, channel writes) a session takes before its output is drained.
+/// Under load this turns a run of SCTP SACKs into one pass over the send queue instead of one
+/// each; it stays well below the 30 records DTLS (dimpl) queues before refusing input.
+const INPUT_BATCH: usize = 8;
+
+/// One session with one remote member; never reused (a renegotiation makes a new one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerId(u64);
+
+impl PeerId {
+    /// No session: a channel under this id is never open.
+    pub const NONE: PeerId = PeerId(0);
+}
+
+impl fmt::Display for PeerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// One datagram to send from the local socket bound to `source`.
+#[derive(Debug)]
+pub struct Transmit {
+    pub source: SocketAddr,
+    pub destination: SocketAddr,
+    pub contents: Vec<u8>,
+}
+
+/// What the core reports to the driver.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PeerEvent {
+    /// The session's `tunnel` data channel is open: `send` works.
+    ChannelOpen(PeerId),
+    /// One message received on the session's channel.
+    Data(PeerId, Vec<u8>),
+    /// The channel's buffered amount went low: a refused `send` may be retried.
+    Writable(PeerId),
+    /// The open channel is gone, and why (member left, ICE disconnected, channel closed). Its
+    /// in-flight work fails; the core waits for the member (or a new one) by itself.
+    ChannelLost(PeerId, String),
+}
+
+/// How the core joins and whom it talks to.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    pub room: String,
+    pub role: RoomRole,
+    /// The local UDP sockets' addresses: one host candidate each.
+    pub locals: Vec<SocketAddr>,
+    /// STUN servers for server-reflexive candidates (one per address family is used).
+    pub stun_servers: Vec<SocketAddr>,
+    /// Sessions held at once (a provider's consumers; 1 for a consumer).
+    pub max_peers: usize,
+}
+
+struct Session {
+    id: PeerId,
+    /// The member's id in the room.
+    member: String,
+    rtc: Rtc,
+    offerer: bool,
+    /// Offerer: the offer waiting for its answer.
+    pending: Option<SdpPendingOffer>,
+    /// The remote description is applied: remote candidates may be added.
+    remote_described: bool,
+    /// Our candidates, to trickle after the offer/answer.
+    local_candidates: Vec<Candidate>,
+    /// `sdpMid` of the offer/answer once it is sent: later candidates are trickled at once.
+    mid: Option<String>,
+    channel: Option<ChannelId>,
+    open: bool,
+    /// The send window; `Writable` is reported when the buffered amount falls to half of it.
+    window: usize,
+    deadline: Instant,
+    /// Mutations since str0m's output was last drained.
+    undrained: usize,
+}
+
+/// The room membership and the WebRTC sessions of one `tunnel serve` or `tunnel proxy`.
+pub struct PeerCore {
+    pub(super) signaling: Signaling,
+    role: RoomRole,
+    max_peers: usize,
+    locals: Vec<SocketAddr>,
+    pub(super) stun: StunClient,
+    /// Server-reflexive candidates found so far, added to every new session.
+    pub(super) srflx: Vec<Candidate>,
+    /// Generated once: making a certificate is most of an `Rtc`'s set-up time.
+    dtls_cert: Option<DtlsCert>,
+    sessions: Vec<Session>,
+    /// Remote candidates that came before their member's description.
+    early: Vec<(String, Vec<Candidate>)>,
+    /// Members to offer to again, and when.
+    reoffer: Vec<(String, Instant)>,
+    next_id: u64,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<PeerEvent>,
+    /// The server refused our `join`, with its message.
+    refusal: Option<String>,
+    closed: bool,
+}
+
+impl PeerCore {
+    pub fn new(cfg: CoreConfig, now: Instant) -> PeerCore {
+        let stun = StunClient::new(stun_client::targets(&cfg.locals, &cfg.stun_servers), now);
+        let mut core = PeerCore {
+            signaling: Signaling::new(&cfg.room, cfg.role),
+            role: cfg.role,
+            max_peers: cfg.max_peers.max(1),
+            locals: cfg.locals,
+            stun,
+            srflx: Vec::new(),
+            dtls_cert: str0m::crypto::from_feature_flags()
+                .dtls_provider
+                .generate_certificate(),
+            sessions: Vec::new(),
+            early: Vec::new(),
+            reoffer: Vec::new(),
+            next_id: 1,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            refusal: None,
+            closed: false,
+        };
+        core.send_stun(now);
+        core
+    }
+
+    // ---- signaling ----------------------------------------------------------------------
+
+    /// The signaling socket is open: join the room.
+    pub fn connected(&mut self) {
+        if !self.closed {
+            self.signaling.on_connected();
+        }
+    }
+
+    /// The signaling socket is gone. Open channels keep working; nothing new can be negotiated
+    /// until the next [`PeerCore::connected`].
+    pub fn disconnected(&mut self) {
+        self.signaling.on_disconnected();
+    }
+
+    /// One text message from the signal server.
+    pub fn handle_signal(&mut self, text: &str, now: Instant) {
+        if self.closed {
+            return;
+        }
+        self.signaling.handle_text(text);
+        while let Some(ev) = self.signaling.poll_event() {
+            self.on_signal(ev, now);
+        }
+    }
+
+    /// Next text message for the signal server.
+    pub fn poll_signal(&mut self) -> Option<String> {
+        self.signaling.poll_transmit()
+    }
+
+    /// The server refused our `join` (room full, a provider already there, …): its message.
+    /// The shell reconnects with backoff.
+    pub fn take_refusal(&mut self) -> Option<String> {
+        self.refusal.take()
+    }
+
+    pub fn is_joined(&self) -> bool {
+        self.signaling.is_joined()
+    }
+
+    pub fn room(&self) -> &str {
+        self.signaling.room()
+    }
+
+    // ---- the network --------------------------------------------------------------------
+
+    /// One datagram that arrived on local socket `local` from `source`.
+    pub fn handle_datagram(
+        &mut self,
+        local: SocketAddr,
+        source: SocketAddr,
+        data: &[u8],
+        now: Instant,
+    ) {
+        if self.closed {
+            return;
+        }
+        if let Some(index) = self.locals.iter().position(|l| *l == local) {
+            match self.stun.handle_datagram(index, data) {
+                Some(Response::Mapped {
+                    local,
+                    mapped,
+                    server,
+                }) => return self.on_stun(local, mapped, server, now),
+                Some(Response::Other) => return,
+                None => {}
+            }
+        }
+        let receive = match Receive::new(Protocol::Udp, source, local, data) {
+            Ok(r) => r,
+            Err(e) => return log::trace!("ignoring datagram from {source}: {e}"),
+        };
+        let input = Input::Receive(now, receive);
+        let Some(i) = self.sessions.iter().position(|s| s.rtc.accepts(&input)) else {
+            return log::trace!("ignoring datagram from {source}: no session takes it");
+        };
+        let session = &mut self.sessions[i];
+        if let Err(e) = session.rtc.handle_input(input) {
+            let id = session.id;
+            return self.lose(id, format!("WebRTC error: {e}"), now);
+        }
+        session.undrained += 1;
+        if session.undrained >= INPUT_BATCH {
+            self.drive(i, now);
+        }
+    }
+
+    /// Runs whatever is due at `now`: re-offers, STUN retransmissions, str0m timers.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.closed {
+            return;
+        }
+        let due: Vec<String> = self
+            .reoffer
+            .iter()
+            .filter(|(_, at)| *at <= now)
+            .map(|(m, _)| m.clone())
+            .collect();
+        self.reoffer.retain(|(_, at)| *at > now);
+        for member in due {
+            if self.session_of(&member).is_none()
+                && self.signaling.is_joined()
+                && self.signaling.has_member(&member)
+            {
+                self.start_offer(&member, now);
+            }
+        }
+        self.send_stun(now);
+        let mut i = 0;
+        while i < self.sessions.len() {
+            if self.sessions[i].deadline <= now {
+                if let Err(e) = self.sessions[i].rtc.handle_input(Input::Timeout(now)) {
+                    let id = self.sessions[i].id;
+                    self.lose(id, format!("WebRTC error: {e}"), now);
+                    continue;
+                }
+                if !self.drive(i, now) {
+                    continue;
+                }
+            }
+            i += 1;
+        }
+    }
+
+    /// The earliest instant at which [`PeerCore::handle_timeout`] has work to do.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let sessions = self.sessions.iter().map(|s| s.deadline);
+        let reoffers = self.reoffer.iter().map(|(_, at)| *at);
+        sessions
+            .chain(reoffers)
+            .chain(self.stun.next_deadline())
+            .min()
+    }
+
+    /// Next event. Once the queue is empty, the sessions written to or fed since their last
+    /// drain are drained (which may produce more events), so a driver that polls until `None`
+    /// leaves nothing pending and every transmit queued.
+    pub fn poll_event(&mut self, now: Instant) -> Option<PeerEvent> {
+        if self.events.is_empty() {
+            let mut i = 0;
+            while i < self.sessions.len() {
+                if self.sessions[i].undrained == 0 || self.drive(i, now) {
+                    i += 1;
+                }
+            }
+        }
+        self.events.pop_front()
+    }
+
+    /// Next datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// Whether datagrams wait in [`PeerCore::poll_transmit`].
+    pub fn has_transmits(&self) -> bool {
+        !self.transmits.is_empty()
+    }
+
+    // ---- the data channels --------------------------------------------------------------
+
+    /// Sends one binary message on `peer`'s channel, all or nothing. `false`: not open, or no
+    /// room in the send window (wait for [`PeerEvent::Writable`]).
+    pub fn send(&mut self, peer: PeerId, data: &[u8]) -> bool {
+        let Some(session) = self.sessions.iter_mut().find(|s| s.id == peer) else {
+            return false;
+        };
+        let Some(id) = session.channel.filter(|_| session.open) else {
+            return false;
+        };
+        let Some(mut channel) = session.rtc.channel(id) else {
+            return false;
+        };
+        if channel.buffered_amount() >= session.window {
+            return false;
+        }
+        match channel.write(true, data) {
+            Ok(true) => {
+                session.undrained += 1;
+                true
+            }
+            Ok(false) => false,
+            Err(e) => {
+                log::debug!("data channel write failed: {e}");
+                false
+            }
+        }
+    }
+
+    /// Whether `peer`'s channel is open.
+    pub fn is_open(&self, peer: PeerId) -> bool {
+        self.sessions.iter().any(|s| s.id == peer && s.open)
+    }
+
+    /// Sessions whose channel is open.
+    pub fn open_count(&self) -> usize {
+        self.sessions.iter().filter(|s| s.open).count()
+    }
+
+    /// The room id of `peer`'s member (for logs).
+    pub fn member(&self, peer: PeerId) -> Option<&str> {
+        self.sessions
+            .iter()
+            .find(|s| s.id == peer)
+            .map(|s| s.member.as_str())
+    }
+
+    /// Sets `peer`'s send window (clamped to 32 KiB ..= 256 KiB) and returns it: `send` refuses
+    /// messages while this much is unacknowledged. It lasts until the session ends.
+    pub fn set_send_window(&mut self, peer: PeerId, bytes: usize) -> usize {
+        let window = bytes.clamp(MIN_WINDOW, MAX_WINDOW);
+        let Some(session) = self.sessions.iter_mut().find(|s| s.id == peer) else {
+            return window;
+        };
+        session.window = window;
+        let Some(id) = session.channel else {
+            return window;
+        };
+        if let Some(mut ch) = session.rtc.channel(id) {
+            ch.set_buffered_amount_low_threshold(window / 2);
+            // A larger window may leave the buffered amount below the new threshold without
+            // ever crossing it: report the room now.
+            if ch.buffered_amount() < window {
+                self.events.push_back(PeerEvent::Writable(peer));
+            }
+        }
+        window
+    }
+
+    /// Bytes queued on `peer`'s channel and not yet acknowledged.
+    pub fn buffered_amount(&mut self, peer: PeerId) -> usize {
+        let Some(session) = self.sessions.iter_mut().find(|s| s.id == peer) else {
+            return 0;
+        };
+        let Some(id) = session.channel else {
+            return 0;
+        };
+        session
+            .rtc
+            .channel(id)
+            .map_or(0, |mut ch| ch.buffered_amount())
+    }
+
+    /// Ends one session politely (SCTP shutdown, DTLS close_notify), reporting
+    /// [`PeerEvent::ChannelLost`] if its channel was open. The member is not offered to again
+    /// unless it renegotiates.
+    pub fn disconnect(&mut self, peer: PeerId, reason: &str, now: Instant) {
+        if let Some(s) = self.sessions.iter().find(|s| s.id == peer) {
+            let member = s.member.clone();
+            self.lose(peer, reason.to_string(), now);
+            self.reoffer.retain(|(m, _)| *m != member);
+        }
+    }
+
+    /// Leaves: closes every session, queues `bye`. The core is inert afterwards; the shell
+    /// sends what is queued and closes its sockets.
+    pub fn close(&mut self) {
+        if self.closed {
+            return;
+        }
+        for session in std::mem::take(&mut self.sessions) {
+            self.close_session(session);
+        }
+        self.signaling.send_bye();
+        self.stun.stop();
+        self.reoffer.clear();
+        self.early.clear();
+        self.events.clear();
+        self.closed = true;
+    }
+
+    // ---- negotiation --------------------------------------------------------------------
+
+    fn on_signal(&mut self, ev: SignalEvent, now: Instant) {
+        match ev {
+            SignalEvent::Joined { id, peers } => {
+                log::info!(
+                    "joined room '{}' as {id} (peers: {})",
+                    self.signaling.room(),
+                    peers.len()
+                );
+                self.early.clear();
+                // Sessions with members that are gone end; a consumer answers the offer of
+                // the member it found, a provider those of every consumer.
+                let gone: Vec<PeerId> = self
+                    .sessions
+                    .iter()
+                    .filter(|s| !s.open && !peers.contains(&s.member))
+                    .map(|s| s.id)
+                    .collect();
+                for peer in gone {
+                    self.lose(peer, "rejoined the room".into(), now);
+                }
+            }
+            SignalEvent::PeerJoined { peer } => {
+                log::debug!("peer {peer} joined: offering");
+                match self.role {
+                    RoomRole::Consumer => {
+                        let all: Vec<PeerId> = self.sessions.iter().map(|s| s.id).collect();
+                        for id in all {
+                            self.lose(id, "a new peer joined".into(), now);
+                        }
+                        self.early.clear();
+                        self.reoffer.clear();
+                    }
+                    RoomRole::Provider => {
+                        if let Some(old) = self.session_of(&peer) {
+                            let id = self.sessions[old].id;
+                            self.lose(id, "it joined again".into(), now);
+                        }
+                        self.reoffer.retain(|(m, _)| *m != peer);
+                    }
+                }
+                self.start_offer(&peer, now);
+            }
+            SignalEvent::Offer { from, sdp } => self.on_offer(&from, &sdp, now),
+            SignalEvent::Answer { from, sdp } => self.on_answer(&from, &sdp, now),
+            SignalEvent::Candidate { from, candidate } => self.on_candidate(&from, &candidate, now),
+            SignalEvent::PeerLeft { peer } => {
+                log::debug!("peer {peer} left the room");
+                self.reoffer.retain(|(m, _)| *m != peer);
+                self.early.retain(|(m, _)| *m != peer);
+                if let Some(i) = self.session_of(&peer) {
+                    let id = self.sessions[i].id;
+                    self.lose(id, "peer left the room".into(), now);
+                }
+            }
+            SignalEvent::ServerError { message } => {
+                log::warn!("signaling: server error: {message}");
+                if !self.signaling.is_joined() {
+                    self.refusal = Some(message);
+                }
+            }
+        }
+    }
+
+    /// Whether one more session may start; logs the refusal otherwise.
+    fn has_room_for(&self, member: &str) -> bool {
+        if self.session_of(member).is_some() || self.sessions.len() < self.max_peers {
+            return true;
+        }
+        log::warn!(
+            "consumer {} refused: {} of {} consumers connected (--max-consumers)",
+            short(member),
+            self.sessions.len(),
+            self.max_peers
+        );
+        false
+    }
+
+    /// A fresh `Rtc` with one host candidate per local socket and the server-reflexive ones.
+    fn new_session(&mut self, member: &str, offerer: bool, now: Instant) -> Session {
+        let mut config = Rtc::builder().set_sctp_max_buffered_amount(SCTP_BUFFER);
+        if let Some(cert) = &self.dtls_cert {
+            config = config.set_dtls_cert(cert.clone());
+        }
+        let mut rtc = config.build(now);
+        let mut local_candidates = Vec::new();
+        for local in &self.locals {
+            match Candidate::host(*local, "udp") {
+                Ok(c) => {
+                    if let Some(c) = rtc.add_local_candidate(c) {
+                        local_candidates.push(c.clone());
+                    }
+                }
+                Err(e) => log::debug!("no host candidate for {local}: {e}"),
+            }
+        }
+        for c in &self.srflx {
+            if let Some(c) = rtc.add_local_candidate(c.clone()) {
+                local_candidates.push(c.clone());
+            }
+        }
+        let id = PeerId(self.next_id);
+        self.next_id += 1;
+        Session {
+            id,
+            member: member.to_string(),
+            rtc,
+            offerer,
+            pending: None,
+            remote_described: false,
+            local_candidates,
+            mid: None,
+            channel: None,
+            open: false,
+            window: DEFAULT_WINDOW,
+            deadline: now,
+            undrained: 0,
+        }
+    }
+
+    fn start_offer(&mut self, member: &str, now: Instant) {
+        if !self.has_room_for(member) {
+            return;
+        }
+        let mut session = self.new_session(member, true, now);
+        let mut api = session.rtc.sdp_api();
+        api.add_channel(LABEL.to_string());
+        let Some((offer, pending)) = api.apply() else {
+            log::warn!("WebRTC: could not create an offer");
+            return;
+        };
+        session.pending = Some(pending);
+        let sdp = offer.to_sdp_string();
+        self.signaling.send_offer(member, &sdp);
+        self.trickle(&mut session, &sdp);
+        self.sessions.push(session);
+        self.drive(self.sessions.len() - 1, now);
+    }
+
+    fn on_offer(&mut self, from: &str, sdp: &str, now: Instant) {
+        let offer = match SdpOffer::from_sdp_string(sdp) {
+            Ok(o) => o,
+            Err(e) => return log::warn!("signaling: ignoring unparseable offer: {e}"),
+        };
+        // Any offer starts a new session: a consumer has one, a provider one per member.
+        let replaced: Vec<PeerId> = self
+            .sessions
+            .iter()
+            .filter(|s| self.role == RoomRole::Consumer || s.member == from)
+            .map(|s| s.id)
+            .collect();
+        for id in replaced {
+            self.lose(id, "the peer renegotiated".into(), now);
+        }
+        self.reoffer.retain(|(m, _)| m != from);
+        if !self.has_room_for(from) {
+            return;
+        }
+        let mut session = self.new_session(from, false, now);
+        let answer = match session.rtc.sdp_api().accept_offer(offer) {
+            Ok(a) => a,
+            Err(e) => return log::warn!("WebRTC: cannot accept the offer: {e}"),
+        };
+        let sdp = answer.to_sdp_string();
+        self.signaling.send_answer(from, &sdp);
+        self.trickle(&mut session, &sdp);
+        self.described(&mut session);
+        self.sessions.push(session);
+        self.drive(self.sessions.len() - 1, now);
+    }
+
+    fn on_answer(&mut self, from: &str, sdp: &str, now: Instant) {
+        let answer = match SdpAnswer::from_sdp_string(sdp) {
+            Ok(a) => a,
+            Err(e) => return log::warn!("signaling: ignoring unparseable answer: {e}"),
+        };
+        let Some(i) = self.session_of(from) else {
+            return log::debug!("signaling: ignoring an answer without an offer");
+        };
+        let Some(pending) = self.sessions[i].pending.take() else {
+            return log::debug!("signaling: ignoring an unexpected answer");
+        };
+        if let Err(e) = self.sessions[i]
+            .rtc
+            .sdp_api()
+            .accept_answer(pending, answer)
+        {
+            let id = self.sessions[i].id;
+            return self.lose(id, format!("bad answer: {e}"), now);
+        }
+        let mut session = self.sessions.swap_remove(i);
+        self.described(&mut session);
+        self.sessions.push(session);
+        self.drive(self.sessions.len() - 1, now);
+    }
+
+    fn on_candidate(&mut self, from: &str, text: &str, now: Instant) {
+        let c = match candidate::parse(text) {
+            Ok(c) => c,
+            Err(skip) => return log::debug!("signaling: skipping remote candidate: {skip}"),
+        };
+        if let Some(i) = self.session_of(from) {
+            if self.sessions[i].remote_described {
+                self.sessions[i].rtc.add_remote_candidate(c);
+                self.drive(i, now);
+                return;
+            }
+        }
+        let slot = match self.early.iter().position(|(m, _)| m == from) {
+            Some(slot) => slot,
+            None => {
+                // One list per member that may still negotiate, and no more.
+                if self.early.len() > self.max_peers {
+                    self.early.remove(0);
+                }
+                self.early.push((from.to_string(), Vec::new()));
+                self.early.len() - 1
+            }
+        };
+        let list = &mut self.early[slot].1;
+        if list.len() < MAX_EARLY_CANDIDATES {
+            list.push(c);
+        } else {
+            log::debug!("signaling: too many early candidates from {from}, dropping one");
+        }
+    }
+
+    /// The remote description is in: add the member's candidates that came before it.
+    fn described(&mut self, session: &mut Session) {
+        session.remote_described = true;
+        if let Some(slot) = self.early.iter().position(|(m, _)| *m == session.member) {
+            for c in self.early.swap_remove(slot).1 {
+                session.rtc.add_remote_candidate(c);
+            }
+        }
+    }
+
+    /// Trickles our candidates after the offer/answer `sdp`.
+    fn trickle(&mut self, session: &mut Session, sdp: &str) {
+        let mid = sdp_mid(sdp);
+        for c in &session.local_candidates {
+            let ufrag = c.ufrag().unwrap_or_default();
+            self.signaling
+                .send_candidate(&session.member, &candidate::to_init_json(c, mid, ufrag));
+        }
+        session.mid = Some(mid.to_string());
+    }
+
+    fn session_of(&self, member: &str) -> Option<usize> {
+        self.sessions.iter().position(|s| s.member == member)
+    }
+
+    // ---- STUN ---------------------------------------------------------------------------
+
+    /// Queues the STUN requests that are due.
+    fn send_stun(&mut self, now: Instant) {
+        for t in self.stun.due(now) {
+            if let Some(&source) = self.locals.get(t.socket) {
+                self.transmits.push_back(Transmit {
+                    source,
+                    destination: t.destination,
+                    contents: t.data,
+                });
+            }
+        }
+    }
+
+    /// A STUN answer for socket `local`: a server-reflexive candidate if the address differs.
+    fn on_stun(&mut self, local: SocketAddr, mapped: SocketAddr, server: SocketAddr, now: Instant) {
+        if mapped == local {
+            return log::debug!("STUN: {local} is its own public address (via {server})");
+        }
+        log::info!("STUN: public address {mapped} (via {server})");
+        let c = match Candidate::server_reflexive(mapped, local, "udp") {
+            Ok(c) => c,
+            Err(e) => return log::debug!("no server-reflexive candidate for {mapped}: {e}"),
+        };
+        self.srflx.push(c.clone());
+        let ids: Vec<PeerId> = self.sessions.iter().map(|s| s.id).collect();
+        for id in ids {
+            let Some(i) = self.sessions.iter().position(|s| s.id == id) else {
+                continue;
+            };
+            let session = &mut self.sessions[i];
+            let Some(added) = session.rtc.add_local_candidate(c.clone()).cloned() else {
+                continue;
+            };
+            match &session.mid {
+                Some(mid) => {
+                    let ufrag = added.ufrag().unwrap_or_default();
+                    let init = candidate::to_init_json(&added, mid, ufrag);
+                    let member = session.member.clone();
+                    self.signaling.send_candidate(&member, &init);
+                }
+                None => session.local_candidates.push(added),
+            }
+            self.drive(i, now);
+        }
+    }
+
+    // ---- str0m output -------------------------------------------------------------------
+
+    /// Drains session `i`'s output: transmits, events, next timeout. Returns false when the
+    /// session was lost (and removed) on the way.
+    fn drive(&mut self, i: usize, now: Instant) -> bool {
+        let Some(session) = self.sessions.get_mut(i) else {
+            return false;
+        };
+        session.undrained = 0;
+        let lost = loop {
+            match session.rtc.poll_output() {
+                Ok(Output::Timeout(t)) => {
+                    session.deadline = t;
+                    break None;
+                }
+                Ok(Output::Transmit(t)) => self.transmits.push_back(Transmit {
+                    source: t.source,
+                    destination: t.destination,
+                    contents: t.contents.into(),
+                }),
+                Ok(Output::Event(e)) => {
+                    if let Some(reason) = on_rtc_event(session, e, &mut self.events) {
+                        break Some(reason);
+                    }
+                }
+                Err(e) => break Some(format!("WebRTC error: {e}")),
+            }
+        };
+        match lost {
+            Some(reason) => {
+                let id = session.id;
+                self.lose(id, reason, now);
+                false
+            }
+            None => true,
+        }
+    }
+
+    /// Drops session `peer`, telling the driver if its channel was open. If its member is still
+    /// in the room and we offered, we offer again after [`REOFFER_DELAY`].
+    fn lose(&mut self, peer: PeerId, reason: String, now: Instant) {
+        let Some(i) = self.sessions.iter().position(|s| s.id == peer) else {
+            return;
+        };
+        let session = self.sessions.remove(i);
+        if session.open {
+            log::debug!("session {peer} with {} lost: {reason}", session.member);
+            self.events.push_back(PeerEvent::ChannelLost(peer, reason));
+        } else {
+            log::info!(
+                "connection attempt with {} ended: {reason}",
+                short(&session.member)
+            );
+        }
+        let (offerer, member) = (session.offerer, session.member.clone());
+        self.close_session(session);
+        if offerer && self.signaling.is_joined() && self.signaling.has_member(&member) {
+            self.reoffer.retain(|(m, _)| *m != member);
+            self.reoffer.push((member, now + REOFFER_DELAY));
+        }
+    }
+
+    /// Starts str0m's polite shutdown (SCTP shutdown, DTLS close_notify) and queues what it
+    /// produces.
+    fn close_session(&mut self, mut session: Session) {
+        if session.rtc.close().is_err() {
+            return;
+        }
+        // Bounded: a closing Rtc only has a few packets left to send.
+        for _ in 0..64 {
+            match session.rtc.poll_output() {
+                Ok(Output::Transmit(t)) => self.transmits.push_back(Transmit {
+                    source: t.source,
+                    destination: t.destination,
+                    contents: t.contents.into(),
+                }),
+                Ok(Output::Event(_)) => {}
+                Ok(Output::Timeout(_)) | Err(_) => break,
+            }
+            if !session.rtc.is_alive() {
+                break;
+            }
+        }
+    }
+}
+
+fn on_rtc_event(
+    session: &mut Session,
+    event: Event,
+    events: &mut VecDeque<PeerEvent>,
+) -> Option<String> {
+    match event {
+        Event::IceConnectionStateChange(state) => {
+            log::debug!("session {}: ICE state {state:?}", session.id);
+            if state == IceConnectionState::Disconnected {
+                return Some("ICE disconnected".to_string());
+            }
+        }
+        Event::Connected => log::debug!("session {}: WebRTC connected", session.id),
+        Event::ChannelOpen(id, label) if label == LABEL && !session.open => {
+            session.channel = Some(id);
+            session.open = true;
+            if let Some(mut ch) = session.rtc.channel(id) {
+                ch.set_buffered_amount_low_threshold(session.window / 2);
+            }
+            events.push_back(PeerEvent::ChannelOpen(session.id));
+        }
+        Event::ChannelOpen(_, label) => log::debug!("ignoring extra data channel '{label}'"),
+        Event::ChannelData(d) if Some(d.id) == session.channel => {
+            events.push_back(PeerEvent::Data(session.id, d.data));
+        }
+        Event::ChannelClose(id) if Some(id) == session.channel => {
+            return Some("data channel closed".to_string());
+        }
+        Event::ChannelBufferedAmountLow(id) if Some(id) == session.channel => {
+            events.push_back(PeerEvent::Writable(session.id));
+        }
+        Event::Closed => return Some("connection closed by the peer".to_string()),
+        _ => {}
+    }
+    None
+}
+
+/// The first 8 characters of a member id, enough to tell members apart in logs.
+pub fn short(member: &str) -> &str {
+    member.get(..8).unwrap_or(member)
+}
+
+/// The `a=mid:` of the (data) m-line of an SDP, for `sdpMid`.
+fn sdp_mid(sdp: &str) -> &str {
+    sdp.lines()
+        .find_map(|l| l.strip_prefix("a=mid:"))
+        .map(str::trim)
+        .unwrap_or("0")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mid_and_short_ids() {
+        assert_eq!(
+            super::sdp_mid("v=0\r\nm=application 9\r\na=mid:xy\r\n"),
+            "xy"
+        );
+        assert_eq!(super::sdp_mid("v=0\r\n"), "0");
+        assert_eq!(super::short("0123456789"), "01234567");
+        assert_eq!(super::short("ab"), "ab");
+    }
+}
