@@ -9,6 +9,8 @@ pub mod http1;
 pub mod nbio;
 pub mod peer;
 pub mod signal;
+#[cfg(test)]
+mod sim;
 pub mod stop;
 pub mod stun;
 pub mod tunnel;

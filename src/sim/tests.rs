@@ -1,0 +1,506 @@
+//! Tests on the simulated network: the room core, a provider and several consumers on virtual
+//! time, then the tunnel roles' slow paths (the 60 s 504, window credit, cancel) with real
+//! loopback sockets for their clients and upstreams.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::mpsc;
+use std::thread;
+
+use super::*;
+use crate::frame::{Agree, Hello, Message, ReqHeaders};
+use crate::tunnel::proxy::Proxy;
+use crate::tunnel::serve::{Limits, Serve, Upstream};
+use crate::tunnel::{WINDOW, WINDOW_ACK};
+
+fn opened(e: &PeerEvent) -> bool {
+    matches!(e, PeerEvent::ChannelOpen(_))
+}
+
+fn lost(e: &PeerEvent) -> bool {
+    matches!(e, PeerEvent::ChannelLost(..))
+}
+
+/// The peers whose channels are open at node `i` (opened and not lost since).
+fn open_peers(sim: &Sim, i: usize) -> Vec<PeerId> {
+    let mut peers = Vec::new();
+    for e in &sim.nodes[i].events {
+        match e {
+            PeerEvent::ChannelOpen(p) => peers.push(*p),
+            PeerEvent::ChannelLost(p, _) => peers.retain(|q| q != p),
+            _ => {}
+        }
+    }
+    peers
+}
+
+/// A provider and `n` consumers in one room, every channel open.
+fn provider_with(sim: &mut Sim, n: usize) -> (usize, Vec<usize>) {
+    let p = sim.add("room", RoomRole::Provider, 32);
+    let cs: Vec<usize> = (0..n)
+        .map(|_| sim.add("room", RoomRole::Consumer, 1))
+        .collect();
+    let all = cs.clone();
+    let ok = sim.run_until(Duration::from_secs(30), |s| {
+        open_peers(s, p).len() == n && all.iter().all(|&c| open_peers(s, c).len() == 1)
+    });
+    assert!(ok, "every consumer connects");
+    (p, cs)
+}
+
+#[test]
+fn every_consumer_connects_and_talks_to_the_provider_only() {
+    let started = Instant::now();
+    let mut sim = Sim::new(7);
+    sim.default_cond = LinkCond {
+        delay: Duration::from_millis(20),
+        jitter: Duration::from_millis(10),
+        loss: 0.02,
+        partitioned: false,
+    };
+    let t0 = sim.now;
+    let (p, cs) = provider_with(&mut sim, 4);
+    let setup = sim.now - t0;
+    for (k, &c) in cs.iter().enumerate() {
+        let peer = sim.open_peer(c).expect("open");
+        assert!(sim.nodes[c]
+            .net
+            .core
+            .send(peer, format!("hello from {k}").as_bytes()));
+        sim.flush(c);
+    }
+    let ok = sim.run_until(Duration::from_secs(10), |s| {
+        s.count(p, |e| matches!(e, PeerEvent::Data(..))) == 4
+    });
+    assert!(ok, "the provider hears every consumer");
+    let mut heard: Vec<String> = open_peers(&sim, p)
+        .iter()
+        .map(|q| String::from_utf8_lossy(&sim.data_from(p, *q)).into_owned())
+        .collect();
+    heard.sort();
+    assert_eq!(
+        heard,
+        [
+            "hello from 0",
+            "hello from 1",
+            "hello from 2",
+            "hello from 3"
+        ]
+    );
+    // Consumers were never introduced to each other: each has exactly one session, with the
+    // provider, and never saw a second one open.
+    for &c in &cs {
+        assert_eq!(sim.count(c, opened), 1);
+        assert_eq!(sim.count(c, lost), 0);
+    }
+    println!(
+        "4 consumers at 40 ms RTT, 2 % loss: set-up {setup:?} virtual, whole test {:?} wall; \
+         {} datagrams delivered, {} dropped",
+        started.elapsed(),
+        sim.delivered,
+        sim.dropped
+    );
+}
+
+/// Keeps payload flowing from node `from` to each of `peers` in 1 000-byte messages, at
+/// 100 kB/s of virtual time each after a first 200 kB (what the simulation can carry quickly).
+fn feed(sim: &mut Sim, from: usize, peers: &[PeerId], sent: &mut BTreeMap<PeerId, usize>) {
+    let since = sim.now.duration_since(sim.start).as_secs_f64();
+    let allowed = 200_000 + (since * 100_000.0) as usize;
+    for &peer in peers {
+        let total = sent.entry(peer).or_default();
+        while *total < allowed && sim.nodes[from].net.core.send(peer, &[7u8; 1000]) {
+            *total += 1000;
+        }
+    }
+    sim.flush(from);
+}
+
+#[test]
+fn a_partitioned_consumer_leaves_the_others_untouched_and_comes_back() {
+    let mut sim = Sim::new(11);
+    let (p, cs) = provider_with(&mut sim, 3);
+    let peers = open_peers(&sim, p);
+    let mut sent = BTreeMap::new();
+    let received = |s: &Sim, c: usize| s.data_from(c, s.open_peer(c).expect("open")).len();
+    // Everyone downloads.
+    let ok = sim.run_until(Duration::from_secs(5), |s| {
+        feed(s, p, &peers, &mut sent);
+        cs.iter().all(|&c| received(s, c) >= 200_000)
+    });
+    assert!(ok, "all three download");
+
+    // Consumer 1 drops off the network (its signaling stays up).
+    sim.set_cond(
+        p,
+        cs[1],
+        LinkCond {
+            partitioned: true,
+            ..LinkCond::default()
+        },
+    );
+    let before: Vec<usize> = cs.iter().map(|&c| received(&sim, c)).collect();
+    let t0 = sim.now;
+    let ok = sim.run_until(Duration::from_secs(60), |s| {
+        let live: Vec<PeerId> = open_peers(s, p);
+        feed(s, p, &live, &mut sent);
+        s.count(p, lost) == 1
+    });
+    assert!(ok, "the provider notices the partitioned consumer");
+    let noticed = sim.now - t0;
+    let after: Vec<usize> = cs.iter().map(|&c| received(&sim, c)).collect();
+    assert!(
+        after[0] > before[0] + 300_000,
+        "consumer 0 kept downloading"
+    );
+    assert!(
+        after[2] > before[2] + 300_000,
+        "consumer 2 kept downloading"
+    );
+    assert_eq!(after[1], before[1], "nothing reaches the partitioned one");
+    let still: Vec<PeerId> = open_peers(&sim, p);
+    assert_eq!(still.len(), 2);
+    assert!(
+        still.iter().all(|q| peers.contains(q)),
+        "the others' sessions are the same ones, never renegotiated"
+    );
+    assert_eq!(sim.count(cs[0], lost) + sim.count(cs[2], lost), 0);
+
+    // The path comes back: the provider offers again and consumer 1 reconnects.
+    sim.set_cond(p, cs[1], LinkCond::default());
+    let ok = sim.run_until(Duration::from_secs(60), |s| {
+        open_peers(s, p).len() == 3 && open_peers(s, cs[1]).len() == 1
+    });
+    assert!(ok, "consumer 1 reconnects once the path is back");
+    println!(
+        "partition noticed after {noticed:?} (virtual); reconnected; {} datagrams dropped",
+        sim.dropped
+    );
+}
+
+#[test]
+fn a_consumer_that_leaves_ends_only_its_session_and_a_late_one_joins() {
+    let mut sim = Sim::new(3);
+    let (p, cs) = provider_with(&mut sim, 3);
+    let peers = open_peers(&sim, p);
+    let t0 = sim.now;
+    sim.disconnect(cs[0]);
+    let ok = sim.run_until(Duration::from_secs(5), |s| s.count(p, lost) == 1);
+    assert!(ok, "the provider hears of the leaver (peer-left)");
+    assert!(
+        sim.now - t0 < Duration::from_millis(100),
+        "at once, not when ICE times out"
+    );
+    let stayed = open_peers(&sim, p);
+    assert_eq!(stayed.len(), 2);
+    assert!(stayed.iter().all(|q| peers.contains(q)));
+    let late = sim.add("room", RoomRole::Consumer, 1);
+    let ok = sim.run_until(Duration::from_secs(10), |s| {
+        open_peers(s, p).len() == 3 && open_peers(s, late).len() == 1
+    });
+    assert!(ok, "a late consumer connects");
+    let now_open = open_peers(&sim, p);
+    assert!(stayed.iter().all(|q| now_open.contains(q)));
+}
+
+#[test]
+fn a_provider_arriving_late_meets_the_waiting_consumers() {
+    let mut sim = Sim::new(5);
+    let cs: Vec<usize> = (0..3)
+        .map(|_| sim.add("late", RoomRole::Consumer, 1))
+        .collect();
+    sim.advance(Duration::from_secs(2));
+    assert!(cs.iter().all(|&c| sim.count(c, opened) == 0));
+    let p = sim.add("late", RoomRole::Provider, 32);
+    let ok = sim.run_until(Duration::from_secs(10), |s| open_peers(s, p).len() == 3);
+    assert!(ok, "each waiting consumer offers to the provider");
+}
+
+#[test]
+fn max_peers_caps_the_provider() {
+    let mut sim = Sim::new(9);
+    let p = sim.add("cap", RoomRole::Provider, 2);
+    for _ in 0..3 {
+        sim.add("cap", RoomRole::Consumer, 1);
+    }
+    sim.advance(Duration::from_secs(10));
+    assert_eq!(
+        open_peers(&sim, p).len(),
+        2,
+        "the third consumer is refused"
+    );
+}
+
+// ---- the tunnel roles over the simulated network ----------------------------------------
+
+/// A scripted provider's or consumer's view: every frame node `i` received, decoded, with body
+/// payloads left out (see [`body_received`]).
+fn frames(sim: &Sim, i: usize) -> Vec<Message<'static>> {
+    sim.nodes[i]
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            PeerEvent::Data(_, d) => Message::decode(d).ok().map(without_payload),
+            _ => None,
+        })
+        .collect()
+}
+
+fn without_payload(m: Message) -> Message<'static> {
+    match m {
+        Message::ResBody(s, _) => Message::ResBody(s, &[]),
+        Message::ReqBody(s, _) => Message::ReqBody(s, &[]),
+        Message::Unknown { kind, stream, .. } => Message::Unknown {
+            kind,
+            stream,
+            payload: &[],
+        },
+        Message::Hello(h) => Message::Hello(h),
+        Message::Agree(a) => Message::Agree(a),
+        Message::Ping => Message::Ping,
+        Message::Pong => Message::Pong,
+        Message::ReqHeaders(h) => Message::ReqHeaders(h),
+        Message::ReqEnd(s) => Message::ReqEnd(s),
+        Message::ResHeaders(h) => Message::ResHeaders(h),
+        Message::ResEnd(s) => Message::ResEnd(s),
+        Message::Cancel(s) => Message::Cancel(s),
+        Message::Window(s, n) => Message::Window(s, n),
+        Message::Error(s, t) => Message::Error(s, t),
+    }
+}
+
+fn send_frame(sim: &mut Sim, i: usize, peer: PeerId, msg: Message) {
+    assert!(sim.nodes[i].net.core.send(peer, &msg.to_vec()), "{msg:?}");
+    sim.flush(i);
+}
+
+/// A consumer running the real `Proxy` role (real listener on loopback) and a scripted
+/// provider node.
+fn proxy_and_script(sim: &mut Sim) -> (usize, usize, SocketAddr) {
+    let p = sim.add("roles", RoomRole::Provider, 32);
+    let c = sim.add("roles", RoomRole::Consumer, 1);
+    let poll = Poll::new().expect("poll");
+    let proxy = Proxy::bind("127.0.0.1:0".parse().unwrap(), poll.registry()).expect("bind");
+    let addr = proxy.local_addr();
+    sim.set_role(c, Box::new(proxy), poll);
+    (p, c, addr)
+}
+
+#[test]
+fn the_proxy_answers_504_after_60_s_without_a_response_in_milliseconds() {
+    let wall = Instant::now();
+    let mut sim = Sim::new(13);
+    let (p, _c, addr) = proxy_and_script(&mut sim);
+    // The scripted provider agrees to the proxy's HELLO and then never answers a request.
+    let ok = sim.run_until(Duration::from_secs(10), |s| {
+        frames(s, p).iter().any(|m| matches!(m, Message::Hello(_)))
+    });
+    assert!(ok, "HELLO from the proxy");
+    let peer = sim.open_peer(p).expect("open");
+    send_frame(
+        &mut sim,
+        p,
+        peer,
+        Message::Agree(Agree {
+            version: 1,
+            features: vec!["sse".into()],
+        }),
+    );
+    sim.advance(Duration::from_millis(100));
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&got).contains("60 s") {
+                break;
+            }
+        }
+        let _ = tx.send(String::from_utf8_lossy(&got).into_owned());
+    });
+    let ok = sim.run_until(Duration::from_secs(5), |s| {
+        frames(s, p)
+            .iter()
+            .any(|m| matches!(m, Message::ReqHeaders(h) if h.path == "/slow"))
+    });
+    assert!(ok, "the request reaches the provider");
+    let asked = sim.now;
+    sim.advance(Duration::from_secs(59));
+    assert!(rx.try_recv().is_err(), "no answer before 60 s");
+    let mut answer = None;
+    sim.run_until(Duration::from_secs(5), |_| {
+        answer = rx.try_recv().ok();
+        answer.is_some()
+    });
+    let answer = answer.expect("an answer after 60 s");
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    assert!(answer.contains("no response through the tunnel within 60 s"));
+    assert!(sim.now - asked > Duration::from_secs(59));
+    assert!(
+        wall.elapsed() < Duration::from_secs(20),
+        "took {:?} of wall time",
+        wall.elapsed()
+    );
+}
+
+/// A provider running the real `Serve` role against a loopback upstream, and a scripted
+/// consumer node that has agreed on `features`.
+fn serve_and_script(sim: &mut Sim, upstream: SocketAddr, features: &[&str]) -> (usize, PeerId) {
+    let p = sim.add("serve", RoomRole::Provider, 32);
+    let c = sim.add("serve", RoomRole::Consumer, 1);
+    let up = Upstream::parse(&format!("http://{upstream}")).expect("upstream");
+    let serve = Serve::new(
+        up,
+        "/",
+        Limits {
+            consumers: 32,
+            streams: 64,
+        },
+    );
+    sim.set_role(p, Box::new(serve), Poll::new().expect("poll"));
+    let ok = sim.run_until(Duration::from_secs(10), |s| s.open_peer(c).is_some());
+    assert!(ok, "channel open");
+    let peer = sim.open_peer(c).expect("open");
+    send_frame(sim, c, peer, Message::Hello(Hello::ours(features)));
+    let ok = sim.run_until(Duration::from_secs(5), |s| {
+        frames(s, c).iter().any(|m| matches!(m, Message::Agree(_)))
+    });
+    assert!(ok, "AGREE");
+    (c, peer)
+}
+
+fn get(sim: &mut Sim, c: usize, peer: PeerId, sid: u32, path: &str) {
+    send_frame(
+        sim,
+        c,
+        peer,
+        Message::ReqHeaders(ReqHeaders {
+            stream_id: sid,
+            method: "GET".into(),
+            path: path.into(),
+            headers: vec![],
+        }),
+    );
+    send_frame(sim, c, peer, Message::ReqEnd(sid));
+}
+
+fn body_received(sim: &Sim, c: usize, sid: u32) -> usize {
+    sim.nodes[c]
+        .events
+        .iter()
+        .map(|e| match e {
+            PeerEvent::Data(_, d) => match Message::decode(d) {
+                Ok(Message::ResBody(s, body)) if s == sid => body.len(),
+                _ => 0,
+            },
+            _ => 0,
+        })
+        .sum()
+}
+
+/// An upstream on loopback answering one request with `size` bytes, written as fast as the
+/// connection takes them; reports how many bytes it managed to write.
+fn big_upstream(size: usize) -> (SocketAddr, mpsc::Receiver<usize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let Ok((mut s, _)) = listener.accept() else {
+            return;
+        };
+        let mut head = [0u8; 1024];
+        let _ = s.read(&mut head);
+        let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {size}\r\n\r\n");
+        let chunk = vec![b'x'; 16 * 1024];
+        let mut written = 0;
+        while written < size {
+            match s.write(&chunk[..chunk.len().min(size - written)]) {
+                Ok(n) => written += n,
+                Err(_) => break,
+            }
+        }
+        let _ = tx.send(written);
+    });
+    (addr, rx)
+}
+
+#[test]
+fn window_credit_holds_the_upstream_until_the_consumer_grants_more() {
+    let mut sim = Sim::new(17);
+    let size = 1 << 20;
+    let (up, _written) = big_upstream(size);
+    let (c, peer) = serve_and_script(&mut sim, up, &["sse", "window"]);
+    get(&mut sim, c, peer, 1, "/big");
+    // Without WINDOW frames the provider sends one window's worth and stops.
+    sim.run_until(Duration::from_secs(3), |_| false);
+    let first = body_received(&sim, c, 1);
+    assert!(
+        first <= WINDOW as usize && first > WINDOW as usize - 64 * 1024,
+        "one window: {first}"
+    );
+    sim.run_until(Duration::from_secs(3), |_| false);
+    assert_eq!(body_received(&sim, c, 1), first, "stalled without credit");
+    // 64 KiB more credit: exactly that much more arrives.
+    send_frame(&mut sim, c, peer, Message::Window(1, WINDOW_ACK as u32));
+    sim.run_until(Duration::from_secs(3), |_| false);
+    let second = body_received(&sim, c, 1);
+    assert!(
+        second > first && second <= first + WINDOW_ACK,
+        "{first} → {second}"
+    );
+    // Giving back what arrived as it goes, the whole body arrives and the stream ends.
+    let mut acked = WINDOW_ACK;
+    let ok = sim.run_until(Duration::from_secs(120), |s| {
+        let got = body_received(s, c, 1);
+        if got > acked {
+            let more = (got - acked) as u32;
+            acked = got;
+            assert!(s.nodes[c]
+                .net
+                .core
+                .send(peer, &Message::Window(1, more).to_vec()));
+            s.flush(c);
+        }
+        frames(s, c).iter().any(|m| matches!(m, Message::ResEnd(1)))
+    });
+    assert!(
+        ok,
+        "the whole body with credit: {} of {size} after {:?}",
+        body_received(&sim, c, 1),
+        sim.now - sim.start
+    );
+    assert_eq!(body_received(&sim, c, 1), size);
+}
+
+#[test]
+fn cancel_closes_the_upstream_connection() {
+    let mut sim = Sim::new(19);
+    // An upstream that streams forever, until its connection is closed.
+    let (up, written) = big_upstream(usize::MAX);
+    let (c, peer) = serve_and_script(&mut sim, up, &["sse", "window", "cancel"]);
+    get(&mut sim, c, peer, 1, "/forever");
+    let ok = sim.run_until(Duration::from_secs(5), |s| body_received(s, c, 1) > 0);
+    assert!(ok, "the body starts");
+    send_frame(&mut sim, c, peer, Message::Cancel(1));
+    let mut closed = None;
+    let ok = sim.run_until(Duration::from_secs(5), |_| {
+        closed = written.try_recv().ok();
+        closed.is_some()
+    });
+    assert!(ok, "the upstream sees its connection closed after CANCEL");
+    // Nothing more for the cancelled stream (what was in flight may still land).
+    let at_cancel = body_received(&sim, c, 1);
+    sim.run_until(Duration::from_secs(1), |_| false);
+    assert!(body_received(&sim, c, 1) <= at_cancel + WINDOW as usize);
+    assert!(!frames(&sim, c)
+        .iter()
+        .any(|m| matches!(m, Message::ResEnd(1))));
+}
