@@ -153,8 +153,10 @@ pub struct PeerCore {
     next_id: u64,
     transmits: VecDeque<Transmit>,
     events: VecDeque<PeerEvent>,
-    /// The server refused our `join`, with its message.
+    /// The server refused our `join`, with its message: for the shell (taken) and for the
+    /// role's answers while not joined (kept until the next `joined`).
     refusal: Option<String>,
+    refused_with: Option<String>,
     closed: bool,
 }
 
@@ -178,6 +180,7 @@ impl PeerCore {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             refusal: None,
+            refused_with: None,
             closed: false,
         };
         core.send_stun(now);
@@ -223,6 +226,11 @@ impl PeerCore {
 
     pub fn is_joined(&self) -> bool {
         self.signaling.is_joined()
+    }
+
+    /// Why the signal server last refused our `join`, until we are in the room again.
+    pub fn refused_with(&self) -> Option<&str> {
+        self.refused_with.as_deref()
     }
 
     pub fn room(&self) -> &str {
@@ -467,6 +475,7 @@ impl PeerCore {
                     peers.len()
                 );
                 self.early.clear();
+                self.refused_with = None;
                 // Sessions with members that are gone end; a consumer answers the offer of
                 // the member it found, a provider those of every consumer.
                 let gone: Vec<PeerId> = self
@@ -515,6 +524,7 @@ impl PeerCore {
             SignalEvent::ServerError { message } => {
                 log::warn!("signaling: server error: {message}");
                 if !self.signaling.is_joined() {
+                    self.refused_with = Some(message.clone());
                     self.refusal = Some(message);
                 }
             }

@@ -118,11 +118,14 @@ pub fn run(opts: SignalOpts) -> Result<(), String> {
 }
 
 /// Starts a tunnel-dialect signal server on its own thread; returns its TCP and STUN addresses.
-pub fn spawn(listen: SocketAddr) -> Result<(SocketAddr, Option<SocketAddr>), String> {
+pub fn spawn(
+    listen: SocketAddr,
+    max_consumers: usize,
+) -> Result<(SocketAddr, Option<SocketAddr>), String> {
     let cfg = Config {
         listen,
         stun: Some(SocketAddr::new(listen.ip(), 0)),
-        dialect: Box::new(tunnel_rooms::TunnelRooms::new(2, 32)),
+        dialect: Box::new(tunnel_rooms::TunnelRooms::new(2, max_consumers)),
         ice: IceConfig::default(),
         max_message: 64 * 1024,
         max_connections: 1024,

@@ -488,6 +488,9 @@ pub fn serve(opts: ServeOpts) -> Result<(), String> {
         "the HTTP service to expose, e.g. http://127.0.0.1:11434",
     )?;
     let upstream = serve::Upstream::parse(&upstream)?;
+    if opts.max_consumers == 0 || opts.max_streams == 0 {
+        return Err("--max-consumers and --max-streams must be at least 1".into());
+    }
     let ice = ice_addrs(&opts.ice_addr)?;
     let mut stun = stun_addr(&opts.stun)?;
     warn_turn(&opts.turn, &opts.turn_user, &opts.turn_pass);
@@ -499,8 +502,10 @@ pub fn serve(opts: ServeOpts) -> Result<(), String> {
             let ip: IpAddr = host
                 .parse()
                 .map_err(|_| format!("invalid --signal-listen '{spec}': expected IP[:PORT]"))?;
-            let (addr, stun_local) =
-                crate::signal::spawn(SocketAddr::new(ip, port.unwrap_or(8787)))?;
+            let (addr, stun_local) = crate::signal::spawn(
+                SocketAddr::new(ip, port.unwrap_or(8787)),
+                opts.max_consumers,
+            )?;
             let local_ip = if addr.ip().is_unspecified() {
                 IpAddr::from([127, 0, 0, 1])
             } else {
@@ -517,9 +522,6 @@ pub fn serve(opts: ServeOpts) -> Result<(), String> {
             url
         }
     };
-    if opts.max_consumers == 0 || opts.max_streams == 0 {
-        return Err("--max-consumers and --max-streams must be at least 1".into());
-    }
     let advertise = opts.advertise.clone().unwrap_or_else(|| "/".into());
     let mut poll = Poll::new().map_err(|e| format!("cannot create poll: {e}"))?;
     let announce = format!(

@@ -243,10 +243,14 @@ impl Proxy {
                 if close {
                     headers.push(("Connection", "close"));
                 }
+                let text = match ch.core().refused_with() {
+                    Some(why) => format!("tunnel not ready: the signal server says: {why}"),
+                    None => "tunnel not ready".to_string(),
+                };
                 c.out.extend_from_slice(&http1::simple_response(
                     503,
                     "text/plain",
-                    b"tunnel not ready",
+                    text.as_bytes(),
                     &headers,
                 ));
                 c.closing = close;
