@@ -1,6 +1,7 @@
 //! `tunnel-bench tunnel`: measures HTTP through `tunnel serve` + `tunnel proxy` on loopback
 //! against the same requests sent straight to the upstream, and prints the figures next to the
-//! original p2p-llm-tunnel's. It spawns `tunnel signal`, `serve` and `proxy` as child processes
+//! original p2p-llm-tunnel's; then several consumers on the one provider (aggregate download,
+//! fairness, a small request's latency beside another consumer's download). It spawns `tunnel signal`, `serve` and `proxy` as child processes
 //! (stopped on drop, so also on every error path), runs its own thread-per-connection HTTP/1.1
 //! upstream, and talks to both with a blocking `TcpStream` client. Called by `main`.
 
@@ -34,7 +35,10 @@ const START_TIMEOUT: Duration = Duration::from_secs(5);
 const SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 const PHASE_TIMEOUT: Duration = Duration::from_secs(10);
 const TRANSFER_PHASE: Duration = Duration::from_secs(20);
-const WHOLE_RUN: Duration = Duration::from_secs(88);
+const WHOLE_RUN: Duration = Duration::from_secs(150);
+/// Consumers downloading at once in the fairness run, and what each downloads.
+const CONSUMERS: usize = 4;
+const SHARED_TRANSFER: u64 = 32 * 1024 * 1024;
 /// Longest wait for one blocking socket operation.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// The body of `GET /small`.
@@ -63,9 +67,11 @@ pub fn run(bin: &Path) -> Result<(), String> {
     // Set-up: fresh pairs one after the other; the last one stays up for the rest.
     let mut setups = Vec::with_capacity(SETUP_PAIRS);
     let mut main_pair = None;
+    let mut main_room = String::new();
     for i in 0..SETUP_PAIRS {
         check_budget(end)?;
         let room = format!("bench-{}-{i}", std::process::id());
+        main_room.clone_from(&room);
         let started = Instant::now();
         let pair = Pair::start(bin, &signal_url, &room, &upstream_url)?;
         wait_ready(pair.proxy_addr, started + SETUP_TIMEOUT)?;
@@ -121,8 +127,24 @@ pub fn run(bin: &Path) -> Result<(), String> {
         status_bytes(pair.serve.pid(), "VmHWM")?,
         status_bytes(pair.proxy.pid(), "VmHWM")?,
     ];
+
+    // More consumers on the same provider.
+    check_budget(end)?;
+    let mut extra = Vec::new();
+    for _ in 1..CONSUMERS {
+        let (kid, addr) = spawn_proxy(bin, &signal_url, &main_room)?;
+        wait_ready(addr, Instant::now() + SETUP_TIMEOUT)?;
+        extra.push((kid, addr));
+    }
+    let mut consumers = vec![proxy];
+    consumers.extend(extra.iter().map(|(_, a)| *a));
+    let shared = concurrent_downloads(&consumers, end)?;
+    check_budget(end)?;
+    let loaded = latencies_beside_a_download(consumers[1], consumers[0])?;
+    drop(extra);
     drop(pair);
 
+    let idle_latency = latency.tunnel.clone();
     print_table(&Figures {
         down,
         up,
@@ -149,7 +171,134 @@ pub fn run(bin: &Path) -> Result<(), String> {
         "RSS counts the mapped executable's pages (shared page cache); anon is the process's own \
          memory"
     );
+    print_shared(&shared, &idle_latency, &loaded);
     Ok(())
+}
+
+/// Per-consumer rates (MiB/s) of simultaneous downloads, and their aggregate.
+struct Shared {
+    rates: Vec<f64>,
+    aggregate: f64,
+}
+
+/// Each consumer downloads `SHARED_TRANSFER` at the same moment.
+fn concurrent_downloads(addrs: &[SocketAddr], end: Instant) -> Result<Shared, String> {
+    let phase_end = (Instant::now() + TRANSFER_PHASE).min(end);
+    let barrier = Arc::new(std::sync::Barrier::new(addrs.len()));
+    let start = Instant::now();
+    let workers: Vec<_> = addrs
+        .iter()
+        .map(|&addr| {
+            let barrier = Arc::clone(&barrier);
+            thread::spawn(move || -> Result<Duration, String> {
+                let mut conn = Conn::open(addr)?;
+                barrier.wait();
+                let begun = Instant::now();
+                let mut got = 0u64;
+                let status = conn.get(&format!("/bytes/{SHARED_TRANSFER}"), &mut |b| {
+                    got += b.len() as u64
+                })?;
+                if status != 200 || got != SHARED_TRANSFER {
+                    return Err(format!("shared download via {addr}: {status}, {got} bytes"));
+                }
+                Ok(begun.elapsed())
+            })
+        })
+        .collect();
+    let mut rates = Vec::new();
+    for w in workers {
+        let took = w
+            .join()
+            .map_err(|_| "a download thread panicked".to_string())??;
+        rates.push(SHARED_TRANSFER as f64 / MIB / took.as_secs_f64().max(1e-9));
+    }
+    let wall = start.elapsed();
+    if Instant::now() > phase_end {
+        return Err(format!(
+            "{} simultaneous downloads took {:.1} s, past the phase deadline",
+            addrs.len(),
+            wall.as_secs_f64()
+        ));
+    }
+    Ok(Shared {
+        aggregate: (SHARED_TRANSFER * addrs.len() as u64) as f64 / MIB / wall.as_secs_f64(),
+        rates,
+    })
+}
+
+/// Sequential `GET /small` through `quiet` while `busy` downloads 100 MiB; sorted times.
+fn latencies_beside_a_download(
+    quiet: SocketAddr,
+    busy: SocketAddr,
+) -> Result<Vec<Duration>, String> {
+    let (started_tx, started) = mpsc::channel();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = Arc::clone(&stop);
+    let downloader = thread::spawn(move || -> Result<(), String> {
+        let mut conn = Conn::open(busy)?;
+        let mut told = false;
+        // Downloads until told to stop (a run at a time), so the measurement never sees the
+        // other consumer idle.
+        while !stopped.load(Ordering::Relaxed) {
+            let mut got = 0u64;
+            conn.get(&format!("/bytes/{TRANSFER}"), &mut |b| {
+                got += b.len() as u64;
+                if !told && got > 4 * 1024 * 1024 {
+                    told = true;
+                    let _ = started_tx.send(());
+                }
+            })?;
+        }
+        Ok(())
+    });
+    started
+        .recv_timeout(PHASE_TIMEOUT)
+        .map_err(|_| "the background download did not start".to_string())?;
+    let mut conn = Conn::open(quiet)?;
+    let mut times = Vec::with_capacity(LATENCY_REQUESTS / 4);
+    let deadline = Instant::now() + PHASE_TIMEOUT;
+    while times.len() < LATENCY_REQUESTS / 4 && Instant::now() < deadline {
+        let begun = Instant::now();
+        let status = conn.get("/small", &mut |_| {})?;
+        times.push(begun.elapsed());
+        if status != 200 {
+            return Err(format!("GET /small via {quiet}: {status}"));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    downloader
+        .join()
+        .map_err(|_| "the download thread panicked".to_string())??;
+    times.sort_unstable();
+    Ok(times)
+}
+
+fn print_shared(shared: &Shared, idle: &[Duration], loaded: &[Duration]) {
+    let min = shared.rates.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = shared.rates.iter().copied().fold(0.0, f64::max);
+    let ratio = min / max.max(1e-9);
+    let rates: Vec<String> = shared.rates.iter().map(|r| format!("{r:.0}")).collect();
+    println!(
+        "{} consumers on one provider, {} MiB each at once: aggregate {:.0} MiB/s; per consumer \
+         {} MiB/s; min/max {ratio:.2} (target ≥ 0.8: {})",
+        shared.rates.len(),
+        SHARED_TRANSFER / (1024 * 1024),
+        shared.aggregate,
+        rates.join(" / "),
+        verdict(ratio >= 0.8)
+    );
+    let (idle50, loaded50) = (
+        percentile(idle, 50).unwrap_or_default(),
+        percentile(loaded, 50).unwrap_or_default(),
+    );
+    println!(
+        "GET /small p50 from one consumer while another downloads: {} (p99 {}); idle {} \
+         (target ≤ idle + 2 ms: {})",
+        ms(loaded50),
+        ms(percentile(loaded, 99).unwrap_or_default()),
+        ms(idle50),
+        verdict(loaded50 <= idle50 + Duration::from_millis(2))
+    );
 }
 
 fn check_budget(end: Instant) -> Result<(), String> {
@@ -261,18 +410,32 @@ impl Pair {
         ];
         let mut serve_args = vec!["serve", "--upstream", upstream];
         serve_args.extend_from_slice(&common);
-        let mut proxy_args = vec!["proxy", "--listen", "127.0.0.1:0"];
-        proxy_args.extend_from_slice(&common);
         let serve = Kid::spawn(bin, "serve", &serve_args)?;
-        let mut proxy = Kid::spawn(bin, "proxy", &proxy_args)?;
-        let proxy_addr =
-            proxy.wait_addr("proxy listening on http://", Instant::now() + START_TIMEOUT)?;
+        let (proxy, proxy_addr) = spawn_proxy(bin, signal, room)?;
         Ok(Pair {
             serve,
             proxy,
             proxy_addr,
         })
     }
+}
+
+/// A `tunnel proxy` in `room` on an ephemeral port; returns it and its address.
+fn spawn_proxy(bin: &Path, signal: &str, room: &str) -> Result<(Kid, SocketAddr), String> {
+    let args = [
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--signal",
+        signal,
+        "--room",
+        room,
+        "--ice-addr",
+        "127.0.0.1",
+    ];
+    let mut proxy = Kid::spawn(bin, "proxy", &args)?;
+    let addr = proxy.wait_addr("proxy listening on http://", Instant::now() + START_TIMEOUT)?;
+    Ok((proxy, addr))
 }
 
 /// Polls `GET /small` through the proxy (503 until the tunnel is up) until it answers 200.
