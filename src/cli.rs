@@ -23,6 +23,7 @@ pub enum Command {
     Serve(ServeOpts),
     Proxy(ProxyOpts),
     Demo(DemoOpts),
+    Secret(SecretOpts),
 }
 
 /// Run the rendezvous server: WebSocket signaling (p2p-llm-tunnel, WebLLM or ChronoFlux dialect),
@@ -154,6 +155,14 @@ pub struct ServeOpts {
     /// requests in flight per consumer (default 64); beyond it a request gets 503
     #[argh(option, default = "64")]
     pub max_streams: usize,
+
+    /// shared secret every consumer must prove it knows (env TUNNEL_SECRET); see `tunnel secret`
+    #[argh(option)]
+    pub secret: Option<String>,
+
+    /// file of `name secret` lines, one per consumer (re-read on SIGHUP); instead of --secret
+    #[argh(option)]
+    pub secret_file: Option<String>,
 }
 
 /// Listen locally and carry every HTTP request through the tunnel to the provider: the consumer.
@@ -197,6 +206,15 @@ pub struct ProxyOpts {
     /// TURN password (env TUNNEL_TURN_PASS)
     #[argh(option)]
     pub turn_pass: Option<String>,
+
+    /// secret shared with the provider (env TUNNEL_SECRET): the provider must prove it knows it
+    #[argh(option)]
+    pub secret: Option<String>,
+
+    /// the name this consumer authenticates as, its line in serve's --secret-file (env
+    /// TUNNEL_NAME; default: this machine's host name)
+    #[argh(option)]
+    pub name: Option<String>,
 }
 
 /// Try it on this machine: starts a signal server, a small OpenAI-style demo upstream, serve and
@@ -271,3 +289,8 @@ mod tests {
         assert!(split_host_port("[::1]x").is_err());
     }
 }
+
+/// Print a fresh random secret for --secret (100 bits, e.g. for TUNNEL_SECRET or a secret file).
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand, name = "secret")]
+pub struct SecretOpts {}

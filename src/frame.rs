@@ -36,6 +36,8 @@ pub enum FrameType {
     ResEnd = 22,
     /// Extension `window`: flow-control credit for a stream's body bytes.
     Window = 30,
+    /// Extension `auth`: the consumer's key confirmation (`tunnel::auth`).
+    Auth = 40,
     Error = 99,
 }
 
@@ -57,6 +59,7 @@ impl TryFrom<u8> for FrameType {
             21 => FrameType::ResBody,
             22 => FrameType::ResEnd,
             30 => FrameType::Window,
+            40 => FrameType::Auth,
             99 => FrameType::Error,
             other => return Err(other),
         })
@@ -70,6 +73,22 @@ pub struct Hello {
     pub min_version: u32,
     pub max_version: u32,
     pub features: Vec<String>,
+    /// Extension `auth`: who the consumer says it is and its SPAKE2 message.
+    pub auth: Option<AuthOffer>,
+}
+
+/// HELLO's `auth` object: `{"name": …, "pake": "<hex>"}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthOffer {
+    pub name: String,
+    pub pake: Vec<u8>,
+}
+
+/// AGREE's `auth` object: `{"pake": "<hex>", "confirm": "<hex>"}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthReply {
+    pub pake: Vec<u8>,
+    pub confirm: Vec<u8>,
 }
 
 impl Hello {
@@ -80,6 +99,7 @@ impl Hello {
             min_version: 1,
             max_version: 1,
             features: features.iter().map(|f| f.to_string()).collect(),
+            auth: None,
         }
     }
 }
@@ -89,6 +109,8 @@ impl Hello {
 pub struct Agree {
     pub version: u32,
     pub features: Vec<String>,
+    /// Extension `auth`: the provider's SPAKE2 message and key confirmation.
+    pub auth: Option<AuthReply>,
 }
 
 /// REQ_HEADERS: opens stream `stream_id` with an HTTP request head (`path` includes the query).
@@ -126,6 +148,8 @@ pub enum Message<'a> {
     /// Extension `window` (type 30): the receiver has consumed this many more body bytes of
     /// the stream, so the sender may send that many more. Payload: u32 big-endian.
     Window(u32, u32),
+    /// Extension `auth` (type 40, stream 0): the consumer's key confirmation (raw MAC).
+    Auth(&'a [u8]),
     /// Stream id and the peer's (informational) error text.
     Error(u32, String),
     /// A frame type this version does not know; callers ignore it (forward compatibility).
@@ -184,6 +208,17 @@ impl<'a> Message<'a> {
                     min_version: u32_field(&obj, "min_version")?,
                     max_version: u32_field(&obj, "max_version")?,
                     features: features_field(&obj)?,
+                    auth: match obj.get("auth") {
+                        None | Some(Value::Null) => None,
+                        Some(v) => Some(AuthOffer {
+                            name: v
+                                .get("name")
+                                .and_then(Value::as_str)
+                                .map(str::to_string)
+                                .ok_or(FrameError::Field("auth"))?,
+                            pake: hex_field(v, "pake")?,
+                        }),
+                    },
                 })
             }
             FrameType::Agree => {
@@ -191,6 +226,13 @@ impl<'a> Message<'a> {
                 Message::Agree(Agree {
                     version: u32_field(&obj, "version")?,
                     features: features_field(&obj)?,
+                    auth: match obj.get("auth") {
+                        None | Some(Value::Null) => None,
+                        Some(v) => Some(AuthReply {
+                            pake: hex_field(v, "pake")?,
+                            confirm: hex_field(v, "confirm")?,
+                        }),
+                    },
                 })
             }
             FrameType::Ping => Message::Ping,
@@ -224,6 +266,7 @@ impl<'a> Message<'a> {
                     .map_err(|_| FrameError::Field("window"))?;
                 Message::Window(stream, u32::from_be_bytes(bytes))
             }
+            FrameType::Auth => Message::Auth(payload),
             FrameType::Error => {
                 Message::Error(stream, String::from_utf8_lossy(payload).into_owned())
             }
@@ -245,6 +288,7 @@ impl<'a> Message<'a> {
             Message::ResEnd(_) => FrameType::ResEnd,
             Message::Cancel(_) => FrameType::Cancel,
             Message::Window(..) => FrameType::Window,
+            Message::Auth(_) => FrameType::Auth,
             Message::Error(..) => FrameType::Error,
             Message::Unknown { kind, .. } => return *kind,
         };
@@ -254,7 +298,11 @@ impl<'a> Message<'a> {
     /// The stream id written in the frame header (0 for control frames).
     pub fn stream(&self) -> u32 {
         match self {
-            Message::Hello(_) | Message::Agree(_) | Message::Ping | Message::Pong => 0,
+            Message::Hello(_)
+            | Message::Agree(_)
+            | Message::Ping
+            | Message::Pong
+            | Message::Auth(_) => 0,
             Message::ReqHeaders(h) => h.stream_id,
             Message::ResHeaders(h) => h.stream_id,
             Message::ReqBody(s, _)
@@ -283,6 +331,13 @@ impl<'a> Message<'a> {
                 out.extend_from_slice(h.max_version.to_string().as_bytes());
                 out.extend_from_slice(b",\"features\":");
                 push_json_str_array(out, &h.features);
+                if let Some(auth) = &h.auth {
+                    out.extend_from_slice(b",\"auth\":{\"name\":");
+                    push_json_str(out, &auth.name);
+                    out.extend_from_slice(b",\"pake\":");
+                    push_json_str(out, &crate::util::hex(&auth.pake));
+                    out.push(b'}');
+                }
                 out.push(b'}');
             }
             Message::Agree(a) => {
@@ -290,6 +345,13 @@ impl<'a> Message<'a> {
                 out.extend_from_slice(a.version.to_string().as_bytes());
                 out.extend_from_slice(b",\"features\":");
                 push_json_str_array(out, &a.features);
+                if let Some(auth) = &a.auth {
+                    out.extend_from_slice(b",\"auth\":{\"pake\":");
+                    push_json_str(out, &crate::util::hex(&auth.pake));
+                    out.extend_from_slice(b",\"confirm\":");
+                    push_json_str(out, &crate::util::hex(&auth.confirm));
+                    out.push(b'}');
+                }
                 out.push(b'}');
             }
             Message::ReqHeaders(h) => {
@@ -312,7 +374,9 @@ impl<'a> Message<'a> {
                 push_json_headers(out, &h.headers);
                 out.push(b'}');
             }
-            Message::ReqBody(_, data) | Message::ResBody(_, data) => out.extend_from_slice(data),
+            Message::ReqBody(_, data) | Message::ResBody(_, data) | Message::Auth(data) => {
+                out.extend_from_slice(data)
+            }
             Message::Unknown { payload, .. } => out.extend_from_slice(payload),
             Message::Error(_, text) => out.extend_from_slice(text.as_bytes()),
             Message::Window(_, credit) => out.extend_from_slice(&credit.to_be_bytes()),
@@ -364,6 +428,7 @@ pub fn negotiate(
     Some(Agree {
         version: high,
         features,
+        auth: None,
     })
 }
 
@@ -414,6 +479,14 @@ fn string_field(obj: &Map<String, Value>, name: &'static str) -> Result<String, 
         .and_then(Value::as_str)
         .map(str::to_string)
         .ok_or(FrameError::Field(name))
+}
+
+/// A hex string field of `auth` as bytes.
+fn hex_field(obj: &Value, name: &'static str) -> Result<Vec<u8>, FrameError> {
+    obj.get(name)
+        .and_then(Value::as_str)
+        .and_then(crate::util::unhex)
+        .ok_or(FrameError::Field("auth"))
 }
 
 fn u32_field(obj: &Map<String, Value>, name: &'static str) -> Result<u32, FrameError> {
@@ -541,6 +614,7 @@ mod tests {
             Message::Agree(Agree {
                 version: 1,
                 features: vec!["sse".into()],
+                auth: None,
             }),
             2,
             0,
@@ -671,6 +745,7 @@ mod tests {
                 min_version: 1,
                 max_version: 3,
                 features: vec![],
+                auth: None,
             }))
         );
         let wire = frame(2, 0, br#" {"version":2} "#);
@@ -679,6 +754,7 @@ mod tests {
             Ok(Message::Agree(Agree {
                 version: 2,
                 features: vec![],
+                auth: None,
             }))
         );
         let wire = frame(
@@ -850,6 +926,7 @@ mod tests {
             Some(Agree {
                 version: 1,
                 features: vec!["sse".into(), "credit".into()],
+                auth: None,
             })
         );
         let wide = Hello {
@@ -857,6 +934,7 @@ mod tests {
             min_version: 1,
             max_version: 3,
             features: vec![],
+            auth: None,
         };
         assert_eq!(negotiate(&wide, 1, 2, &["sse"]).map(|a| a.version), Some(2));
         assert_eq!(negotiate(&wide, 2, 5, &[]).map(|a| a.version), Some(3));

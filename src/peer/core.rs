@@ -98,6 +98,13 @@ pub enum PeerEvent {
     ChannelLost(PeerId, String),
 }
 
+/// A session's DTLS certificate fingerprints (hash function name, digest).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FingerprintPair {
+    pub local: (String, Vec<u8>),
+    pub remote: (String, Vec<u8>),
+}
+
 /// How the core joins and whom it talks to.
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
@@ -420,6 +427,20 @@ impl PeerCore {
             }
         }
         window
+    }
+
+    /// The DTLS certificate fingerprints of `peer`'s session: ours, and the one the other side
+    /// presented in the handshake (hash function name, digest). `None` before DTLS is up.
+    pub fn fingerprints(&mut self, peer: PeerId) -> Option<FingerprintPair> {
+        let session = self.sessions.iter_mut().find(|s| s.id == peer)?;
+        let api = session.rtc.direct_api();
+        let local = api.local_dtls_fingerprint();
+        let local = (local.hash_func.clone(), local.bytes.clone());
+        let remote = api.remote_dtls_fingerprint()?;
+        Some(FingerprintPair {
+            local,
+            remote: (remote.hash_func.clone(), remote.bytes.clone()),
+        })
     }
 
     /// Bytes queued on `peer`'s channel and not yet acknowledged.

@@ -266,6 +266,7 @@ fn without_payload(m: Message) -> Message<'static> {
         Message::Cancel(s) => Message::Cancel(s),
         Message::Window(s, n) => Message::Window(s, n),
         Message::Error(s, t) => Message::Error(s, t),
+        Message::Auth(_) => Message::Auth(&[]),
     }
 }
 
@@ -304,6 +305,7 @@ fn the_proxy_answers_504_after_60_s_without_a_response_in_milliseconds() {
         Message::Agree(Agree {
             version: 1,
             features: vec!["sse".into()],
+            auth: None,
         }),
     );
     sim.advance(Duration::from_millis(100));

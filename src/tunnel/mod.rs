@@ -5,6 +5,7 @@
 //! consumer) and `proxy.rs` (consumer, one channel) are the two roles, `stream.rs` what their
 //! streams share; `main.rs` calls [`serve`] and [`proxy`].
 
+pub mod auth;
 pub mod proxy;
 pub mod serve;
 pub mod stream;
@@ -12,6 +13,7 @@ pub mod stream;
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use mio::event::Event;
@@ -315,6 +317,8 @@ pub trait Role {
     fn on_writable(&mut self, net: &mut Net, registry: &Registry, peer: PeerId, now: Instant);
     /// Once per loop pass: role timers (e.g. response timeouts) and queued work.
     fn on_tick(&mut self, net: &mut Net, registry: &Registry, now: Instant);
+    /// SIGHUP: re-read what can be re-read (serve's secret file).
+    fn on_reload(&mut self, net: &mut Net, now: Instant);
     fn next_deadline(&self) -> Option<Instant>;
 }
 
@@ -352,6 +356,9 @@ fn run_loop(
             return Ok(());
         }
         let now = Instant::now();
+        if crate::stop::take_reload() {
+            role.on_reload(net, now);
+        }
         for event in events.iter() {
             if event.token() == crate::stop::TOKEN {
                 continue;
@@ -491,6 +498,14 @@ pub fn serve(opts: ServeOpts) -> Result<(), String> {
     if opts.max_consumers == 0 || opts.max_streams == 0 {
         return Err("--max-consumers and --max-streams must be at least 1".into());
     }
+    let (secrets, file) = serve_secrets(&opts)?;
+    if !secrets.required() {
+        log::warn!(
+            "no --secret: anyone who knows the room name can use {}; set --secret on both sides \
+             (or --secret-file here), e.g. from `tunnel secret`",
+            upstream.url
+        );
+    }
     let ice = ice_addrs(&opts.ice_addr)?;
     let mut stun = stun_addr(&opts.stun)?;
     warn_turn(&opts.turn, &opts.turn_user, &opts.turn_pass);
@@ -542,8 +557,44 @@ pub fn serve(opts: ServeOpts) -> Result<(), String> {
         consumers: opts.max_consumers,
         streams: opts.max_streams,
     };
-    let mut role = serve::Serve::new(upstream, &advertise, limits);
+    let mut role = serve::Serve::new(upstream, &advertise, limits).with_secrets(secrets, file);
     run_loop(&mut poll, &mut link, &mut net, &mut role)
+}
+
+/// serve's `--secret` / `TUNNEL_SECRET` or `--secret-file` (not both).
+fn serve_secrets(opts: &ServeOpts) -> Result<(auth::Secrets, Option<PathBuf>), String> {
+    let secret = flag_or_env(&opts.secret, "TUNNEL_SECRET");
+    match (secret, &opts.secret_file) {
+        (Some(_), Some(_)) => {
+            Err("give --secret (or TUNNEL_SECRET) or --secret-file, not both".into())
+        }
+        (Some(s), None) => Ok((auth::Secrets::Shared(s), None)),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read --secret-file {path}: {e}"))?;
+            let secrets = auth::Secrets::parse_file(&text)
+                .map_err(|e| format!("--secret-file {path}: {e}"))?;
+            Ok((secrets, Some(PathBuf::from(path))))
+        }
+        (None, None) => Ok((auth::Secrets::Open, None)),
+    }
+}
+
+/// The proxy's name and secret, if it has a secret.
+fn proxy_credentials(opts: &ProxyOpts) -> Result<Option<(String, String)>, String> {
+    let Some(secret) = flag_or_env(&opts.secret, "TUNNEL_SECRET") else {
+        return Ok(None);
+    };
+    let name = flag_or_env(&opts.name, "TUNNEL_NAME")
+        .or_else(crate::util::host_name)
+        .unwrap_or_else(|| "consumer".to_string());
+    if name.is_empty() || name.len() > auth::MAX_NAME || name.contains(char::is_whitespace) {
+        return Err(format!(
+            "invalid --name '{name}': 1 to {} characters, no spaces",
+            auth::MAX_NAME
+        ));
+    }
+    Ok(Some((name, secret)))
 }
 
 /// `tunnel proxy`: the consumer.
@@ -569,7 +620,11 @@ pub fn proxy(opts: ProxyOpts) -> Result<(), String> {
     let stun = stun_addr(&opts.stun)?;
     warn_turn(&opts.turn, &opts.turn_user, &opts.turn_pass);
     let mut poll = Poll::new().map_err(|e| format!("cannot create poll: {e}"))?;
+    let credentials = proxy_credentials(&opts)?;
     let mut role = proxy::Proxy::bind(listen, poll.registry())?;
+    if let Some((name, secret)) = &credentials {
+        role = role.with_secret(name, secret);
+    }
     let cfg = LinkConfig {
         signal_url,
         room,

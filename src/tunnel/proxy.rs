@@ -12,9 +12,10 @@ use mio::event::Event;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry, Token};
 
+use super::auth::{self, Binding, ConsumerAuth};
 use super::stream::{decode_body, Flow, Slab};
 use super::{slot_of, token_of, Chan, Net, Role, OUT_KEEP, READ_CHUNK};
-use crate::frame::{Hello, Message, ReqHeaders, ResHeaders};
+use crate::frame::{Agree, AuthOffer, Hello, Message, ReqHeaders, ResHeaders};
 use crate::http1::{self, BodyDecoder, BodyFraming, HeadError};
 use crate::nbio::{accept, read_some, would_block, write_out};
 use crate::peer::PeerId;
@@ -73,6 +74,12 @@ pub struct Proxy {
     next_sid: u32,
     /// The provider's session, while its channel is open.
     peer: Option<PeerId>,
+    /// `--name` and `--secret`: authenticate the provider (feature `auth`).
+    credentials: Option<(String, String)>,
+    /// The exchange started in HELLO, until AGREE.
+    pending_auth: Option<ConsumerAuth>,
+    /// Why the last authentication failed, until one succeeds: requests get 403 meanwhile.
+    auth_failed: Option<String>,
 }
 
 impl Proxy {
@@ -91,7 +98,69 @@ impl Proxy {
             streams: HashMap::new(),
             next_sid: 1,
             peer: None,
+            credentials: None,
+            pending_auth: None,
+            auth_failed: None,
         })
+    }
+
+    /// Requires the provider to authenticate with `secret`, presenting ourselves as `name`.
+    pub fn with_secret(mut self, name: &str, secret: &str) -> Proxy {
+        self.credentials = Some((name.to_string(), secret.to_string()));
+        self
+    }
+
+    /// AGREE arrived: with a secret, the provider must prove it knows it, over this very DTLS
+    /// session; then our key confirmation goes out and the tunnel is ready.
+    fn agreed(&mut self, ch: &mut Chan, agree: Agree, now: Instant) {
+        let Some((name, _)) = &self.credentials else {
+            ch.agreed(&agree.features, now);
+            log::info!("tunnel ready (features: {})", agree.features.join(","));
+            return;
+        };
+        let name = name.clone();
+        let outcome = match (self.pending_auth.take(), agree.auth) {
+            (Some(pending), Some(reply)) if agree.features.iter().any(|f| f == auth::FEATURE) => {
+                let peer = ch.peer;
+                match ch.core().fingerprints(peer) {
+                    Some(fp) => {
+                        let binding = Binding {
+                            consumer: fp.local,
+                            provider: fp.remote,
+                        };
+                        pending
+                            .finish(&reply.pake, &reply.confirm, &binding)
+                            .map_err(|e| e.to_string())
+                    }
+                    None => Err("no DTLS fingerprints on this session".to_string()),
+                }
+            }
+            _ => Err("the provider does not authenticate (serve runs without --secret?)".into()),
+        };
+        match outcome {
+            Ok(mac) => {
+                ch.send(&Message::Auth(&mac));
+                ch.agreed(&agree.features, now);
+                self.auth_failed = None;
+                log::info!(
+                    "tunnel ready (authenticated as '{name}'; features: {})",
+                    agree.features.join(",")
+                );
+            }
+            Err(why) => self.refused(
+                ch,
+                format!("the provider failed authentication: {why}"),
+                now,
+            ),
+        }
+    }
+
+    /// Authentication failed either way: requests get 403 with `why`, and the session ends.
+    fn refused(&mut self, ch: &mut Chan, why: String, now: Instant) {
+        log::error!("{why}; disconnecting");
+        self.auth_failed = Some(why);
+        let peer = ch.peer;
+        ch.core().disconnect(peer, "authentication failed", now);
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -235,6 +304,23 @@ impl Proxy {
             c.keep_alive = req.keep_alive();
             c.http10 = req.minor_version == 0;
             c.started = now;
+            if let Some(why) = self.auth_failed.as_ref().filter(|_| !ch.ready()) {
+                log::debug!("{} {} → 403 ({why})", req.method, req.target);
+                let close = !matches!(framing, BodyFraming::None) || !c.keep_alive;
+                let text = format!("tunnel authentication failed: {why}");
+                c.out.extend_from_slice(&http1::simple_response(
+                    403,
+                    "text/plain",
+                    text.as_bytes(),
+                    if close {
+                        &[("Connection", "close")]
+                    } else {
+                        &[]
+                    },
+                ));
+                c.closing = close;
+                continue;
+            }
             if !ch.ready() {
                 log::debug!("{} {} → 503 (tunnel not ready)", req.method, req.target);
                 // A body is not read: the connection ends after the answer.
@@ -545,9 +631,19 @@ impl Role for Proxy {
         log::info!("peer connected");
         self.peer = Some(peer);
         let mut ch = net.chan(peer);
-        let offered: Vec<&str> = ch.offered().iter().map(String::as_str).collect();
-        let hello = Message::Hello(Hello::ours(&offered));
-        ch.send(&hello);
+        let mut offered: Vec<&str> = ch.offered().iter().map(String::as_str).collect();
+        let mut hello = Hello::ours(&offered);
+        if let Some((name, secret)) = &self.credentials {
+            offered.push(auth::FEATURE);
+            let (pending, pake) = ConsumerAuth::start(secret, name);
+            self.pending_auth = Some(pending);
+            hello = Hello::ours(&offered);
+            hello.auth = Some(AuthOffer {
+                name: name.clone(),
+                pake,
+            });
+        }
+        ch.send(&Message::Hello(hello));
     }
 
     fn on_message(
@@ -569,8 +665,12 @@ impl Role for Proxy {
                     log::warn!("provider agreed on unknown version {}", agree.version);
                     return;
                 }
-                ch.agreed(&agree.features, now);
-                log::info!("tunnel ready (features: {})", agree.features.join(","));
+                self.agreed(ch, agree, now);
+                None
+            }
+            Message::Error(0, text) => {
+                // Stream 0: the provider refuses this session (authentication, …).
+                self.refused(ch, format!("the provider refused us: {text}"), now);
                 None
             }
             Message::Window(sid, credit) => {
@@ -683,6 +783,10 @@ impl Role for Proxy {
                 self.flush(slot, &mut ch, registry);
             }
         }
+    }
+
+    fn on_reload(&mut self, _net: &mut Net, _now: Instant) {
+        log::info!("SIGHUP: the proxy has nothing to reload");
     }
 
     fn next_deadline(&self) -> Option<Instant> {

@@ -9,15 +9,17 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{Shutdown, SocketAddr, ToSocketAddrs};
-use std::time::Instant;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use mio::event::Event;
 use mio::net::TcpStream;
 use mio::{Interest, Registry};
 
+use super::auth::{self, Binding, ProviderAuth, Secrets, Throttle};
 use super::stream::{decode_body, Flow, Slab};
 use super::{slot_of, token_of, Chan, Net, Role, OUT_KEEP};
-use crate::frame::{negotiate, Message, ReqHeaders, ResHeaders};
+use crate::frame::{negotiate, AuthReply, Hello, Message, ReqHeaders, ResHeaders};
 use crate::http1::{self, BodyDecoder, BodyFraming, HeadError};
 use crate::nbio::{read_some, would_block, write_out};
 use crate::peer::core::short;
@@ -28,6 +30,11 @@ use crate::peer::PeerId;
 const MAX_UPSTREAM_BACKLOG: usize = 32 << 20;
 /// Reads (of up to `READ_CHUNK` each) one readable upstream gets before the next one's turn.
 pub const TURN_READS: usize = 4;
+/// A refused consumer's session ends this long after its ERROR frame (so the frame arrives).
+const REFUSAL_GRACE: Duration = Duration::from_secs(2);
+/// A consumer must be admitted (HELLO, and AUTH when a secret is required) this soon after its
+/// channel opens, or its session ends: a silent or stalled peer holds no consumer slot.
+pub const ADMIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The caps `tunnel serve` enforces (`--max-consumers`, `--max-streams`).
 #[derive(Clone, Copy, Debug)]
@@ -165,8 +172,16 @@ struct Stream {
 struct Consumer {
     /// Its room id (for logs).
     member: String,
-    agreed: bool,
+    /// HELLO/AGREE done and, when a secret is required, authenticated: requests are served.
+    admitted: bool,
     streams: usize,
+    /// The name it authenticates as, and the exchange waiting for its AUTH frame.
+    name: Option<String>,
+    pending: Option<ProviderAuth>,
+    /// Refused: its frames are ignored and its session ends at this instant.
+    closing_at: Option<Instant>,
+    /// Not admitted by then: refused.
+    admit_by: Instant,
 }
 
 pub struct Serve {
@@ -180,6 +195,10 @@ pub struct Serve {
     consumers: HashMap<PeerId, Consumer>,
     /// Upstreams with bytes to read and room to send them, in turn order.
     ready: VecDeque<usize>,
+    secrets: Secrets,
+    /// `--secret-file`, re-read on SIGHUP.
+    secret_file: Option<PathBuf>,
+    throttle: Throttle,
 }
 
 impl Serve {
@@ -193,7 +212,65 @@ impl Serve {
             by_sid: HashMap::new(),
             consumers: HashMap::new(),
             ready: VecDeque::new(),
+            secrets: Secrets::Open,
+            secret_file: None,
+            throttle: Throttle::default(),
         }
+    }
+
+    /// Requires consumers to authenticate (`--secret`, or `--secret-file` re-read on SIGHUP).
+    pub fn with_secrets(mut self, secrets: Secrets, file: Option<PathBuf>) -> Serve {
+        self.secrets = secrets;
+        self.secret_file = file;
+        self
+    }
+
+    /// Ends a consumer's session: ERROR on stream 0 with `why`, its streams closed, the session
+    /// closed after [`REFUSAL_GRACE`].
+    fn refuse(
+        &mut self,
+        net: &mut Net,
+        registry: &Registry,
+        peer: PeerId,
+        why: &str,
+        now: Instant,
+    ) {
+        let mine: Vec<usize> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| s.peer == peer)
+            .map(|(slot, _)| slot)
+            .collect();
+        for slot in mine {
+            self.close(slot, registry);
+        }
+        net.chan(peer).send(&Message::Error(0, why.to_string()));
+        if let Some(c) = self.consumers.get_mut(&peer) {
+            c.admitted = false;
+            c.pending = None;
+            c.closing_at = Some(now + REFUSAL_GRACE);
+        }
+    }
+
+    /// Logs an admitted consumer.
+    fn admitted(&mut self, peer: PeerId, features: &[String]) {
+        let Some(c) = self.consumers.get_mut(&peer) else {
+            return;
+        };
+        c.admitted = true;
+        let member = c.member.clone();
+        let name = c
+            .name
+            .as_ref()
+            .map(|n| format!(" as '{n}'"))
+            .unwrap_or_default();
+        let connected = self.consumers.values().filter(|c| c.admitted).count();
+        log::info!(
+            "consumer {}{name} connected ({connected} of {}); tunnel ready (features: {})",
+            short(&member),
+            self.limits.consumers,
+            features.join(",")
+        );
     }
 
     fn open(
@@ -586,11 +663,22 @@ impl Serve {
         }
     }
 
-    /// Agrees with a consumer's HELLO, or ends its session.
-    fn hello(&mut self, net: &mut Net, peer: PeerId, hello: crate::frame::Hello, now: Instant) {
+    /// Agrees with a consumer's HELLO, or ends its session. With a secret, AGREE carries our
+    /// half of the authentication and the consumer is admitted once its AUTH verifies.
+    fn hello(
+        &mut self,
+        net: &mut Net,
+        registry: &Registry,
+        peer: PeerId,
+        hello: Hello,
+        now: Instant,
+    ) {
         let mut ch = net.chan(peer);
-        let offered: Vec<&str> = ch.offered().iter().map(String::as_str).collect();
-        let Some(agree) = negotiate(&hello, 1, 1, &offered) else {
+        let mut offered: Vec<&str> = ch.offered().iter().map(String::as_str).collect();
+        if self.secrets.required() {
+            offered.push(auth::FEATURE);
+        }
+        let Some(mut agree) = negotiate(&hello, 1, 1, &offered) else {
             log::warn!(
                 "consumer {peer}: incompatible (proto '{}', versions {}..={}); disconnecting it",
                 hello.proto,
@@ -600,21 +688,154 @@ impl Serve {
             ch.core().disconnect(peer, "incompatible consumer", now);
             return;
         };
-        let features = agree.features.clone();
-        ch.send(&Message::Agree(agree));
-        ch.agreed(&features, now);
+        let member = self
+            .consumers
+            .get(&peer)
+            .map(|c| short(&c.member).to_string())
+            .unwrap_or_default();
+        if !self.secrets.required() {
+            let features = agree.features.clone();
+            ch.send(&Message::Agree(agree));
+            ch.agreed(&features, now);
+            return self.admitted(peer, &features);
+        }
+        let offer = hello
+            .auth
+            .filter(|_| hello.features.iter().any(|f| f == auth::FEATURE));
+        let Some(offer) = offer else {
+            log::warn!(
+                "consumer {member} refused: it does not offer authentication (a version-1 peer, \
+                 or tunnel proxy without --secret) and this provider requires a secret"
+            );
+            let why =
+                "authentication required: this provider needs a secret (tunnel proxy --secret)";
+            return self.refuse(net, registry, peer, why, now);
+        };
+        let name = offer.name;
+        if name.is_empty() || name.len() > auth::MAX_NAME {
+            log::warn!("consumer {member} refused: bad name ({} bytes)", name.len());
+            let why = "authentication failed: bad name";
+            return self.refuse(net, registry, peer, why, now);
+        }
+        if let Err(wait) = self.throttle.check(&name, now) {
+            log::warn!(
+                "consumer {member} refused: too many failed attempts for '{name}'; next in {} s",
+                wait.as_secs().max(1)
+            );
+            let why = format!(
+                "authentication refused: too many failed attempts; retry in {} s",
+                wait.as_secs().max(1)
+            );
+            return self.refuse(net, registry, peer, &why, now);
+        }
+        // An unknown name runs the exchange with a secret nobody knows: to the consumer it
+        // fails exactly like a wrong secret.
+        let mut random = [0u8; 32];
+        crate::util::random_bytes(&mut random);
+        let unknown = crate::util::hex(&random);
+        let secret = self.secrets.for_name(&name).unwrap_or(&unknown);
+        let Some(fp) = ch.core().fingerprints(peer) else {
+            let why = "authentication failed: no DTLS fingerprints";
+            return self.refuse(net, registry, peer, why, now);
+        };
+        let binding = Binding {
+            consumer: fp.remote,
+            provider: fp.local,
+        };
+        match ProviderAuth::respond(secret, &name, &offer.pake, &binding) {
+            Ok((state, pake, confirm)) => {
+                agree.auth = Some(AuthReply { pake, confirm });
+                let features = agree.features.clone();
+                let mut ch = net.chan(peer);
+                ch.send(&Message::Agree(agree));
+                ch.agreed(&features, now);
+                if let Some(c) = self.consumers.get_mut(&peer) {
+                    c.name = Some(name);
+                    c.pending = Some(state);
+                }
+            }
+            Err(e) => {
+                log::warn!("consumer {member} refused: {e}");
+                self.throttle.failed(&name, now);
+                self.refuse(net, registry, peer, "authentication failed", now);
+            }
+        }
+    }
+
+    /// The consumer's key confirmation.
+    fn auth(&mut self, net: &mut Net, registry: &Registry, peer: PeerId, mac: &[u8], now: Instant) {
         let Some(c) = self.consumers.get_mut(&peer) else {
             return;
         };
-        c.agreed = true;
-        let member = c.member.clone();
-        let connected = self.consumers.values().filter(|c| c.agreed).count();
+        let (Some(state), Some(name)) = (c.pending.take(), c.name.clone()) else {
+            let why = "authentication failed: unexpected AUTH";
+            return self.refuse(net, registry, peer, why, now);
+        };
+        let member = short(&c.member).to_string();
+        if state.verify(mac).is_ok() {
+            self.throttle.succeeded(&name);
+            let features: Vec<String> = ["auth"].iter().map(|f| f.to_string()).collect();
+            return self.admitted(peer, &features);
+        }
+        self.throttle.failed(&name, now);
+        let known = if self.secrets.for_name(&name).is_some() {
+            "wrong secret, or a man in the middle"
+        } else {
+            "unknown name"
+        };
+        log::warn!("consumer {member} refused: authentication failed for '{name}' ({known})");
+        self.refuse(net, registry, peer, "authentication failed", now);
+    }
+
+    /// SIGHUP: re-reads the secret file; consumers whose name is gone (or whose secret changed)
+    /// are disconnected, and refused from their next attempt.
+    fn reload(&mut self, net: &mut Net, now: Instant) {
+        let Some(path) = &self.secret_file else {
+            return log::info!("SIGHUP: no --secret-file to reload");
+        };
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                return log::error!(
+                    "SIGHUP: cannot read {}: {e}; keeping the old secrets",
+                    path.display()
+                )
+            }
+        };
+        let secrets = match Secrets::parse_file(&text) {
+            Ok(s) => s,
+            Err(e) => {
+                return log::error!("SIGHUP: {}: {e}; keeping the old secrets", path.display())
+            }
+        };
+        let revoked: Vec<(PeerId, String)> = self
+            .consumers
+            .iter()
+            .filter_map(|(peer, c)| {
+                let name = c.name.as_ref()?;
+                (secrets.for_name(name) != self.secrets.for_name(name))
+                    .then(|| (*peer, name.clone()))
+            })
+            .collect();
+        let count = match &secrets {
+            Secrets::PerName(m) => m.len(),
+            _ => 0,
+        };
+        self.secrets = secrets;
         log::info!(
-            "consumer {} connected ({connected} of {}); tunnel ready (features: {})",
-            short(&member),
-            self.limits.consumers,
-            features.join(",")
+            "SIGHUP: {} reloaded ({count} names); {} session(s) revoked",
+            path.display(),
+            revoked.len()
         );
+        for (peer, name) in revoked {
+            log::warn!("consumer '{name}' revoked: its line left the secret file");
+            net.chan(peer)
+                .send(&Message::Error(0, "authentication revoked".into()));
+            if let Some(c) = self.consumers.get_mut(&peer) {
+                c.admitted = false;
+                c.closing_at = Some(now);
+            }
+        }
     }
 }
 
@@ -673,15 +894,19 @@ impl Role for Serve {
         }
     }
 
-    fn on_open(&mut self, net: &mut Net, peer: PeerId, _now: Instant) {
+    fn on_open(&mut self, net: &mut Net, peer: PeerId, now: Instant) {
         let member = net.core.member(peer).unwrap_or("?").to_string();
         log::debug!("consumer {} ({peer}): data channel open", short(&member));
         self.consumers.insert(
             peer,
             Consumer {
                 member,
-                agreed: false,
+                admitted: false,
                 streams: 0,
+                name: None,
+                pending: None,
+                closing_at: None,
+                admit_by: now + ADMIT_TIMEOUT,
             },
         );
     }
@@ -694,8 +919,41 @@ impl Role for Serve {
         msg: Message,
         now: Instant,
     ) {
+        let (admitted, closing) = self
+            .consumers
+            .get(&peer)
+            .map_or((false, true), |c| (c.admitted, c.closing_at.is_some()));
+        if closing {
+            return;
+        }
+        let request = matches!(
+            msg,
+            Message::ReqHeaders(_)
+                | Message::ReqBody(..)
+                | Message::ReqEnd(_)
+                | Message::Window(..)
+                | Message::Cancel(_)
+        );
+        if request && !admitted {
+            let member = self
+                .consumers
+                .get(&peer)
+                .map(|c| short(&c.member).to_string());
+            log::warn!(
+                "consumer {} refused: a request before HELLO/AGREE{}",
+                member.unwrap_or_default(),
+                if self.secrets.required() {
+                    " and authentication"
+                } else {
+                    ""
+                }
+            );
+            let why = "request before the tunnel was agreed (and authenticated)";
+            return self.refuse(net, registry, peer, why, now);
+        }
         match msg {
-            Message::Hello(hello) => self.hello(net, peer, hello, now),
+            Message::Hello(hello) => self.hello(net, registry, peer, hello, now),
+            Message::Auth(mac) => self.auth(net, registry, peer, mac, now),
             Message::ReqHeaders(h) => self.open(peer, h, net, registry, now),
             Message::ReqBody(sid, data) => self.req_body(peer, sid, data, net, registry),
             Message::ReqEnd(sid) => self.req_end(peer, sid, net, registry),
@@ -738,7 +996,7 @@ impl Role for Serve {
             self.close(slot, registry);
         }
         if let Some(c) = self.consumers.remove(&peer) {
-            let connected = self.consumers.values().filter(|c| c.agreed).count();
+            let connected = self.consumers.values().filter(|c| c.admitted).count();
             log::info!(
                 "consumer {} left: {reason} ({connected} of {} connected)",
                 short(&c.member),
@@ -759,12 +1017,58 @@ impl Role for Serve {
         }
     }
 
-    fn on_tick(&mut self, net: &mut Net, registry: &Registry, _now: Instant) {
+    fn on_tick(&mut self, net: &mut Net, registry: &Registry, now: Instant) {
         self.pump(net, registry);
+        let late: Vec<(PeerId, Option<String>)> = self
+            .consumers
+            .iter()
+            .filter(|(_, c)| !c.admitted && c.closing_at.is_none() && c.admit_by <= now)
+            .map(|(p, c)| (*p, c.name.clone()))
+            .collect();
+        for (peer, name) in late {
+            let member = self.consumers.get(&peer).map(|c| short(&c.member).to_string());
+            log::warn!(
+                "consumer {} refused: not {} within {} s",
+                member.unwrap_or_default(),
+                if name.is_some() {
+                    "authenticated"
+                } else {
+                    "agreed (HELLO)"
+                },
+                ADMIT_TIMEOUT.as_secs()
+            );
+            if let Some(name) = name {
+                self.throttle.failed(&name, now);
+            }
+            self.refuse(net, registry, peer, "authentication timed out", now);
+        }
+        let due: Vec<PeerId> = self
+            .consumers
+            .iter()
+            .filter(|(_, c)| c.closing_at.is_some_and(|t| t <= now))
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in due {
+            if let Some(c) = self.consumers.get_mut(&peer) {
+                c.closing_at = None;
+            }
+            net.core.disconnect(peer, "refused", now);
+        }
+    }
+
+    fn on_reload(&mut self, net: &mut Net, now: Instant) {
+        self.reload(net, now);
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        None
+        self.consumers
+            .values()
+            .filter_map(|c| match (c.closing_at, c.admitted) {
+                (Some(t), _) => Some(t),
+                (None, false) => Some(c.admit_by),
+                (None, true) => None,
+            })
+            .min()
     }
 }
 
