@@ -2,6 +2,7 @@
 //! time, then the tunnel roles' slow paths (the 60 s 504, window credit, cancel) with real
 //! loopback sockets for their clients and upstreams.
 
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::mpsc;
@@ -505,4 +506,241 @@ fn cancel_closes_the_upstream_connection() {
     assert!(!frames(&sim, c)
         .iter()
         .any(|m| matches!(m, Message::ResEnd(1))));
+}
+
+// ---- authentication against an active man in the middle ----------------------------------
+
+/// An upstream that answers every request `200 ok` and counts them.
+fn counting_upstream() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().unwrap();
+    let hits = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = hits.clone();
+    thread::spawn(move || {
+        for mut s in listener.incoming().map_while(Result::ok) {
+            let mut head = [0u8; 2048];
+            if s.read(&mut head).is_ok_and(|n| n > 0) {
+                seen.fetch_add(1, Ordering::SeqCst);
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+            }
+        }
+    });
+    (addr, hits)
+}
+
+/// A client request on its own thread; its response text arrives on the channel.
+fn client_get(addr: SocketAddr) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut got = Vec::new();
+        if let Ok(mut s) = TcpStream::connect(addr) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+            let _ = s.write_all(b"GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+            let _ = s.read_to_end(&mut got);
+        }
+        let _ = tx.send(String::from_utf8_lossy(&got).into_owned());
+    });
+    rx
+}
+
+/// The relay's state: frames read so far from each of its two nodes, and frames waiting for
+/// room on the other side.
+struct Relay {
+    /// (to the provider) consumer-side node, (to the consumer) provider-side node.
+    toward_provider: usize,
+    toward_consumer: usize,
+    read: [usize; 2],
+    queued: [VecDeque<Vec<u8>>; 2],
+}
+
+impl Relay {
+    /// Forwards every data-channel message verbatim between its two sessions.
+    fn step(&mut self, sim: &mut Sim) {
+        let nodes = [self.toward_provider, self.toward_consumer];
+        for side in 0..2 {
+            let (from, to) = (nodes[side], nodes[1 - side]);
+            let new: Vec<Vec<u8>> = sim.nodes[from].events[self.read[side]..]
+                .iter()
+                .filter_map(|e| match e {
+                    PeerEvent::Data(_, d) => Some(d.clone()),
+                    _ => None,
+                })
+                .collect();
+            self.read[side] = sim.nodes[from].events.len();
+            self.queued[1 - side].extend(new);
+            let Some(peer) = open_peers(sim, to).last().copied() else {
+                continue;
+            };
+            while let Some(frame) = self.queued[1 - side].front() {
+                if !sim.nodes[to].net.core.send(peer, frame) {
+                    break;
+                }
+                self.queued[1 - side].pop_front();
+            }
+            sim.flush(to);
+        }
+    }
+}
+
+/// The real `Serve` (upstream on loopback) and the real `Proxy` (listener on loopback), each
+/// with `secret` if given, joined through a man in the middle built from two peer cores: the
+/// "rewriting signal server" puts them in different rooms, each shared with one of the relay's
+/// cores, and the relay terminates both DTLS sessions and forwards every message verbatim.
+/// Returns the client's answer and how many requests reached the upstream.
+fn through_a_man_in_the_middle(secret: Option<&str>) -> (String, usize, Vec<String>) {
+    use std::sync::atomic::Ordering;
+    let mut sim = Sim::new(23);
+    let (up, hits) = counting_upstream();
+    let p = sim.add("provider-side", RoomRole::Provider, 32);
+    let m_to_p = sim.add("provider-side", RoomRole::Consumer, 1);
+    let m_to_c = sim.add("consumer-side", RoomRole::Provider, 32);
+    let c = sim.add("consumer-side", RoomRole::Consumer, 1);
+    let upstream = Upstream::parse(&format!("http://{up}")).expect("upstream");
+    let limits = Limits {
+        consumers: 32,
+        streams: 64,
+    };
+    let mut serve = Serve::new(upstream, "/", limits);
+    let poll = Poll::new().expect("poll");
+    let mut proxy = Proxy::bind("127.0.0.1:0".parse().unwrap(), poll.registry()).expect("bind");
+    if let Some(s) = secret {
+        serve = serve.with_secrets(crate::tunnel::auth::Secrets::Shared(s.into()), None);
+        proxy = proxy.with_secret("laptop", s);
+    }
+    let addr = proxy.local_addr();
+    sim.set_role(p, Box::new(serve), Poll::new().expect("poll"));
+    sim.set_role(c, Box::new(proxy), poll);
+    let mut relay = Relay {
+        toward_provider: m_to_p,
+        toward_consumer: m_to_c,
+        read: [0, 0],
+        queued: [VecDeque::new(), VecDeque::new()],
+    };
+    // Both DTLS sessions end at the relay.
+    let ok = sim.run_until(Duration::from_secs(20), |s| {
+        relay.step(s);
+        !open_peers(s, m_to_p).is_empty() && !open_peers(s, m_to_c).is_empty()
+    });
+    assert!(ok, "the relay holds a session with each side");
+    // Let HELLO / AGREE (/ AUTH) cross, then ask.
+    sim.run_until(Duration::from_millis(500), |s| {
+        relay.step(s);
+        false
+    });
+    let answer = client_get(addr);
+    let mut got = None;
+    sim.run_until(Duration::from_secs(20), |s| {
+        relay.step(s);
+        got = answer.try_recv().ok();
+        got.is_some()
+    });
+    // Whatever the provider tells the relay's consumer-side core on stream 0 (with a secret,
+    // within its admission timeout).
+    let errors = |s: &Sim| -> Vec<String> {
+        frames(s, m_to_p)
+            .into_iter()
+            .filter_map(|m| match m {
+                Message::Error(0, text) => Some(text),
+                _ => None,
+            })
+            .collect()
+    };
+    if secret.is_some() {
+        sim.run_until(crate::tunnel::serve::ADMIT_TIMEOUT * 2, |s| {
+            relay.step(s);
+            !errors(s).is_empty()
+        });
+    }
+    let refusals = errors(&sim);
+    (
+        got.expect("the client gets an answer"),
+        hits.load(Ordering::SeqCst),
+        refusals,
+    )
+}
+
+#[test]
+fn without_authentication_a_man_in_the_middle_gets_through() {
+    let (answer, hits, refusals) = through_a_man_in_the_middle(None);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(hits, 1, "the relayed request reached the upstream");
+    assert!(refusals.is_empty());
+}
+
+#[test]
+fn with_authentication_both_sides_refuse_a_man_in_the_middle() {
+    let (answer, hits, refusals) = through_a_man_in_the_middle(Some("correct horse battery"));
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(
+        answer.contains("tunnel authentication failed") && answer.contains("key confirmation"),
+        "{answer}"
+    );
+    assert_eq!(hits, 0, "nothing reached the upstream");
+    // The consumer hung up; the provider, which never got a valid key confirmation, refused
+    // the relay's session on its own.
+    assert!(
+        refusals.iter().any(|r| r.contains("authentication")),
+        "{refusals:?}"
+    );
+}
+
+#[test]
+fn repeated_failures_for_a_name_are_slowed() {
+    use crate::frame::AuthOffer;
+    use crate::tunnel::auth::{ConsumerAuth, Secrets};
+    let mut sim = Sim::new(29);
+    let (up, hits) = counting_upstream();
+    let p = sim.add("guess", RoomRole::Provider, 32);
+    let serve = Serve::new(
+        Upstream::parse(&format!("http://{up}")).expect("upstream"),
+        "/",
+        Limits {
+            consumers: 32,
+            streams: 64,
+        },
+    )
+    .with_secrets(Secrets::Shared("the real one".into()), None);
+    sim.set_role(p, Box::new(serve), Poll::new().expect("poll"));
+    // A guesser: HELLO with a wrong secret, then a bogus key confirmation.
+    let guess = |sim: &mut Sim| -> Vec<String> {
+        let c = sim.add("guess", RoomRole::Consumer, 1);
+        let ok = sim.run_until(Duration::from_secs(10), |s| s.open_peer(c).is_some());
+        assert!(ok, "channel open");
+        let peer = sim.open_peer(c).expect("open");
+        let (_, pake) = ConsumerAuth::start("a guess", "victim");
+        let mut hello = Hello::ours(&["sse", "auth"]);
+        hello.auth = Some(AuthOffer {
+            name: "victim".into(),
+            pake,
+        });
+        send_frame(sim, c, peer, Message::Hello(hello));
+        sim.run_until(Duration::from_secs(2), |s| {
+            frames(s, c)
+                .iter()
+                .any(|m| matches!(m, Message::Agree(_) | Message::Error(0, _)))
+        });
+        if frames(sim, c).iter().any(|m| matches!(m, Message::Agree(_))) {
+            send_frame(sim, c, peer, Message::Auth(&[0u8; 32]));
+        }
+        sim.run_until(Duration::from_secs(1), |s| {
+            frames(s, c).iter().any(|m| matches!(m, Message::Error(0, _)))
+        });
+        frames(sim, c)
+            .into_iter()
+            .filter_map(|m| match m {
+                Message::Error(0, t) => Some(t),
+                _ => None,
+            })
+            .collect()
+    };
+    let first = guess(&mut sim);
+    assert_eq!(first, ["authentication failed"]);
+    let second = guess(&mut sim);
+    assert_eq!(second.len(), 1);
+    assert!(
+        second[0].starts_with("authentication refused: too many failed attempts; retry in"),
+        "{second:?}"
+    );
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
 }

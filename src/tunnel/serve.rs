@@ -833,7 +833,7 @@ impl Serve {
                 .send(&Message::Error(0, "authentication revoked".into()));
             if let Some(c) = self.consumers.get_mut(&peer) {
                 c.admitted = false;
-                c.closing_at = Some(now);
+                c.closing_at = Some(now + REFUSAL_GRACE);
             }
         }
     }
@@ -984,7 +984,7 @@ impl Role for Serve {
         registry: &Registry,
         peer: PeerId,
         reason: &str,
-        _now: Instant,
+        now: Instant,
     ) {
         let mine: Vec<usize> = self
             .streams
@@ -996,6 +996,20 @@ impl Role for Serve {
             self.close(slot, registry);
         }
         if let Some(c) = self.consumers.remove(&peer) {
+            if let (Some(_), Some(name)) = (&c.pending, &c.name) {
+                // It heard our half and hung up instead of confirming: the consumer found our
+                // key confirmation wrong (a different secret), or someone tried a guess.
+                let why = if self.secrets.for_name(name).is_none() {
+                    "unknown name"
+                } else {
+                    "it left before confirming: a different secret?"
+                };
+                log::warn!(
+                    "consumer {} refused: authentication failed for '{name}' ({why})",
+                    short(&c.member)
+                );
+                self.throttle.failed(name, now);
+            }
             let connected = self.consumers.values().filter(|c| c.admitted).count();
             log::info!(
                 "consumer {} left: {reason} ({connected} of {} connected)",
@@ -1026,7 +1040,10 @@ impl Role for Serve {
             .map(|(p, c)| (*p, c.name.clone()))
             .collect();
         for (peer, name) in late {
-            let member = self.consumers.get(&peer).map(|c| short(&c.member).to_string());
+            let member = self
+                .consumers
+                .get(&peer)
+                .map(|c| short(&c.member).to_string());
             log::warn!(
                 "consumer {} refused: not {} within {} s",
                 member.unwrap_or_default(),
