@@ -1,7 +1,9 @@
 //! Interop of `tunnel` with the webrtc-rs stand-in of the original client (`orig-client`), both
 //! pairings on loopback: our `tunnel serve` + `orig-client proxy`, and `orig-client serve` + our
 //! `tunnel proxy`, through our `tunnel signal`. Each checks a plain GET, a chunked, streamed
-//! response, a large POST echoed back and a 404 end to end.
+//! response, a large POST echoed back and a 404 end to end. And one `tunnel serve` with two
+//! consumers at once, `orig-client proxy` (version 1, joins without a role) and our
+//! `tunnel proxy`: both answer the GET and the streamed request while both are connected.
 //!
 //! Our binary: `TUNNEL_BIN`, default `../../target/debug/tunnel` relative to this crate
 //! (`make interop` builds it and sets the variable).
@@ -469,6 +471,61 @@ fn pairing(orig_serves: bool, provider_first: bool) {
     assert_eq!(missing.status, 404, "{}", logs("404 status"));
 }
 
+/// Our `tunnel serve` with two consumers at once: `orig-client proxy` (joins without a role,
+/// so our signal makes it a consumer) and our `tunnel proxy` (joins as a consumer). With
+/// `orig_first`, the original joins an empty room before serve and offers to it; otherwise serve
+/// joins first and offers to both. Once serve logs two consumers connected, each consumer makes
+/// the GET and the streamed request, the two consumers at the same time; then serve must still
+/// have both (no `consumer … left`).
+fn two_consumers(orig_first: bool) {
+    let room = Room::start();
+    let (serve, orig, ours) = (room.serve(false), room.proxy(true), room.proxy(false));
+    let (mut serve, mut orig) = if orig_first {
+        let orig = orig.join();
+        (serve.join(), orig)
+    } else {
+        let serve = serve.join();
+        (serve, orig.spawn())
+    };
+    let mut ours = ours.spawn();
+    let (orig_addr, our_addr) = (ready(&mut orig), ready(&mut ours));
+    serve.wait_for("connected (2 of", Duration::from_secs(30));
+    let logs = |what: &str| with_logs(what, &[&serve, &orig, &ours, &room.signal]);
+    // `consumer <id8> connected (N of 32); …`: two different members.
+    let serve_log = serve.log();
+    let ids: Vec<&str> = serve_log
+        .lines()
+        .filter(|l| l.contains(" connected ("))
+        .filter_map(|l| l.split("consumer ").nth(1)?.split_whitespace().next())
+        .collect();
+    assert!(
+        ids.len() == 2 && ids[0] != ids[1],
+        "{}",
+        logs(&format!("serve's consumers: {ids:?}"))
+    );
+
+    let logs = &logs;
+    thread::scope(|s| {
+        for addr in [&orig_addr, &our_addr] {
+            s.spawn(move || {
+                check_models(addr, logs);
+                check_stream(addr, logs);
+            });
+        }
+    });
+    let left: Vec<String> = serve
+        .log()
+        .lines()
+        .filter(|l| l.contains("consumer ") && l.contains(" left: "))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        left.is_empty(),
+        "{}",
+        logs(&format!("serve lost a consumer: {left:?}"))
+    );
+}
+
 #[test]
 fn our_serve_offers_to_original_proxy() {
     pairing(false, true);
@@ -487,4 +544,14 @@ fn original_serve_offers_to_our_proxy() {
 #[test]
 fn our_proxy_offers_to_original_serve() {
     pairing(true, false);
+}
+
+#[test]
+fn our_serve_offers_to_original_and_our_proxy() {
+    two_consumers(false);
+}
+
+#[test]
+fn original_proxy_offers_to_our_serve_beside_our_proxy() {
+    two_consumers(true);
 }
