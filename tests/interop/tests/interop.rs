@@ -111,11 +111,11 @@ impl Proc {
                 );
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "{}: no '{marker}' within {timeout:?}:\n{lines}",
-                self.name
-            );
+            if left.is_zero() {
+                // Not while holding the lock: that would poison it for the reader thread.
+                drop(state);
+                panic!("{}: no '{marker}' within {timeout:?}:\n{lines}", self.name);
+            }
             state = self.log.grew.wait_timeout(state, left).unwrap().0;
         }
     }
