@@ -1,6 +1,7 @@
 //! Browser interoperability: headless Chromium (libwebrtc) against our WebRTC stack, as the
 //! consumer of `tunnel serve` and as the provider behind `tunnel proxy`, each with either side
-//! joining the room first (so either side offers). The pages in `tests/browser/` speak the
+//! joining the room first (so either side offers), and as one of two consumers of one
+//! `tunnel serve`, beside a `tunnel proxy`. The pages in `tests/browser/` speak the
 //! signaling dialect and framing v1 in plain JavaScript; `tests/browser/run.py` runs a scenario
 //! (signal server, our side, the page server that is also the upstream, Chromium) inside a fresh
 //! network namespace holding only `lo`, so every packet stays on loopback. Needs root
@@ -88,12 +89,12 @@ fn prerequisites() -> bool {
     true
 }
 
-/// Runs `tests/browser/run.py --role <role> --order <order>` inside `ns`; returns its JSON
-/// report line.
-fn run_scenario(ns: &Netns, role: &str, order: &str) -> Value {
+/// Runs `tests/browser/run.py --role <role> --order <order> <extra…>` inside `ns`; returns its
+/// JSON report line.
+fn run_scenario(ns: &Netns, role: &str, order: &str, extra: &[&str]) -> Value {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/run.py");
-    let mut child = Kill(
-        ns.command(&[
+    let args = [
+        &[
             "python3",
             script,
             "--tunnel",
@@ -108,12 +109,17 @@ fn run_scenario(ns: &Netns, role: &str, order: &str) -> Value {
             role,
             "--order",
             order,
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start run.py"),
+        ][..],
+        extra,
+    ]
+    .concat();
+    let mut child = Kill(
+        ns.command(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start run.py"),
     );
     let mut stdout = child.0.stdout.take().expect("stdout");
     let mut stderr = child.0.stderr.take().expect("stderr");
@@ -141,12 +147,12 @@ fn run_scenario(ns: &Netns, role: &str, order: &str) -> Value {
 }
 
 /// Runs the scenario in a namespace of its own; `None` when skipped.
-fn scenario(tag: &str, role: &str, order: &str) -> Option<Value> {
+fn scenario(tag: &str, role: &str, order: &str, extra: &[&str]) -> Option<Value> {
     if !prerequisites() {
         return None;
     }
     let ns = Netns::create(tag);
-    Some(run_scenario(&ns, role, order))
+    Some(run_scenario(&ns, role, order, extra))
 }
 
 /// The browser gathered a UDP host candidate on 127.0.0.1 and both ends of the pair ICE chose
@@ -171,7 +177,7 @@ fn assert_loopback_host_pair(result: &Value, pretty: &str) {
 /// Chromium as the consumer: the page must end holding the upstream's exact answer, in the
 /// expected signaling role, and serve must report `tunnel ready`.
 fn browser_consumer(tag: &str, order: &str, browser_offers: bool) {
-    let Some(report) = scenario(tag, "consumer", order) else {
+    let Some(report) = scenario(tag, "consumer", order, &[]) else {
         return;
     };
     let result = &report["result"];
@@ -198,7 +204,7 @@ fn browser_consumer(tag: &str, order: &str, browser_offers: bool) {
 /// Chromium as the provider: a GET through `tunnel proxy` must return the upstream's exact
 /// answer, the page must have served that request after agreeing on v1 with our proxy's HELLO.
 fn browser_provider(tag: &str, order: &str, browser_offers: bool) {
-    let Some(report) = scenario(tag, "provider", order) else {
+    let Some(report) = scenario(tag, "provider", order, &[]) else {
         return;
     };
     let result = &report["result"];
@@ -224,6 +230,61 @@ fn browser_provider(tag: &str, order: &str, browser_offers: bool) {
     );
 }
 
+/// Chromium and a `tunnel proxy` as two consumers of one `tunnel serve` at once (run.py
+/// `--with-proxy`): serve must log two distinct consumers connected, the page's GET (held until
+/// then) and a GET through the proxy must both return the upstream's exact answer, and serve must
+/// not have lost either consumer by the time both answers are in.
+fn browser_consumer_beside_proxy(tag: &str, order: &str, browser_offers: bool) {
+    let Some(report) = scenario(tag, "consumer", order, &["--with-proxy"]) else {
+        return;
+    };
+    let result = &report["result"];
+    let pretty = serde_json::to_string_pretty(&report).unwrap_or_default();
+    assert_eq!(
+        result["ok"], true,
+        "the page reported no success:\n{pretty}"
+    );
+    assert_loopback_host_pair(result, &pretty);
+    assert_eq!(result["status"], 200, "{pretty}");
+    assert_eq!(result["body"], UPSTREAM_BODY, "{pretty}");
+    assert_eq!(result["agree"]["version"], 1, "{pretty}");
+    assert_eq!(result["offerer"], browser_offers, "{pretty}");
+    assert_eq!(report["http"]["status"], 200, "{pretty}");
+    assert_eq!(report["http"]["body"], UPSTREAM_BODY, "{pretty}");
+    // `consumer <id8> connected (N of 32); tunnel ready (…)`, once per consumer.
+    let connected: Vec<&str> = report["serve_connected"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    let ids: Vec<&str> = connected
+        .iter()
+        .filter_map(|l| l.split("consumer ").nth(1)?.split_whitespace().next())
+        .collect();
+    assert_eq!(
+        ids.len(),
+        2,
+        "serve connected {} consumers:\n{pretty}",
+        ids.len()
+    );
+    assert_ne!(ids[0], ids[1], "the same consumer twice:\n{pretty}");
+    assert!(
+        connected[1].contains("connected (2 of "),
+        "{}\n{pretty}",
+        connected[1]
+    );
+    assert_eq!(
+        report["serve_left"],
+        Value::Array(vec![]),
+        "serve lost a consumer before both answers were in:\n{pretty}"
+    );
+    eprintln!(
+        "browser consumer beside a proxy ({order}): page timings (ms) {}; scenario {} s",
+        result["times"], report["seconds"]
+    );
+}
+
 #[test]
 fn chromium_consumer_answers_serve() {
     browser_consumer("ca", "tunnel-first", false);
@@ -242,4 +303,14 @@ fn chromium_provider_answers_proxy() {
 #[test]
 fn chromium_provider_offers_to_proxy() {
     browser_provider("po", "browser-first", true);
+}
+
+#[test]
+fn chromium_and_proxy_consume_one_serve() {
+    browser_consumer_beside_proxy("ma", "tunnel-first", false);
+}
+
+#[test]
+fn chromium_offers_to_serve_beside_proxy() {
+    browser_consumer_beside_proxy("mo", "browser-first", true);
 }

@@ -5,9 +5,18 @@ GET /v1/models as the tunnel's upstream, hears on POST /joined that the page is 
 POST /result its outcome), `tunnel signal`, headless Chromium and our side of the tunnel:
 `tunnel serve` when the browser is the consumer (--role consumer), `tunnel proxy` when it is the
 provider (--role provider; then this script makes a GET /v1/models through the proxy). `--order`
-says who joins the room first (the first member offers). Prints one JSON line:
-{"result": <the page's report>, "http": <the GET through the proxy>, "tunnel_ready": bool,
-"seconds": ..., "logs": {...} (only on failure)}. Every process it starts is ended before it exits.
+says who joins the room first (the first member offers).
+
+`--with-proxy` (consumer role only) adds a `tunnel proxy` as a second consumer of the same serve,
+joining right after serve: the page holds its GET (consumer.html?hold=1) until serve has logged
+two consumers connected; then the page's GET is released and a GET /v1/models is made through
+the proxy, both before anything is stopped, and serve's log is read for consumers that left.
+
+Prints one JSON line: {"result": <the page's report>, "http": <the GET through the proxy>,
+"tunnel_ready": bool, "serve_connected": [serve's `consumer … connected` lines] and
+"serve_left": [its `consumer … left` lines] (with --with-proxy), "seconds": ...,
+"logs": {...} (on failure, or always with --with-proxy)}. Every process it starts is ended
+before it exits.
 """
 
 import argparse
@@ -93,6 +102,10 @@ class Proc:
                 return line
         return None
 
+    def matching(self, pattern):
+        """The output lines so far that match the regex `pattern`."""
+        return [l for l in list(self.lines) if re.search(pattern, l)]
+
     def stop(self):
         if self.p.poll() is None:
             try:
@@ -109,8 +122,12 @@ def main():
     ap.add_argument("--upstream-body", required=True, help="body GET /v1/models answers")
     ap.add_argument("--role", choices=["consumer", "provider"], default="consumer")
     ap.add_argument("--order", choices=["tunnel-first", "browser-first"], default="tunnel-first")
+    ap.add_argument("--with-proxy", action="store_true",
+                    help="consumer role: a tunnel proxy is a second consumer beside the page")
     ap.add_argument("--timeout", type=float, default=30.0)
     args = ap.parse_args()
+    if args.with_proxy and args.role != "consumer":
+        ap.error("--with-proxy needs --role consumer")
 
     start = time.monotonic()
     deadline = start + args.timeout
@@ -119,6 +136,7 @@ def main():
     profile = tempfile.mkdtemp(prefix="tunnel-chromium-")
     out = {"result": None, "tunnel_ready": False}
     results, joined = queue.Queue(), queue.Queue()
+    go = threading.Event()  # answers the held page's GET /go
 
     def pages(h, method):
         name = h.path.split("?", 1)[0]
@@ -127,6 +145,8 @@ def main():
                 reply(h, 200, PAGES[name] + "; charset=utf-8", f.read())
         elif method == "GET" and name == "/v1/models":
             reply(h, 200, "application/json", args.upstream_body.encode())
+        elif method == "GET" and name == "/go":
+            reply(h, 204 if go.wait(left()) else 504, "text/plain", b"")
         elif method == "POST" and name in ("/result", "/joined"):
             body = h.rfile.read(int(h.headers.get("Content-Length", "0")))
             (results if name == "/result" else joined).put(body)
@@ -147,19 +167,41 @@ def main():
         room = "browser-%d" % os.getpid()
         common = ["--signal", signal_url, "--room", room, "--ice-addr", "127.0.0.1"]
 
-        def start_tunnel():
-            if args.role == "consumer":
-                t = Proc("serve", [args.tunnel, "serve", "--upstream", origin] + common, env)
-            else:
-                t = Proc("proxy", [args.tunnel, "proxy", "--listen", "127.0.0.1:0"] + common, env)
+        beside = []  # with --with-proxy: the proxy, serve's second consumer
+
+        def launch(name, argv):
+            t = Proc(name, [args.tunnel] + argv + common, env)
             procs.append(t)
             if not t.wait_line(r"joined room", deadline):
                 raise RuntimeError("tunnel %s did not join the room" % t.name)
             return t
 
+        def start_tunnel():
+            if args.role == "consumer":
+                t = launch("serve", ["serve", "--upstream", origin])
+                if args.with_proxy:
+                    beside.append(launch("proxy", ["proxy", "--listen", "127.0.0.1:0"]))
+                return t
+            return launch("proxy", ["proxy", "--listen", "127.0.0.1:0"])
+
+        def get_through(proxy):
+            """GET /v1/models through `proxy` once it is ready: {"status", "body"}."""
+            line = proxy.wait_line(r"proxy listening on http://", deadline)
+            if not line or not proxy.wait_line(r"tunnel ready", deadline):
+                raise RuntimeError("tunnel proxy never got ready")
+            proxy_url = "http://" + line.split("http://", 1)[1].split()[0]
+            try:
+                with urllib.request.urlopen(proxy_url + "/v1/models", timeout=left()) as r:
+                    status, body = r.status, r.read()
+            except urllib.error.HTTPError as e:
+                status, body = e.code, e.read()
+            return {"status": status, "body": body.decode("utf-8", "replace")}
+
         if args.order == "tunnel-first":
             tunnel = start_tunnel()
         page = "%s/%s.html?signal=%s&room=%s" % (origin, args.role, signal_url, room)
+        if args.with_proxy:
+            page += "&hold=1"
         chrome = Proc(
             "chromium",
             [
@@ -186,22 +228,22 @@ def main():
                 raise RuntimeError("the page did not join the room")
             tunnel = start_tunnel()
         if args.role == "provider":
-            line = tunnel.wait_line(r"proxy listening on http://", deadline)
-            if not line or not tunnel.wait_line(r"tunnel ready", deadline):
-                raise RuntimeError("tunnel proxy never got ready")
-            proxy_url = "http://" + line.split("http://", 1)[1].split()[0]
-            try:
-                with urllib.request.urlopen(proxy_url + "/v1/models", timeout=left()) as r:
-                    status, body = r.status, r.read()
-            except urllib.error.HTTPError as e:
-                status, body = e.code, e.read()
-            out["http"] = {"status": status, "body": body.decode("utf-8", "replace")}
+            out["http"] = get_through(tunnel)
+        if args.with_proxy:
+            # Both consumers agreed with serve: release the page's GET, make the proxy's.
+            if not tunnel.wait_line(r"consumer \S+ connected \(2 of ", deadline):
+                raise RuntimeError("serve never had two consumers connected")
+            go.set()
+            out["http"] = get_through(beside[0])
         try:
             out["result"] = json.loads(results.get(timeout=left()))
         except queue.Empty:
             out["result"] = {"ok": False, "error": "no result from the page within %.0f s" % args.timeout}
         out["page_seconds"] = round(time.monotonic() - launched, 3)
         out["tunnel_ready"] = tunnel.wait_line(r"tunnel ready", time.monotonic() + 2) is not None
+        if args.with_proxy:
+            out["serve_connected"] = tunnel.matching(r"consumer \S+ connected \(")
+            out["serve_left"] = tunnel.matching(r"consumer \S+ left")
     except Exception as e:  # reported as the result, the caller asserts on it
         out["result"] = {"ok": False, "error": "driver: %s" % e}
     finally:
@@ -209,7 +251,7 @@ def main():
             p.stop()
         shutil.rmtree(profile, ignore_errors=True)
     out["seconds"] = round(time.monotonic() - start, 3)
-    if not (out["result"] or {}).get("ok"):
+    if args.with_proxy or not (out["result"] or {}).get("ok"):
         out["logs"] = {p.name: p.lines[-200:] for p in procs}
     print(json.dumps(out), flush=True)
 

@@ -1,14 +1,17 @@
 //! Interop of `tunnel` with the webrtc-rs stand-in of the original client (`orig-client`), both
 //! pairings on loopback: our `tunnel serve` + `orig-client proxy`, and `orig-client serve` + our
-//! `tunnel proxy`, through our `tunnel signal`. Each checks a plain GET and a chunked, streamed
-//! response end to end.
+//! `tunnel proxy`, through our `tunnel signal`. Each checks a plain GET, a chunked, streamed
+//! response, a large POST echoed back and a 404 end to end. And one `tunnel serve` with two
+//! consumers at once, `orig-client proxy` (version 1, joins without a role) and our
+//! `tunnel proxy`: both answer the GET and the streamed request while both are connected.
 //!
 //! Our binary: `TUNNEL_BIN`, default `../../target/debug/tunnel` relative to this crate
 //! (`make interop` builds it and sets the variable).
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
@@ -37,7 +40,7 @@ fn orig_bin() -> PathBuf {
 
 /// A child process whose stderr lines are collected; killed on drop.
 struct Proc {
-    name: &'static str,
+    name: String,
     child: Child,
     log: Arc<Log>,
 }
@@ -50,7 +53,7 @@ struct Log {
 }
 
 impl Proc {
-    fn spawn(name: &'static str, bin: &PathBuf, args: &[&str], rust_log: &str) -> Proc {
+    fn spawn(name: &str, bin: &Path, args: &[impl AsRef<OsStr>], rust_log: &str) -> Proc {
         let mut child = Command::new(bin)
             .args(args)
             .env("RUST_LOG", rust_log)
@@ -73,7 +76,11 @@ impl Proc {
             sink.state.lock().unwrap().1 = true;
             sink.grew.notify_all();
         });
-        Proc { name, child, log }
+        Proc {
+            name: name.to_owned(),
+            child,
+            log,
+        }
     }
 
     /// Waits for a stderr line containing `marker`; returns the word that follows it.
@@ -104,11 +111,11 @@ impl Proc {
                 );
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "{}: no '{marker}' within {timeout:?}:\n{lines}",
-                self.name
-            );
+            if left.is_zero() {
+                // Not while holding the lock: that would poison it for the reader thread.
+                drop(state);
+                panic!("{}: no '{marker}' within {timeout:?}:\n{lines}", self.name);
+            }
             state = self.log.grew.wait_timeout(state, left).unwrap().0;
         }
     }
@@ -265,78 +272,121 @@ fn log_filter(var: &str, default: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| default.to_owned())
 }
 
-/// Runs signal + upstream + provider + consumer (the first to join offers), then the two requests through the consumer.
-fn pairing(orig_serves: bool, provider_first: bool) {
-    let tunnel = tunnel_bin();
-    assert!(
-        tunnel.exists(),
-        "{} not found: build it (`cargo build` at the repo root) or set TUNNEL_BIN",
-        tunnel.display()
-    );
-    let orig = orig_bin();
-    let mut signal = Proc::spawn(
-        "tunnel signal",
-        &tunnel,
-        &["signal", "--listen", "127.0.0.1:0"],
-        "info",
-    );
-    let ws = format!(
-        "ws://{}",
-        signal.wait_for("listening on ws://", Duration::from_secs(10))
-    );
-    let up = upstream();
-    let room = "interop";
-    let serve_args = ["serve", "--signal", &ws, "--room", room, "--upstream", &up];
-    let proxy_args = [
-        "proxy",
-        "--signal",
-        &ws,
-        "--room",
-        room,
-        "--listen",
-        "127.0.0.1:0",
-    ];
-    let ice = ["--ice-addr", "127.0.0.1"];
-    let our_log = log_filter("INTEROP_OUR_LOG", "info,tunnel=debug,str0m=info");
-    let orig_log = log_filter("INTEROP_ORIG_LOG", "info,orig_client=debug,webrtc=info");
-    let serve_ours = [&serve_args[..], &ice[..]].concat();
-    let proxy_ours = [&proxy_args[..], &ice[..]].concat();
-    let (serve, proxy) = if orig_serves {
-        (
-            ("orig-client serve", &orig, &serve_args[..], &orig_log[..]),
-            ("tunnel proxy", &tunnel, &proxy_ours[..], &our_log[..]),
-        )
-    } else {
-        (
-            ("tunnel serve", &tunnel, &serve_ours[..], &our_log[..]),
-            ("orig-client proxy", &orig, &proxy_args[..], &orig_log[..]),
-        )
-    };
-    let (first, second) = if provider_first {
-        (serve, proxy)
-    } else {
-        (proxy, serve)
-    };
-    // The first joiner offers: start the second only once the first has joined.
-    let mut a = Proc::spawn(first.0, first.1, first.2, first.3);
-    a.wait_for("joined room", Duration::from_secs(10));
-    let b = Proc::spawn(second.0, second.1, second.2, second.3);
-    let (provider, mut consumer) = if provider_first { (a, b) } else { (b, a) };
-    let addr = consumer.wait_for("proxy listening on http://", Duration::from_secs(10));
-    // Both consumers answer 503 until AGREE, and log `tunnel ready` when it arrives.
-    consumer.wait_for("tunnel ready", Duration::from_secs(30));
-    let logs = |what: &str| {
-        format!(
-            "{what}\n--- {} ---\n{}\n--- {} ---\n{}\n--- signal ---\n{}",
-            provider.name,
-            provider.log(),
-            consumer.name,
-            consumer.log(),
-            signal.log()
-        )
-    };
+/// How to start one member of the room: a name for the logs, the program, its arguments and
+/// its RUST_LOG.
+struct Member {
+    name: String,
+    bin: PathBuf,
+    args: Vec<String>,
+    rust_log: String,
+}
 
-    let models = match get(&addr, "/v1/models") {
+impl Member {
+    fn spawn(&self) -> Proc {
+        Proc::spawn(&self.name, &self.bin, &self.args, &self.rust_log)
+    }
+
+    /// Starts it and waits until it has joined the room (the first joiner offers to those who
+    /// come after it).
+    fn join(&self) -> Proc {
+        let mut p = self.spawn();
+        p.wait_for("joined room", Duration::from_secs(10));
+        p
+    }
+}
+
+/// Our `tunnel signal` on loopback and the upstream; hands out the members of room `interop`.
+struct Room {
+    signal: Proc,
+    ws: String,
+    upstream: String,
+    tunnel: PathBuf,
+}
+
+impl Room {
+    fn start() -> Room {
+        let tunnel = tunnel_bin();
+        assert!(
+            tunnel.exists(),
+            "{} not found: build it (`cargo build` at the repo root) or set TUNNEL_BIN",
+            tunnel.display()
+        );
+        let mut signal = Proc::spawn(
+            "tunnel signal",
+            &tunnel,
+            &["signal", "--listen", "127.0.0.1:0"],
+            "info",
+        );
+        let ws = format!(
+            "ws://{}",
+            signal.wait_for("listening on ws://", Duration::from_secs(10))
+        );
+        Room {
+            signal,
+            ws,
+            upstream: upstream(),
+            tunnel,
+        }
+    }
+
+    /// A provider, ours (`tunnel serve`) or the original's.
+    fn serve(&self, orig: bool) -> Member {
+        self.member(orig, "serve", &["--upstream", &self.upstream])
+    }
+
+    /// A consumer, ours (`tunnel proxy`) or the original's, listening on an ephemeral port.
+    fn proxy(&self, orig: bool) -> Member {
+        self.member(orig, "proxy", &["--listen", "127.0.0.1:0"])
+    }
+
+    /// `orig-client <command>` or `tunnel <command>` (ICE on 127.0.0.1, as `orig-client` always
+    /// has) in room `interop`.
+    fn member(&self, orig: bool, command: &str, more: &[&str]) -> Member {
+        let mut args: Vec<String> = [command, "--signal", &self.ws, "--room", "interop"]
+            .iter()
+            .chain(more)
+            .map(|a| a.to_string())
+            .collect();
+        if orig {
+            Member {
+                name: format!("orig-client {command}"),
+                bin: orig_bin(),
+                args,
+                rust_log: log_filter("INTEROP_ORIG_LOG", "info,orig_client=debug,webrtc=info"),
+            }
+        } else {
+            args.extend(["--ice-addr".to_owned(), "127.0.0.1".to_owned()]);
+            Member {
+                name: format!("tunnel {command}"),
+                bin: self.tunnel.clone(),
+                args,
+                rust_log: log_filter("INTEROP_OUR_LOG", "info,tunnel=debug,str0m=info"),
+            }
+        }
+    }
+}
+
+/// A consumer's HTTP address, once it has agreed with the provider (both consumers answer 503
+/// until AGREE, and log `tunnel ready` when it arrives).
+fn ready(consumer: &mut Proc) -> String {
+    let addr = consumer.wait_for("proxy listening on http://", Duration::from_secs(10));
+    consumer.wait_for("tunnel ready", Duration::from_secs(30));
+    addr
+}
+
+/// `what`, then the logs of `procs`, for a failure message.
+fn with_logs(what: &str, procs: &[&Proc]) -> String {
+    let mut text = what.to_owned();
+    for p in procs {
+        text.push_str(&format!("\n--- {} ---\n{}", p.name, p.log()));
+    }
+    text
+}
+
+/// GET /v1/models through the consumer at `addr`: 200, the upstream's exact JSON and its
+/// content-type. `logs` describes a failure.
+fn check_models(addr: &str, logs: &dyn Fn(&str) -> String) {
+    let models = match get(addr, "/v1/models") {
         Ok(r) if r.status == 200 => r,
         Ok(r) => panic!(
             "{}",
@@ -362,8 +412,12 @@ fn pairing(orig_serves: bool, provider_first: bool) {
         "{}",
         logs("models content-type")
     );
+}
 
-    let stream = get(&addr, "/v1/stream")
+/// GET /v1/stream through the consumer at `addr`: 200, every chunk the upstream sent, in order,
+/// as an event stream.
+fn check_stream(addr: &str, logs: &dyn Fn(&str) -> String) {
+    let stream = get(addr, "/v1/stream")
         .unwrap_or_else(|e| panic!("{}", logs(&format!("GET /v1/stream: {e}"))));
     assert_eq!(stream.status, 200, "{}", logs("stream status"));
     assert_eq!(
@@ -380,6 +434,26 @@ fn pairing(orig_serves: bool, provider_first: bool) {
         "{}",
         logs("stream content-type")
     );
+}
+
+/// Runs signal + upstream + provider + consumer (the first to join offers), then the four
+/// requests through the consumer.
+fn pairing(orig_serves: bool, provider_first: bool) {
+    let room = Room::start();
+    let (serve, proxy) = (room.serve(orig_serves), room.proxy(!orig_serves));
+    let (first, second) = if provider_first {
+        (serve, proxy)
+    } else {
+        (proxy, serve)
+    };
+    let a = first.join();
+    let b = second.spawn();
+    let (provider, mut consumer) = if provider_first { (a, b) } else { (b, a) };
+    let addr = ready(&mut consumer);
+    let logs = |what: &str| with_logs(what, &[&provider, &consumer, &room.signal]);
+
+    check_models(&addr, &logs);
+    check_stream(&addr, &logs);
 
     // Several body frames each way (frames carry at most 65 408 body bytes).
     let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
@@ -395,6 +469,61 @@ fn pairing(orig_serves: bool, provider_first: bool) {
     let missing =
         get(&addr, "/nope").unwrap_or_else(|e| panic!("{}", logs(&format!("GET /nope: {e}"))));
     assert_eq!(missing.status, 404, "{}", logs("404 status"));
+}
+
+/// Our `tunnel serve` with two consumers at once: `orig-client proxy` (joins without a role,
+/// so our signal makes it a consumer) and our `tunnel proxy` (joins as a consumer). With
+/// `orig_first`, the original joins an empty room before serve and offers to it; otherwise serve
+/// joins first and offers to both. Once serve logs two consumers connected, each consumer makes
+/// the GET and the streamed request, the two consumers at the same time; then serve must still
+/// have both (no `consumer … left`).
+fn two_consumers(orig_first: bool) {
+    let room = Room::start();
+    let (serve, orig, ours) = (room.serve(false), room.proxy(true), room.proxy(false));
+    let (mut serve, mut orig) = if orig_first {
+        let orig = orig.join();
+        (serve.join(), orig)
+    } else {
+        let serve = serve.join();
+        (serve, orig.spawn())
+    };
+    let mut ours = ours.spawn();
+    let (orig_addr, our_addr) = (ready(&mut orig), ready(&mut ours));
+    serve.wait_for("connected (2 of", Duration::from_secs(30));
+    let logs = |what: &str| with_logs(what, &[&serve, &orig, &ours, &room.signal]);
+    // `consumer <id8> connected (N of 32); …`: two different members.
+    let serve_log = serve.log();
+    let ids: Vec<&str> = serve_log
+        .lines()
+        .filter(|l| l.contains(" connected ("))
+        .filter_map(|l| l.split("consumer ").nth(1)?.split_whitespace().next())
+        .collect();
+    assert!(
+        ids.len() == 2 && ids[0] != ids[1],
+        "{}",
+        logs(&format!("serve's consumers: {ids:?}"))
+    );
+
+    let logs = &logs;
+    thread::scope(|s| {
+        for addr in [&orig_addr, &our_addr] {
+            s.spawn(move || {
+                check_models(addr, logs);
+                check_stream(addr, logs);
+            });
+        }
+    });
+    let left: Vec<String> = serve
+        .log()
+        .lines()
+        .filter(|l| l.contains("consumer ") && l.contains(" left: "))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        left.is_empty(),
+        "{}",
+        logs(&format!("serve lost a consumer: {left:?}"))
+    );
 }
 
 #[test]
@@ -415,4 +544,14 @@ fn original_serve_offers_to_our_proxy() {
 #[test]
 fn our_proxy_offers_to_original_serve() {
     pairing(true, false);
+}
+
+#[test]
+fn our_serve_offers_to_original_and_our_proxy() {
+    two_consumers(false);
+}
+
+#[test]
+fn original_proxy_offers_to_our_serve_beside_our_proxy() {
+    two_consumers(true);
 }
