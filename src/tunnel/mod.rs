@@ -540,8 +540,10 @@ pub fn serve(opts: ServeOpts) -> Result<(), String> {
     let advertise = opts.advertise.clone().unwrap_or_else(|| "/".into());
     let mut poll = Poll::new().map_err(|e| format!("cannot create poll: {e}"))?;
     let announce = format!(
-        "serving {} in room '{room}' via {signal_url} (up to {} consumers)",
-        upstream.url, opts.max_consumers
+        "serving {} in room '{room}' via {signal_url} (up to {} consumer{})",
+        upstream.url,
+        opts.max_consumers,
+        if opts.max_consumers == 1 { "" } else { "s" }
     );
     let cfg = LinkConfig {
         signal_url,
