@@ -720,11 +720,16 @@ fn repeated_failures_for_a_name_are_slowed() {
                 .iter()
                 .any(|m| matches!(m, Message::Agree(_) | Message::Error(0, _)))
         });
-        if frames(sim, c).iter().any(|m| matches!(m, Message::Agree(_))) {
+        if frames(sim, c)
+            .iter()
+            .any(|m| matches!(m, Message::Agree(_)))
+        {
             send_frame(sim, c, peer, Message::Auth(&[0u8; 32]));
         }
         sim.run_until(Duration::from_secs(1), |s| {
-            frames(s, c).iter().any(|m| matches!(m, Message::Error(0, _)))
+            frames(s, c)
+                .iter()
+                .any(|m| matches!(m, Message::Error(0, _)))
         });
         frames(sim, c)
             .into_iter()

@@ -39,6 +39,8 @@ const WHOLE_RUN: Duration = Duration::from_secs(150);
 /// Consumers downloading at once in the fairness run, and what each downloads.
 const CONSUMERS: usize = 4;
 const SHARED_TRANSFER: u64 = 32 * 1024 * 1024;
+/// Both sides of the authenticated pairs (and so of every throughput figure) use this secret.
+const BENCH_SECRET: [&str; 2] = ["--secret", "bench-secret-bench"];
 /// Longest wait for one blocking socket operation.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// The body of `GET /small`.
@@ -64,18 +66,25 @@ pub fn run(bin: &Path) -> Result<(), String> {
     let signal_url = format!("ws://{signal}");
     let upstream_url = format!("http://{upstream}");
 
-    // Set-up: fresh pairs one after the other; the last one stays up for the rest.
+    // Set-up: fresh pairs one after the other, without and then with a secret (feature
+    // `auth`); the last one stays up for the rest, so every later figure is authenticated.
     let mut setups = Vec::with_capacity(SETUP_PAIRS);
+    let mut auth_setups = Vec::with_capacity(SETUP_PAIRS);
     let mut main_pair = None;
     let mut main_room = String::new();
-    for i in 0..SETUP_PAIRS {
+    for i in 0..2 * SETUP_PAIRS {
         check_budget(end)?;
         let room = format!("bench-{}-{i}", std::process::id());
         main_room.clone_from(&room);
+        let extra: &[&str] = if i < SETUP_PAIRS { &[] } else { &BENCH_SECRET };
         let started = Instant::now();
-        let pair = Pair::start(bin, &signal_url, &room, &upstream_url)?;
+        let pair = Pair::start(bin, &signal_url, &room, &upstream_url, extra)?;
         wait_ready(pair.proxy_addr, started + SETUP_TIMEOUT)?;
-        setups.push(started.elapsed());
+        if i < SETUP_PAIRS {
+            setups.push(started.elapsed());
+        } else {
+            auth_setups.push(started.elapsed());
+        }
         main_pair = Some(pair);
     }
     let pair = main_pair.ok_or("no serve/proxy pair started")?;
@@ -132,7 +141,7 @@ pub fn run(bin: &Path) -> Result<(), String> {
     check_budget(end)?;
     let mut extra = Vec::new();
     for _ in 1..CONSUMERS {
-        let (kid, addr) = spawn_proxy(bin, &signal_url, &main_room)?;
+        let (kid, addr) = spawn_proxy(bin, &signal_url, &main_room, &BENCH_SECRET)?;
         wait_ready(addr, Instant::now() + SETUP_TIMEOUT)?;
         extra.push((kid, addr));
     }
@@ -152,6 +161,7 @@ pub fn run(bin: &Path) -> Result<(), String> {
         rps,
         ttft,
         setups,
+        auth_setups,
         idle,
         peak,
     });
@@ -399,7 +409,13 @@ struct Pair {
 }
 
 impl Pair {
-    fn start(bin: &Path, signal: &str, room: &str, upstream: &str) -> Result<Pair, String> {
+    fn start(
+        bin: &Path,
+        signal: &str,
+        room: &str,
+        upstream: &str,
+        extra: &[&str],
+    ) -> Result<Pair, String> {
         let common = [
             "--signal",
             signal,
@@ -410,8 +426,9 @@ impl Pair {
         ];
         let mut serve_args = vec!["serve", "--upstream", upstream];
         serve_args.extend_from_slice(&common);
+        serve_args.extend_from_slice(extra);
         let serve = Kid::spawn(bin, "serve", &serve_args)?;
-        let (proxy, proxy_addr) = spawn_proxy(bin, signal, room)?;
+        let (proxy, proxy_addr) = spawn_proxy(bin, signal, room, extra)?;
         Ok(Pair {
             serve,
             proxy,
@@ -421,8 +438,13 @@ impl Pair {
 }
 
 /// A `tunnel proxy` in `room` on an ephemeral port; returns it and its address.
-fn spawn_proxy(bin: &Path, signal: &str, room: &str) -> Result<(Kid, SocketAddr), String> {
-    let args = [
+fn spawn_proxy(
+    bin: &Path,
+    signal: &str,
+    room: &str,
+    extra: &[&str],
+) -> Result<(Kid, SocketAddr), String> {
+    let mut args = vec![
         "proxy",
         "--listen",
         "127.0.0.1:0",
@@ -433,6 +455,7 @@ fn spawn_proxy(bin: &Path, signal: &str, room: &str) -> Result<(Kid, SocketAddr)
         "--ice-addr",
         "127.0.0.1",
     ];
+    args.extend_from_slice(extra);
     let mut proxy = Kid::spawn(bin, "proxy", &args)?;
     let addr = proxy.wait_addr("proxy listening on http://", Instant::now() + START_TIMEOUT)?;
     Ok((proxy, addr))
@@ -991,6 +1014,8 @@ struct Figures {
     rps: Vec<Side<f64>>,
     ttft: Side<Vec<Duration>>,
     setups: Vec<Duration>,
+    /// The same with `--secret` on both sides.
+    auth_setups: Vec<Duration>,
     /// VmRSS and RssAnon of serve and proxy.
     idle: [[u64; 2]; 2],
     peak: [u64; 2],
@@ -1077,21 +1102,26 @@ fn print_table(f: &Figures) {
         verdict(t <= d + Duration::from_millis(5)),
         "37 ms".into(),
     ]);
-    let mut setups = f.setups.clone();
-    setups.sort_unstable();
-    let (best, median) = (
-        percentile(&setups, 0).unwrap_or_default(),
-        percentile(&setups, 50).unwrap_or_default(),
-    );
-    rows.push([
-        format!("set-up to first 200, best / median of {}", setups.len()),
-        format!("{:.3} / {:.3} s", best.as_secs_f64(), median.as_secs_f64()),
-        String::new(),
-        String::new(),
-        "≤ 0.2 s".into(),
-        verdict(median <= Duration::from_millis(200)),
-        "~0.6 s".into(),
-    ]);
+    for (what, list) in [("", &f.setups), (" with --secret", &f.auth_setups)] {
+        let mut setups = list.clone();
+        setups.sort_unstable();
+        let (best, median) = (
+            percentile(&setups, 0).unwrap_or_default(),
+            percentile(&setups, 50).unwrap_or_default(),
+        );
+        rows.push([
+            format!(
+                "set-up to first 200{what}, best / median of {}",
+                setups.len()
+            ),
+            format!("{:.3} / {:.3} s", best.as_secs_f64(), median.as_secs_f64()),
+            String::new(),
+            String::new(),
+            "≤ 0.2 s".into(),
+            verdict(median <= Duration::from_millis(200)),
+            "~0.6 s".into(),
+        ]);
+    }
     for (i, name) in ["serve", "proxy"].iter().enumerate() {
         rows.push([
             format!("idle RSS of {name} after set-up"),
@@ -1125,8 +1155,8 @@ fn print_table(f: &Figures) {
         }
     }
     println!(
-        "tunnel serve + proxy on loopback (one data channel) vs. the same requests straight to \
-         the upstream"
+        "tunnel serve + proxy on loopback (one data channel, authenticated) vs. the same requests \
+         straight to the upstream"
     );
     for row in &rows {
         let line: Vec<String> = row
