@@ -131,7 +131,8 @@ pub struct ServeOpts {
     #[argh(option)]
     pub ice_addr: Vec<String>,
 
-    /// TURN server URL (env TUNNEL_TURN); accepted for compatibility, relaying is not supported
+    /// TURN server for a relayed candidate, turn:HOST:PORT[?transport=udp|tcp] (env TUNNEL_TURN);
+    /// the signal server may hand out its own
     #[argh(option)]
     pub turn: Option<String>,
 
@@ -147,6 +148,11 @@ pub struct ServeOpts {
     /// TURN password (env TUNNEL_TURN_PASS)
     #[argh(option)]
     pub turn_pass: Option<String>,
+
+    /// offer relayed (TURN) candidates only: every packet goes through the relay and the peer
+    /// never learns this machine's addresses
+    #[argh(switch)]
+    pub relay_only: bool,
 
     /// consumers (tunnel proxy, browsers) served at once (default 32); more are refused
     #[argh(option, default = "32")]
@@ -190,7 +196,8 @@ pub struct ProxyOpts {
     #[argh(option)]
     pub ice_addr: Vec<String>,
 
-    /// TURN server URL (env TUNNEL_TURN); accepted for compatibility, relaying is not supported
+    /// TURN server for a relayed candidate, turn:HOST:PORT[?transport=udp|tcp] (env TUNNEL_TURN);
+    /// the signal server may hand out its own
     #[argh(option)]
     pub turn: Option<String>,
 
@@ -206,6 +213,11 @@ pub struct ProxyOpts {
     /// TURN password (env TUNNEL_TURN_PASS)
     #[argh(option)]
     pub turn_pass: Option<String>,
+
+    /// offer relayed (TURN) candidates only: every packet goes through the relay and the peer
+    /// never learns this machine's addresses
+    #[argh(switch)]
+    pub relay_only: bool,
 
     /// secret shared with the provider (env TUNNEL_SECRET): the provider must prove it knows it
     #[argh(option)]

@@ -392,23 +392,3 @@ fn proxy_without_signal_names_the_flag() {
     assert_eq!(p.wait_exit(10), Some(1));
     p.wait_line("missing --signal", 5);
 }
-
-#[test]
-fn turn_flags_are_accepted_with_a_warning() {
-    let (_signal, saddr) = signal(&[]);
-    let mut serve = serve(
-        &format!("ws://{saddr}"),
-        "turn",
-        &api_upstream(),
-        &[
-            "--turn",
-            "turn:t.example:3478",
-            "--turn-user",
-            "u",
-            "--turn-pass",
-            "p",
-        ],
-    );
-    serve.wait_line("TURN relaying is not supported yet", 10);
-    serve.wait_line("joined room 'turn'", 10);
-}

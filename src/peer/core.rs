@@ -36,8 +36,9 @@ use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
 
 use super::candidate;
-use super::signaling::{RoomRole, SignalEvent, Signaling};
+use super::signaling::{IceServer, RoomRole, SignalEvent, Signaling};
 use super::stun_client::{self, Response, StunClient};
+use crate::turn::client::{self as turn, Inbound, Transport, TurnClient, TurnServer};
 
 /// Label of the one data channel.
 pub const LABEL: &str = "tunnel";
@@ -116,6 +117,24 @@ pub struct CoreConfig {
     pub stun_servers: Vec<SocketAddr>,
     /// Sessions held at once (a provider's consumers; 1 for a consumer).
     pub max_peers: usize,
+    /// TURN servers to allocate a relayed candidate on (`--turn`); the signal server may add
+    /// more (`iceServers` in `joined`).
+    pub turn: Vec<TurnServer>,
+    /// Offer relayed candidates only (like a browser's `iceTransportPolicy: "relay"`): the
+    /// peer never learns our addresses, and every packet goes through the TURN server.
+    pub relay_only: bool,
+}
+
+/// TURN allocations held at most (configured and handed out by the signal server).
+pub const MAX_TURN: usize = 8;
+
+/// One TURN allocation and how the core reaches its server.
+struct Turn {
+    client: TurnClient,
+    /// UDP: the local socket the allocation lives on. TCP: any local address of the family.
+    local: SocketAddr,
+    /// The relayed candidate, once allocated.
+    candidate: Option<Candidate>,
 }
 
 struct Session {
@@ -139,6 +158,11 @@ struct Session {
     deadline: Instant,
     /// Mutations since str0m's output was last drained.
     undrained: usize,
+    /// Remote candidates added, to name the path in use.
+    remote_candidates: Vec<Candidate>,
+    /// The last (source, destination) DTLS/SCTP went by, and the one last logged.
+    route: Option<(SocketAddr, SocketAddr)>,
+    logged_route: Option<(SocketAddr, SocketAddr)>,
 }
 
 /// The room membership and the WebRTC sessions of one `tunnel serve` or `tunnel proxy`.
@@ -160,6 +184,10 @@ pub struct PeerCore {
     next_id: u64,
     transmits: VecDeque<Transmit>,
     events: VecDeque<PeerEvent>,
+    turns: Vec<Turn>,
+    relay_only: bool,
+    /// Messages for TURN servers reached over TCP: (turn index, server, bytes).
+    stream_out: VecDeque<(usize, SocketAddr, Vec<u8>)>,
     /// The server refused our `join`, with its message: for the shell (taken) and for the
     /// role's answers while not joined (kept until the next `joined`).
     refusal: Option<String>,
@@ -189,9 +217,164 @@ impl PeerCore {
             refusal: None,
             refused_with: None,
             closed: false,
+            turns: Vec::new(),
+            relay_only: cfg.relay_only,
+            stream_out: VecDeque::new(),
         };
         core.send_stun(now);
+        for server in cfg.turn {
+            core.add_turn(server, now);
+        }
         core
+    }
+
+    // ---- TURN -----------------------------------------------------------------------------
+
+    /// Starts an allocation on `server` unless a live one exists for it.
+    fn add_turn(&mut self, server: TurnServer, now: Instant) {
+        let (addr, transport) = (server.addr, server.transport);
+        let same =
+            move |t: &Turn| t.client.server.addr == addr && t.client.server.transport == transport;
+        if self
+            .turns
+            .iter()
+            .any(|t| same(t) && t.client.failed().is_none())
+        {
+            return;
+        }
+        if self.turns.iter().filter(|t| !same(t)).count() >= MAX_TURN {
+            return log::debug!(
+                "TURN: {MAX_TURN} allocations already; {} skipped",
+                server.addr
+            );
+        }
+        // UDP goes out of a local socket of the server's family (loopback only to loopback);
+        // over TCP the shell's stream carries it and any local address names the candidate.
+        let udp_local = stun_client::targets(&self.locals, &[server.addr])
+            .first()
+            .map(|(_, local, _)| *local);
+        let any_local = self
+            .locals
+            .iter()
+            .find(|l| l.is_ipv4() == server.addr.is_ipv4())
+            .copied();
+        let local = match server.transport {
+            Transport::Udp => udp_local,
+            Transport::Tcp => udp_local.or(any_local),
+        };
+        let Some(local) = local else {
+            return log::debug!("TURN: no local address can reach {}", server.addr);
+        };
+        log::debug!(
+            "TURN: allocating on {} ({}) as '{}'",
+            server.addr,
+            server.transport.name(),
+            server.username
+        );
+        let turn = Turn {
+            client: TurnClient::new(server, now),
+            local,
+            candidate: None,
+        };
+        // A failed allocation on the same server is replaced in place (its index names the
+        // shell's TCP stream); otherwise it is a new one.
+        match self.turns.iter().position(same) {
+            Some(k) => self.turns[k] = turn,
+            None => self.turns.push(turn),
+        }
+        self.flush_turns();
+    }
+
+    /// The signal server's `iceServers`: its TURN entries become allocations.
+    fn on_ice_servers(&mut self, servers: Vec<IceServer>, now: Instant) {
+        for server in servers {
+            let (Some(username), Some(password)) = (server.username, server.credential) else {
+                continue;
+            };
+            for url in server.urls.iter().filter(|u| u.starts_with("turn:")) {
+                match turn::parse_url(url) {
+                    Ok((addr, transport)) => self.add_turn(
+                        TurnServer {
+                            addr,
+                            transport,
+                            username: username.clone(),
+                            password: password.clone(),
+                        },
+                        now,
+                    ),
+                    Err(e) => log::debug!("TURN: skipping {e}"),
+                }
+            }
+        }
+    }
+
+    /// Moves what the TURN clients want sent into the transmit queues.
+    fn flush_turns(&mut self) {
+        for (k, t) in self.turns.iter_mut().enumerate() {
+            while let Some(msg) = t.client.poll_transmit() {
+                match t.client.server.transport {
+                    Transport::Udp => self.transmits.push_back(Transmit {
+                        source: t.local,
+                        destination: t.client.server.addr,
+                        contents: msg,
+                    }),
+                    Transport::Tcp => self.stream_out.push_back((k, t.client.server.addr, msg)),
+                }
+            }
+        }
+    }
+
+    /// One message from TURN server `k`.
+    fn on_turn_message(&mut self, k: usize, msg: &[u8], now: Instant) {
+        let Some(t) = self.turns.get_mut(k) else {
+            return;
+        };
+        match t.client.handle(msg, now) {
+            Inbound::Data { peer, data } => {
+                if let Some(relayed) = t.client.relayed() {
+                    self.flush_turns();
+                    self.receive(relayed, peer, &data, now);
+                }
+            }
+            Inbound::Allocated { relayed, mapped } => {
+                log::info!(
+                    "TURN: relayed address {relayed} via {} ({}){}",
+                    t.client.server.addr,
+                    t.client.server.transport.name(),
+                    mapped.map(|m| format!(", seen as {m}")).unwrap_or_default()
+                );
+                match Candidate::relayed(relayed, t.local, "udp") {
+                    Ok(c) => {
+                        t.candidate = Some(c.clone());
+                        self.flush_turns();
+                        self.add_local_everywhere(c, now);
+                    }
+                    Err(e) => log::debug!("no relayed candidate for {relayed}: {e}"),
+                }
+            }
+            Inbound::Failed(why) => log::warn!("TURN: allocation failed: {why}"),
+            Inbound::Nothing => {}
+        }
+        self.flush_turns();
+    }
+
+    /// Next message for a TURN server over TCP: (turn index, server address, bytes). The shell
+    /// keeps one stream per index, connecting on first use.
+    pub fn poll_stream(&mut self) -> Option<(usize, SocketAddr, Vec<u8>)> {
+        self.stream_out.pop_front()
+    }
+
+    /// One whole message (framed by the shell) from the TCP stream of TURN index `k`.
+    pub fn handle_stream(&mut self, k: usize, msg: &[u8], now: Instant) {
+        self.on_turn_message(k, msg, now);
+    }
+
+    /// The TCP stream of TURN index `k` failed or closed: that allocation is gone.
+    pub fn stream_closed(&mut self, k: usize, why: &str) {
+        if let Some(t) = self.turns.get_mut(k) {
+            log::warn!("TURN: connection to {} lost: {why}", t.client.server.addr);
+            t.client.abandon(why);
+        }
     }
 
     // ---- signaling ----------------------------------------------------------------------
@@ -257,6 +440,13 @@ impl PeerCore {
         if self.closed {
             return;
         }
+        if let Some(k) = self.turns.iter().position(|t| {
+            t.client.server.transport == Transport::Udp
+                && t.client.server.addr == source
+                && t.local == local
+        }) {
+            return self.on_turn_message(k, data, now);
+        }
         if let Some(index) = self.locals.iter().position(|l| *l == local) {
             match self.stun.handle_datagram(index, data) {
                 Some(Response::Mapped {
@@ -268,6 +458,12 @@ impl PeerCore {
                 None => {}
             }
         }
+        self.receive(local, source, data, now);
+    }
+
+    /// Feeds one datagram that arrived at `local` (a socket, or a relayed address) from
+    /// `source` to the session that takes it.
+    fn receive(&mut self, local: SocketAddr, source: SocketAddr, data: &[u8], now: Instant) {
         let receive = match Receive::new(Protocol::Udp, source, local, data) {
             Ok(r) => r,
             Err(e) => return log::trace!("ignoring datagram from {source}: {e}"),
@@ -308,6 +504,14 @@ impl PeerCore {
             }
         }
         self.send_stun(now);
+        for t in &mut self.turns {
+            if t.client.next_deadline().is_some_and(|d| d <= now) {
+                if let Some(why) = t.client.handle_timeout(now) {
+                    log::warn!("TURN: allocation on {} failed: {why}", t.client.server.addr);
+                }
+            }
+        }
+        self.flush_turns();
         let mut i = 0;
         while i < self.sessions.len() {
             if self.sessions[i].deadline <= now {
@@ -328,8 +532,10 @@ impl PeerCore {
     pub fn next_deadline(&self) -> Option<Instant> {
         let sessions = self.sessions.iter().map(|s| s.deadline);
         let reoffers = self.reoffer.iter().map(|(_, at)| *at);
+        let turns = self.turns.iter().filter_map(|t| t.client.next_deadline());
         sessions
             .chain(reoffers)
+            .chain(turns)
             .chain(self.stun.next_deadline())
             .min()
     }
@@ -542,6 +748,7 @@ impl PeerCore {
                     self.lose(id, "peer left the room".into(), now);
                 }
             }
+            SignalEvent::IceServers(servers) => self.on_ice_servers(servers, now),
             SignalEvent::ServerError { message } => {
                 log::warn!("signaling: server error: {message}");
                 if !self.signaling.is_joined() {
@@ -574,7 +781,12 @@ impl PeerCore {
         }
         let mut rtc = config.build(now);
         let mut local_candidates = Vec::new();
-        for local in &self.locals {
+        let hosts = if self.relay_only {
+            &[][..]
+        } else {
+            &self.locals[..]
+        };
+        for local in hosts {
             match Candidate::host(*local, "udp") {
                 Ok(c) => {
                     if let Some(c) = rtc.add_local_candidate(c) {
@@ -584,7 +796,9 @@ impl PeerCore {
                 Err(e) => log::debug!("no host candidate for {local}: {e}"),
             }
         }
-        for c in &self.srflx {
+        let relayed = self.turns.iter().filter_map(|t| t.candidate.as_ref());
+        let srflx = self.srflx.iter().filter(|_| !self.relay_only);
+        for c in srflx.chain(relayed) {
             if let Some(c) = rtc.add_local_candidate(c.clone()) {
                 local_candidates.push(c.clone());
             }
@@ -605,6 +819,9 @@ impl PeerCore {
             window: DEFAULT_WINDOW,
             deadline: now,
             undrained: 0,
+            remote_candidates: Vec::new(),
+            route: None,
+            logged_route: None,
         }
     }
 
@@ -691,6 +908,7 @@ impl PeerCore {
         };
         if let Some(i) = self.session_of(from) {
             if self.sessions[i].remote_described {
+                self.sessions[i].remote_candidates.push(c.clone());
                 self.sessions[i].rtc.add_remote_candidate(c);
                 self.drive(i, now);
                 return;
@@ -720,6 +938,7 @@ impl PeerCore {
         session.remote_described = true;
         if let Some(slot) = self.early.iter().position(|(m, _)| *m == session.member) {
             for c in self.early.swap_remove(slot).1 {
+                session.remote_candidates.push(c.clone());
                 session.rtc.add_remote_candidate(c);
             }
         }
@@ -766,6 +985,14 @@ impl PeerCore {
             Err(e) => return log::debug!("no server-reflexive candidate for {mapped}: {e}"),
         };
         self.srflx.push(c.clone());
+        if !self.relay_only {
+            self.add_local_everywhere(c, now);
+        }
+    }
+
+    /// A new local candidate (server-reflexive or relayed) for every session, trickled at once
+    /// where the offer/answer is out.
+    fn add_local_everywhere(&mut self, c: Candidate, now: Instant) {
         let ids: Vec<PeerId> = self.sessions.iter().map(|s| s.id).collect();
         for id in ids {
             let Some(i) = self.sessions.iter().position(|s| s.id == id) else {
@@ -803,11 +1030,24 @@ impl PeerCore {
                     session.deadline = t;
                     break None;
                 }
-                Ok(Output::Transmit(t)) => self.transmits.push_back(Transmit {
-                    source: t.source,
-                    destination: t.destination,
-                    contents: t.contents.into(),
-                }),
+                Ok(Output::Transmit(t)) => {
+                    // DTLS records (first byte 20–63) follow the nominated pair: the path.
+                    if t.contents.first().is_some_and(|b| (20..=63).contains(b)) {
+                        session.route = Some((t.source, t.destination));
+                    }
+                    match self
+                        .turns
+                        .iter_mut()
+                        .find(|r| r.client.relayed() == Some(t.source))
+                    {
+                        Some(r) => r.client.send_to(t.destination, &t.contents, now),
+                        None => self.transmits.push_back(Transmit {
+                            source: t.source,
+                            destination: t.destination,
+                            contents: t.contents.into(),
+                        }),
+                    }
+                }
                 Ok(Output::Event(e)) => {
                     if let Some(reason) = on_rtc_event(session, e, &mut self.events) {
                         break Some(reason);
@@ -816,9 +1056,19 @@ impl PeerCore {
                 Err(e) => break Some(format!("WebRTC error: {e}")),
             }
         };
+        if session.route.is_some() && session.route != session.logged_route {
+            session.logged_route = session.route;
+            let path = describe_path(session, &self.turns);
+            log::info!(
+                "session {} with {}: path: {path}",
+                session.id,
+                short(&session.member)
+            );
+        }
+        let id = session.id;
+        self.flush_turns();
         match lost {
             Some(reason) => {
-                let id = session.id;
                 self.lose(id, reason, now);
                 false
             }
@@ -871,6 +1121,36 @@ impl PeerCore {
                 break;
             }
         }
+    }
+}
+
+/// Names the path a session's DTLS goes by: `direct (host|srflx|prflx)`, `relayed via
+/// HOST:PORT (udp|tcp)` (our TURN allocation), or the peer's relay.
+fn describe_path(session: &Session, turns: &[Turn]) -> String {
+    let Some((source, destination)) = session.route else {
+        return "unknown".into();
+    };
+    if let Some(t) = turns.iter().find(|t| t.client.relayed() == Some(source)) {
+        return format!(
+            "relayed via {} ({})",
+            t.client.server.addr,
+            t.client.server.transport.name()
+        );
+    }
+    let remote = session
+        .remote_candidates
+        .iter()
+        .find(|c| c.addr() == destination)
+        .map(|c| c.kind());
+    match remote {
+        Some(str0m::CandidateKind::Relayed) => {
+            format!("relayed by the peer's TURN server ({destination})")
+        }
+        Some(str0m::CandidateKind::ServerReflexive) => {
+            format!("direct (srflx) {source} → {destination}")
+        }
+        Some(_) => format!("direct (host) {source} → {destination}"),
+        None => format!("direct (prflx) {source} → {destination}"),
     }
 }
 

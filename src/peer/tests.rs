@@ -95,6 +95,8 @@ fn config(relay: SocketAddr) -> LinkConfig {
         max_peers: 1,
         ice_addrs: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
         stun: None,
+        turn: Vec::new(),
+        relay_only: false,
     }
 }
 
@@ -111,6 +113,7 @@ enum LinkEvent {
 struct Peer {
     link: Link,
     core: PeerCore,
+    registry: Registry,
     current: PeerId,
     pending: VecDeque<LinkEvent>,
 }
@@ -121,6 +124,7 @@ impl Peer {
         Ok(Peer {
             link,
             core,
+            registry: registry.try_clone().map_err(|e| e.to_string())?,
             current: PeerId::NONE,
             pending: VecDeque::new(),
         })
@@ -148,7 +152,7 @@ impl Peer {
             };
             self.pending.push_back(ev);
         }
-        self.link.flush(&mut self.core);
+        self.link.flush(&mut self.core, &self.registry);
     }
 
     fn poll_event(&mut self, now: Instant) -> Option<LinkEvent> {

@@ -124,6 +124,8 @@ impl Sim {
                 locals: vec![addr],
                 stun_servers: Vec::new(),
                 max_peers,
+                turn: Vec::new(),
+                relay_only: false,
             },
             self.now,
         );

@@ -23,6 +23,7 @@ use crate::cli::{flag_or_env, ProxyOpts, ServeOpts};
 use crate::frame::Message;
 use crate::peer::core::PeerCore;
 use crate::peer::{default_ice_addrs, Link, LinkConfig, PeerEvent, PeerId, RoomRole};
+use crate::turn::client::TurnServer;
 
 /// Both sides PING this often.
 pub const PING_EVERY: Duration = Duration::from_secs(10);
@@ -380,7 +381,7 @@ fn run_loop(
         drain(net, role, poll.registry(), now);
         role.on_tick(net, poll.registry(), now);
         drain(net, role, poll.registry(), now);
-        link.flush(&mut net.core);
+        link.flush(&mut net.core, poll.registry());
     }
 }
 
@@ -458,15 +459,33 @@ fn stun_addr(flag: &Option<String>) -> Result<Option<SocketAddr>, String> {
         .ok_or_else(|| format!("--stun '{spec}' resolves to no address"))
 }
 
-fn warn_turn(turn: &Option<String>, user: &Option<String>, pass: &Option<String>) {
+/// `--turn URL --turn-user U --turn-pass P` (or `TUNNEL_TURN*`): the TURN server to allocate a
+/// relayed candidate on. A URL without credentials, or credentials without a URL, is an error.
+fn turn_servers(
+    turn: &Option<String>,
+    user: &Option<String>,
+    pass: &Option<String>,
+) -> Result<Vec<TurnServer>, String> {
     let turn = flag_or_env(turn, "TUNNEL_TURN");
     let user = flag_or_env(user, "TUNNEL_TURN_USER");
     let pass = flag_or_env(pass, "TUNNEL_TURN_PASS");
-    if turn.is_some() || user.is_some() || pass.is_some() {
-        log::warn!(
-            "TURN relaying is not supported yet: --turn/--turn-user/--turn-pass are ignored; \
-             peers must reach each other directly (host or STUN candidates)"
-        );
+    match (turn, user, pass) {
+        (None, None, None) => Ok(Vec::new()),
+        (Some(url), Some(username), Some(password)) => {
+            let (addr, transport) =
+                crate::turn::client::parse_url(&url).map_err(|e| format!("invalid --turn: {e}"))?;
+            Ok(vec![TurnServer {
+                addr,
+                transport,
+                username,
+                password,
+            }])
+        }
+        _ => Err(
+            "--turn needs --turn-user and --turn-pass (or TUNNEL_TURN, TUNNEL_TURN_USER, \
+                  TUNNEL_TURN_PASS) together"
+                .into(),
+        ),
     }
 }
 
@@ -508,7 +527,7 @@ pub fn serve(opts: ServeOpts) -> Result<(), String> {
     }
     let ice = ice_addrs(&opts.ice_addr)?;
     let mut stun = stun_addr(&opts.stun)?;
-    warn_turn(&opts.turn, &opts.turn_user, &opts.turn_pass);
+    let turn = turn_servers(&opts.turn, &opts.turn_user, &opts.turn_pass)?;
     let signal_url = match flag_or_env(&opts.signal, "TUNNEL_SIGNAL") {
         Some(url) => url,
         None => {
@@ -552,6 +571,8 @@ pub fn serve(opts: ServeOpts) -> Result<(), String> {
         max_peers: opts.max_consumers,
         ice_addrs: ice,
         stun,
+        turn,
+        relay_only: opts.relay_only,
     };
     let (mut link, mut net) = start_link(&poll, cfg, features(&opts.features)?)?;
     log::info!("{announce}");
@@ -620,7 +641,7 @@ pub fn proxy(opts: ProxyOpts) -> Result<(), String> {
         .map_err(|_| format!("invalid --listen '{listen}': expected IP:PORT"))?;
     let ice = ice_addrs(&opts.ice_addr)?;
     let stun = stun_addr(&opts.stun)?;
-    warn_turn(&opts.turn, &opts.turn_user, &opts.turn_pass);
+    let turn = turn_servers(&opts.turn, &opts.turn_user, &opts.turn_pass)?;
     let mut poll = Poll::new().map_err(|e| format!("cannot create poll: {e}"))?;
     let credentials = proxy_credentials(&opts)?;
     let mut role = proxy::Proxy::bind(listen, poll.registry())?;
@@ -634,6 +655,8 @@ pub fn proxy(opts: ProxyOpts) -> Result<(), String> {
         max_peers: 1,
         ice_addrs: ice,
         stun,
+        turn,
+        relay_only: opts.relay_only,
     };
     let (mut link, mut net) = start_link(&poll, cfg, features(&opts.features)?)?;
     log::info!("proxy listening on http://{}", role.local_addr());

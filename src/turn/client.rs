@@ -381,6 +381,13 @@ impl TurnClient {
         }
     }
 
+    /// The transport to the server is gone (TCP closed): the allocation with it.
+    pub fn abandon(&mut self, why: &str) {
+        self.state = State::Failed(why.to_string());
+        self.pending.clear();
+        self.out.clear();
+    }
+
     fn fail(&mut self, why: String) -> Inbound {
         log::warn!(
             "TURN {} ({}): {why}",
