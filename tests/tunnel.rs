@@ -216,8 +216,13 @@ fn a_hundred_concurrent_requests() {
         let text = format!("you asked for {}", req.url());
         let _ = req.respond(Response::from_string(text));
     });
-    let t = Tunnel::start(&up);
-    let addr = t.addr;
+    // Above serve's default of 64 requests in flight per consumer (tests/many_consumers.rs
+    // checks that cap's 503).
+    let (_signal, saddr) = signal(&[]);
+    let url = format!("ws://{saddr}");
+    let _serve = serve(&url, "hundred", &up, &["--max-streams", "100"]);
+    let (mut p, addr) = proxy(&url, "hundred");
+    p.wait_line("tunnel ready", 20);
     let workers: Vec<_> = (0..100)
         .map(|i| {
             std::thread::spawn(move || {

@@ -55,6 +55,8 @@ const MAX_WINDOW: usize = 256 * 1024;
 const SCTP_BUFFER: usize = MAX_WINDOW + 128 * 1024;
 /// The offerer waits this long before offering again after losing a member still in the room.
 pub const REOFFER_DELAY: Duration = Duration::from_secs(1);
+/// Fresh sockets at most this often (see [`PeerCore::take_regather`]).
+const REGATHER_EVERY: Duration = Duration::from_secs(10);
 /// Remote candidates kept per member while waiting for its description.
 const MAX_EARLY_CANDIDATES: usize = 64;
 /// Mutations (received datagrams, channel writes) a session takes before its output is drained.
@@ -186,6 +188,10 @@ pub struct PeerCore {
     events: VecDeque<PeerEvent>,
     turns: Vec<Turn>,
     relay_only: bool,
+    stun_servers: Vec<SocketAddr>,
+    /// An attempt failed in ICE with nothing open: the shell should bind fresh sockets.
+    regather_due: bool,
+    last_regather: Option<Instant>,
     /// Messages for TURN servers reached over TCP: (turn index, server, bytes).
     stream_out: VecDeque<(usize, SocketAddr, Vec<u8>)>,
     /// The server refused our `join`, with its message: for the shell (taken) and for the
@@ -219,6 +225,9 @@ impl PeerCore {
             closed: false,
             turns: Vec::new(),
             relay_only: cfg.relay_only,
+            stun_servers: cfg.stun_servers.clone(),
+            regather_due: false,
+            last_regather: None,
             stream_out: VecDeque::new(),
         };
         core.send_stun(now);
@@ -226,6 +235,43 @@ impl PeerCore {
             core.add_turn(server, now);
         }
         core
+    }
+
+    /// Whether the shell should bind fresh sockets now (and call [`PeerCore::regathered`]).
+    pub fn take_regather(&mut self) -> bool {
+        std::mem::take(&mut self.regather_due)
+    }
+
+    /// The shell bound fresh sockets `locals` in place of the old ones: pending attempts end
+    /// (they are offered again), and server-reflexive and relayed candidates are gathered anew.
+    pub fn regathered(&mut self, locals: Vec<SocketAddr>, now: Instant) {
+        log::info!(
+            "re-gathering candidates on fresh sockets ({})",
+            locals
+                .iter()
+                .map(SocketAddr::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        self.last_regather = Some(now);
+        self.locals = locals;
+        let pending: Vec<PeerId> = self
+            .sessions
+            .iter()
+            .filter(|s| !s.open)
+            .map(|s| s.id)
+            .collect();
+        for id in pending {
+            self.lose(id, "re-gathering".into(), now);
+        }
+        self.regather_due = false;
+        self.srflx.clear();
+        self.stun = StunClient::new(stun_client::targets(&self.locals, &self.stun_servers), now);
+        self.send_stun(now);
+        let servers: Vec<TurnServer> = self.turns.drain(..).map(|t| t.client.server).collect();
+        for server in servers {
+            self.add_turn(server, now);
+        }
     }
 
     // ---- TURN -----------------------------------------------------------------------------
@@ -1083,6 +1129,7 @@ impl PeerCore {
             return;
         };
         let session = self.sessions.remove(i);
+        let ice_failed = !session.open && reason.starts_with("ICE");
         if session.open {
             log::debug!("session {peer} with {} lost: {reason}", session.member);
             self.events.push_back(PeerEvent::ChannelLost(peer, reason));
@@ -1093,6 +1140,16 @@ impl PeerCore {
             );
         }
         let (offerer, member) = (session.offerer, session.member.clone());
+        // An attempt that ICE could not connect, with nothing else open: the next one goes out
+        // of fresh sockets (new ports, so new NAT mappings and conntrack entries), at most
+        // once per REGATHER_EVERY.
+        let idle = self.sessions.iter().all(|s| !s.open);
+        let recent = self
+            .last_regather
+            .is_some_and(|t| now.saturating_duration_since(t) < REGATHER_EVERY);
+        if ice_failed && idle && !recent {
+            self.regather_due = true;
+        }
         self.close_session(session);
         if offerer && self.signaling.is_joined() && self.signaling.has_member(&member) {
             self.reoffer.retain(|(m, _)| *m != member);

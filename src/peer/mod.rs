@@ -382,8 +382,30 @@ impl Link {
         }
     }
 
+    /// Binds fresh UDP sockets on the same addresses, in place of the old ones (same tokens),
+    /// when the core asks for them.
+    fn regather(&mut self, core: &mut PeerCore, registry: &Registry, now: Instant) {
+        if !core.take_regather() {
+            return;
+        }
+        let mut fresh = Vec::new();
+        for (i, old) in self.sockets.iter_mut().enumerate() {
+            let token = Token(self.token_base + UDP_FIRST + i);
+            match bind_udp(old.local.ip(), registry, token) {
+                Ok(new) => {
+                    let _ = registry.deregister(&mut old.socket);
+                    *old = new;
+                }
+                Err(e) => log::warn!("re-gathering: cannot bind UDP on {}: {e}", old.local.ip()),
+            }
+            fresh.push(old.local);
+        }
+        core.regathered(fresh, now);
+    }
+
     /// Processes WebSocket events and the core's signaling output until nothing is left.
     fn pump(&mut self, core: &mut PeerCore, registry: &Registry, now: Instant) {
+        self.regather(core, registry, now);
         loop {
             let mut progressed = false;
             while let Some(ev) = self.ws_events.pop_front() {

@@ -219,6 +219,13 @@ impl Sim {
                 }
             }
         }
+        // The shell's re-gathering: a fresh "socket" on a new port.
+        if self.nodes[i].net.core.take_regather() {
+            let old = self.nodes[i].addr;
+            let fresh = SocketAddr::new(old.ip(), old.port() + 1000);
+            self.nodes[i].addr = fresh;
+            self.nodes[i].net.core.regathered(vec![fresh], now);
+        }
         let mut datagrams = Vec::new();
         while let Some(t) = self.nodes[i].net.core.poll_transmit() {
             datagrams.push(t);

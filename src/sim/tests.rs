@@ -749,3 +749,25 @@ fn repeated_failures_for_a_name_are_slowed() {
     );
     assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
+
+#[test]
+fn an_attempt_ice_cannot_connect_regathers_on_fresh_sockets_then_connects() {
+    let mut sim = Sim::new(31);
+    let p = sim.add("regather", RoomRole::Provider, 32);
+    let c = sim.add("regather", RoomRole::Consumer, 1);
+    let first = sim.nodes[c].addr;
+    let cut = LinkCond {
+        partitioned: true,
+        ..LinkCond::default()
+    };
+    sim.set_cond(p, c, cut);
+    // Signaling works, the path does not: ICE gives up and both sides take fresh sockets.
+    let ok = sim.run_until(Duration::from_secs(60), |s| s.nodes[c].addr != first);
+    assert!(ok, "the consumer re-gathers after a failed attempt");
+    assert_eq!(sim.count(c, opened), 0);
+    sim.set_cond(p, c, LinkCond::default());
+    let ok = sim.run_until(Duration::from_secs(60), |s| {
+        open_peers(s, p).len() == 1 && open_peers(s, c).len() == 1
+    });
+    assert!(ok, "the next attempt, on the fresh sockets, connects");
+}
