@@ -125,6 +125,9 @@ pub struct CoreConfig {
     /// Offer relayed candidates only (like a browser's `iceTransportPolicy: "relay"`): the
     /// peer never learns our addresses, and every packet goes through the TURN server.
     pub relay_only: bool,
+    /// Use the TURN servers the signal server hands out (off when serve hosts the signal
+    /// server, and so its relay, itself: its own addresses are as reachable as the relay's).
+    pub turn_from_signal: bool,
 }
 
 /// TURN allocations held at most (configured and handed out by the signal server).
@@ -188,6 +191,7 @@ pub struct PeerCore {
     events: VecDeque<PeerEvent>,
     turns: Vec<Turn>,
     relay_only: bool,
+    turn_from_signal: bool,
     stun_servers: Vec<SocketAddr>,
     /// An attempt failed in ICE with nothing open: the shell should bind fresh sockets.
     regather_due: bool,
@@ -225,6 +229,7 @@ impl PeerCore {
             closed: false,
             turns: Vec::new(),
             relay_only: cfg.relay_only,
+            turn_from_signal: cfg.turn_from_signal,
             stun_servers: cfg.stun_servers.clone(),
             regather_due: false,
             last_regather: None,
@@ -333,6 +338,9 @@ impl PeerCore {
 
     /// The signal server's `iceServers`: its TURN entries become allocations.
     fn on_ice_servers(&mut self, servers: Vec<IceServer>, now: Instant) {
+        if !self.turn_from_signal {
+            return log::debug!("TURN: not using the built-in signal server's relay ourselves");
+        }
         for server in servers {
             let (Some(username), Some(password)) = (server.username, server.credential) else {
                 continue;

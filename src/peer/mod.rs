@@ -61,6 +61,8 @@ pub struct LinkConfig {
     pub turn: Vec<crate::turn::client::TurnServer>,
     /// Relayed candidates only (`--relay-only`).
     pub relay_only: bool,
+    /// Use the TURN servers the signal server hands out.
+    pub turn_from_signal: bool,
 }
 
 struct UdpSock {
@@ -148,6 +150,7 @@ impl Link {
                 max_peers: cfg.max_peers,
                 turn: cfg.turn,
                 relay_only: cfg.relay_only,
+                turn_from_signal: cfg.turn_from_signal,
             },
             now,
         );

@@ -97,6 +97,7 @@ fn config(relay: SocketAddr) -> LinkConfig {
         stun: None,
         turn: Vec::new(),
         relay_only: false,
+        turn_from_signal: true,
     }
 }
 

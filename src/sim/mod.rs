@@ -126,6 +126,7 @@ impl Sim {
                 max_peers,
                 turn: Vec::new(),
                 relay_only: false,
+                turn_from_signal: true,
             },
             self.now,
         );

@@ -528,6 +528,7 @@ pub fn serve(opts: ServeOpts) -> Result<(), String> {
     let ice = ice_addrs(&opts.ice_addr)?;
     let mut stun = stun_addr(&opts.stun)?;
     let turn = turn_servers(&opts.turn, &opts.turn_user, &opts.turn_pass)?;
+    let hosted = flag_or_env(&opts.signal, "TUNNEL_SIGNAL").is_none();
     let signal_url = match flag_or_env(&opts.signal, "TUNNEL_SIGNAL") {
         Some(url) => url,
         None => {
@@ -573,6 +574,7 @@ pub fn serve(opts: ServeOpts) -> Result<(), String> {
         stun,
         turn,
         relay_only: opts.relay_only,
+        turn_from_signal: !hosted,
     };
     let (mut link, mut net) = start_link(&poll, cfg, features(&opts.features)?)?;
     log::info!("{announce}");
@@ -657,6 +659,7 @@ pub fn proxy(opts: ProxyOpts) -> Result<(), String> {
         stun,
         turn,
         relay_only: opts.relay_only,
+        turn_from_signal: true,
     };
     let (mut link, mut net) = start_link(&poll, cfg, features(&opts.features)?)?;
     log::info!("proxy listening on http://{}", role.local_addr());
