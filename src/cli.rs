@@ -136,7 +136,7 @@ pub struct ServeOpts {
     #[argh(option)]
     pub turn: Option<String>,
 
-    /// tunnel extensions to offer or accept, comma-separated (default sse,window,cancel);
+    /// tunnel extensions to offer or accept, comma-separated (default sse,window,cancel,liveness);
     /// "sse" alone behaves exactly like a version-1 peer
     #[argh(option)]
     pub features: Option<String>,
@@ -153,6 +153,11 @@ pub struct ServeOpts {
     /// never learns this machine's addresses
     #[argh(switch)]
     pub relay_only: bool,
+
+    /// seconds requests in flight wait for a lost path to come back before they end (default
+    /// 15; needs the peer's `liveness` feature)
+    #[argh(option, default = "15")]
+    pub grace: u64,
 
     /// consumers (tunnel proxy, browsers) served at once (default 32); more are refused
     #[argh(option, default = "32")]
@@ -201,7 +206,7 @@ pub struct ProxyOpts {
     #[argh(option)]
     pub turn: Option<String>,
 
-    /// tunnel extensions to offer or accept, comma-separated (default sse,window,cancel);
+    /// tunnel extensions to offer or accept, comma-separated (default sse,window,cancel,liveness);
     /// "sse" alone behaves exactly like a version-1 peer
     #[argh(option)]
     pub features: Option<String>,
@@ -218,6 +223,11 @@ pub struct ProxyOpts {
     /// never learns this machine's addresses
     #[argh(switch)]
     pub relay_only: bool,
+
+    /// seconds requests in flight wait for a lost path to come back before they end (default
+    /// 15; needs the peer's `liveness` feature)
+    #[argh(option, default = "15")]
+    pub grace: u64,
 
     /// secret shared with the provider (env TUNNEL_SECRET): the provider must prove it knows it
     #[argh(option)]

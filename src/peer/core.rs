@@ -165,6 +165,10 @@ struct Session {
     undrained: usize,
     /// Remote candidates added, to name the path in use.
     remote_candidates: Vec<Candidate>,
+    /// When a datagram of this session last arrived.
+    last_rx: Instant,
+    /// Kept through ICE disconnection (the driver decides when it is lost: feature liveness).
+    held: bool,
     /// The last (source, destination) DTLS/SCTP went by, and the one last logged.
     route: Option<(SocketAddr, SocketAddr)>,
     logged_route: Option<(SocketAddr, SocketAddr)>,
@@ -531,6 +535,7 @@ impl PeerCore {
             let id = session.id;
             return self.lose(id, format!("WebRTC error: {e}"), now);
         }
+        session.last_rx = now;
         session.undrained += 1;
         if session.undrained >= INPUT_BATCH {
             self.drive(i, now);
@@ -654,6 +659,22 @@ impl PeerCore {
         self.sessions.iter().any(|s| s.id == peer && s.open)
     }
 
+    /// How long nothing has arrived on `peer`'s session.
+    pub fn silence(&self, peer: PeerId, now: Instant) -> Option<Duration> {
+        self.sessions
+            .iter()
+            .find(|s| s.id == peer)
+            .map(|s| now.saturating_duration_since(s.last_rx))
+    }
+
+    /// Keeps `peer`'s session through ICE disconnection: the driver watches the path itself
+    /// and ends the session with [`PeerCore::disconnect`] when it gives up.
+    pub fn hold(&mut self, peer: PeerId) {
+        if let Some(s) = self.sessions.iter_mut().find(|s| s.id == peer) {
+            s.held = true;
+        }
+    }
+
     /// Sessions whose channel is open.
     pub fn open_count(&self) -> usize {
         self.sessions.iter().filter(|s| s.open).count()
@@ -726,6 +747,12 @@ impl PeerCore {
             self.lose(peer, reason.to_string(), now);
             self.reoffer.retain(|(m, _)| *m != member);
         }
+    }
+
+    /// Ends one session that the driver gave up on (its path stayed down): like a failure the
+    /// core noticed itself, so the member, still in the room, is offered to again.
+    pub fn drop_session(&mut self, peer: PeerId, reason: &str, now: Instant) {
+        self.lose(peer, reason.to_string(), now);
     }
 
     /// Leaves: closes every session, queues `bye`. The core is inert afterwards; the shell
@@ -874,6 +901,8 @@ impl PeerCore {
             deadline: now,
             undrained: 0,
             remote_candidates: Vec::new(),
+            last_rx: now,
+            held: false,
             route: None,
             logged_route: None,
         }
@@ -1228,7 +1257,11 @@ fn on_rtc_event(
         Event::IceConnectionStateChange(state) => {
             log::debug!("session {}: ICE state {state:?}", session.id);
             if state == IceConnectionState::Disconnected {
-                return Some("ICE disconnected".to_string());
+                if session.held {
+                    log::debug!("session {}: ICE disconnected; held", session.id);
+                } else {
+                    return Some("ICE disconnected".to_string());
+                }
             }
         }
         Event::Connected => log::debug!("session {}: WebRTC connected", session.id),

@@ -272,7 +272,13 @@ impl Sim {
         let cores = self
             .nodes
             .iter()
-            .flat_map(|n| [n.net.core.next_deadline(), n.net.next_ping()])
+            .flat_map(|n| {
+                [
+                    n.net.core.next_deadline(),
+                    n.net.next_ping(),
+                    n.net.next_path_check(self.now),
+                ]
+            })
             .flatten();
         let roles = self
             .nodes
@@ -330,6 +336,13 @@ impl Sim {
                 self.nodes[i].net.core.handle_timeout(now);
             }
             self.nodes[i].net.ping_due(now);
+            let changes = self.nodes[i].net.check_paths(now);
+            let node = &mut self.nodes[i];
+            if let Some(role) = node.role.as_mut() {
+                for change in &changes {
+                    role.on_path(&mut node.net, change, now);
+                }
+            }
             self.poll_role(i);
             self.flush(i);
         }

@@ -771,3 +771,164 @@ fn an_attempt_ice_cannot_connect_regathers_on_fresh_sockets_then_connects() {
     });
     assert!(ok, "the next attempt, on the fresh sockets, connects");
 }
+
+// ---- path outages (feature liveness) ------------------------------------------------------
+
+/// The real `Serve` (upstream on loopback) and `Proxy` (listener on loopback) in one room.
+fn serve_and_proxy(sim: &mut Sim, upstream: SocketAddr) -> (usize, usize, SocketAddr) {
+    let p = sim.add("outage", RoomRole::Provider, 32);
+    let c = sim.add("outage", RoomRole::Consumer, 1);
+    let serve = Serve::new(
+        Upstream::parse(&format!("http://{upstream}")).expect("upstream"),
+        "/",
+        Limits {
+            consumers: 32,
+            streams: 64,
+        },
+    );
+    sim.set_role(p, Box::new(serve), Poll::new().expect("poll"));
+    let poll = Poll::new().expect("poll");
+    let proxy = Proxy::bind("127.0.0.1:0".parse().unwrap(), poll.registry()).expect("bind");
+    let addr = proxy.local_addr();
+    sim.set_role(c, Box::new(proxy), poll);
+    (p, c, addr)
+}
+
+/// The proxy's channel to its provider has agreed (any open channel on node `c` is ready).
+fn proxy_ready(sim: &mut Sim, c: usize) -> bool {
+    let peers: Vec<PeerId> = sim.nodes[c].net.open_peers();
+    peers.into_iter().any(|p| sim.nodes[c].net.chan(p).ready())
+}
+
+fn path_lost(sim: &mut Sim, i: usize) -> bool {
+    let peers: Vec<PeerId> = sim.nodes[i].net.open_peers();
+    peers
+        .into_iter()
+        .any(|p| sim.nodes[i].net.chan(p).path_lost())
+}
+
+/// A download of `size` bytes through the proxy on its own thread: (status, body length,
+/// whether the body was exactly the upstream's).
+fn download(addr: SocketAddr, size: usize) -> mpsc::Receiver<(u16, usize, bool)> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut got = Vec::new();
+        if let Ok(mut s) = TcpStream::connect(addr) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
+            let _ =
+                s.write_all(b"GET /big HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+            let _ = s.read_to_end(&mut got);
+        }
+        let head_end = got
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map_or(0, |i| i + 4);
+        let status = String::from_utf8_lossy(got.get(9..12).unwrap_or_default())
+            .parse()
+            .unwrap_or(0);
+        let body = &got[head_end..];
+        let intact = body.len() == size && body.iter().all(|&b| b == b'x');
+        let _ = tx.send((status, body.len(), intact));
+    });
+    rx
+}
+
+#[test]
+fn a_3_s_cut_mid_download_is_noticed_within_5_s_and_the_download_completes_intact() {
+    let mut sim = Sim::new(37);
+    let size = 2 << 20;
+    let (up, _) = big_upstream(size);
+    let (p, c, addr) = serve_and_proxy(&mut sim, up);
+    assert!(
+        sim.run_until(Duration::from_secs(10), |s| proxy_ready(s, c)),
+        "ready"
+    );
+    let result = download(addr, size);
+    // Cut the path once the download runs.
+    let ok = sim.run_until(Duration::from_secs(5), |s| {
+        s.nodes[c].events.is_empty() && s.delivered > 400
+    });
+    assert!(ok, "the download runs");
+    let cut = LinkCond {
+        partitioned: true,
+        ..LinkCond::default()
+    };
+    sim.set_cond(p, c, cut);
+    let t0 = sim.now;
+    let ok = sim.run_until(Duration::from_secs(6), |s| path_lost(s, c));
+    assert!(ok, "the consumer declares the path lost");
+    let noticed = sim.now - t0;
+    assert!(
+        noticed <= Duration::from_secs(5),
+        "noticed after {noticed:?}"
+    );
+    // New requests meanwhile: 503 with Retry-After.
+    let meanwhile = client_get(addr);
+    let mut answer = None;
+    sim.run_until(Duration::from_secs(2), |_| {
+        answer = meanwhile.try_recv().ok();
+        answer.is_some()
+    });
+    let answer = answer.expect("an answer during the outage");
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("Retry-After"), "{answer}");
+    // The path returns after 3 s: the same download carries on and completes intact.
+    sim.run_until(t0 + Duration::from_secs(3) - sim.now, |_| false);
+    sim.set_cond(p, c, LinkCond::default());
+    let mut done = None;
+    let ok = sim.run_until(Duration::from_secs(60), |_| {
+        done = result.try_recv().ok();
+        done.is_some()
+    });
+    assert!(ok, "the download finishes");
+    assert_eq!(done, Some((200, size, true)), "intact after the cut");
+    assert!(!path_lost(&mut sim, c), "path back");
+    assert_eq!(sim.count(c, lost), 0);
+}
+
+#[test]
+fn a_30_s_cut_ends_in_flight_requests_after_the_grace_and_the_tunnel_comes_back() {
+    let mut sim = Sim::new(41);
+    // An upstream that streams forever.
+    let (up, _) = big_upstream(usize::MAX);
+    let (p, c, addr) = serve_and_proxy(&mut sim, up);
+    assert!(
+        sim.run_until(Duration::from_secs(10), |s| proxy_ready(s, c)),
+        "ready"
+    );
+    let result = download(addr, 0);
+    assert!(
+        sim.run_until(Duration::from_secs(5), |s| s.delivered > 400),
+        "flowing"
+    );
+    let cut = LinkCond {
+        partitioned: true,
+        ..LinkCond::default()
+    };
+    sim.set_cond(p, c, cut);
+    let t0 = sim.now;
+    let mut ended = None;
+    let ok = sim.run_until(Duration::from_secs(30), |_| {
+        ended = result.try_recv().ok();
+        ended.is_some()
+    });
+    assert!(ok, "the request in flight ends");
+    let after = sim.now - t0;
+    assert!(
+        after >= crate::tunnel::GRACE && after <= crate::tunnel::GRACE + Duration::from_secs(5),
+        "ended after {after:?}"
+    );
+    let (status, _, intact) = ended.expect("ended");
+    assert!(status == 200 && !intact, "a cut-short body");
+    // Restore at 30 s: a new session within 5 s.
+    sim.run_until(t0 + Duration::from_secs(30) - sim.now, |_| false);
+    sim.set_cond(p, c, LinkCond::default());
+    let back = sim.now;
+    let ok = sim.run_until(Duration::from_secs(30), |s| {
+        proxy_ready(s, c) && !path_lost(s, c)
+    });
+    assert!(ok, "the tunnel comes back");
+    let took = sim.now - back;
+    println!("tunnel back {took:?} after the path was restored");
+    assert!(took <= Duration::from_secs(5), "back after {took:?}");
+}

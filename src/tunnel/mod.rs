@@ -28,8 +28,15 @@ use crate::turn::client::TurnServer;
 /// Both sides PING this often.
 pub const PING_EVERY: Duration = Duration::from_secs(10);
 /// Features this implementation negotiates in HELLO/AGREE: `sse` (streamed responses, as v1),
-/// `window` (per-stream flow-control credit, WINDOW frames) and `cancel` (CANCEL frames).
-pub const FEATURES: &[&str] = &["sse", "window", "cancel"];
+/// `window` (per-stream flow-control credit, WINDOW frames), `cancel` (CANCEL frames) and
+/// `liveness` (PINGs every second, a lost path detected within 5 s, streams held for the grace
+/// period while it is down).
+pub const FEATURES: &[&str] = &["sse", "window", "cancel", "liveness"];
+/// With `liveness`: PINGs this often, and the path is lost after this long without a datagram.
+const LIVE_PING: Duration = Duration::from_secs(1);
+pub const PATH_TIMEOUT: Duration = Duration::from_secs(4);
+/// Default of `--grace`: how long streams wait for a lost path to come back.
+pub const GRACE: Duration = Duration::from_secs(15);
 
 /// The features to offer, from `--features` (a subset of [`FEATURES`]).
 fn features(flag: &Option<String>) -> Result<Vec<String>, String> {
@@ -91,6 +98,10 @@ struct ChanState {
     /// Shortest PING round trip, and how many were measured.
     min_rtt: Option<Duration>,
     rtt_samples: u32,
+    /// Feature `liveness` agreed: fast PINGs and path watching.
+    liveness: bool,
+    /// The path is down since then (liveness).
+    lost_since: Option<Instant>,
 }
 
 /// Every data channel of the process, over the peer core: what the roles send through.
@@ -100,6 +111,15 @@ pub struct Net {
     /// The extensions this side offers (HELLO) or accepts (AGREE).
     pub offered: Vec<String>,
     encode_buf: Vec<u8>,
+    /// `--grace`: how long a lost path may take to come back before its streams end.
+    pub grace: Duration,
+}
+
+/// A change of a channel's path (feature `liveness`), for the role.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PathChange {
+    Lost(PeerId),
+    Back(PeerId),
 }
 
 /// One peer's channel, as a role sees it while handling that peer's work.
@@ -115,7 +135,74 @@ impl Net {
             chans: HashMap::new(),
             offered,
             encode_buf: Vec::new(),
+            grace: GRACE,
         }
+    }
+
+    /// With `liveness`: declares paths lost after [`PATH_TIMEOUT`] of silence and back when
+    /// datagrams flow again; ends sessions whose path stayed lost for the grace period.
+    pub(crate) fn check_paths(&mut self, now: Instant) -> Vec<PathChange> {
+        let mut changes = Vec::new();
+        let watched: Vec<PeerId> = self
+            .chans
+            .iter()
+            .filter(|(_, c)| c.liveness)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in watched {
+            let Some(silence) = self.core.silence(peer, now) else {
+                continue;
+            };
+            let Some(st) = self.chans.get_mut(&peer) else {
+                continue;
+            };
+            match st.lost_since {
+                None if silence >= PATH_TIMEOUT => {
+                    st.lost_since = Some(now - silence);
+                    log::warn!(
+                        "{peer}: path lost: nothing heard for {:.1} s; requests in flight wait up \
+                         to {} s (--grace)",
+                        silence.as_secs_f64(),
+                        self.grace.as_secs()
+                    );
+                    changes.push(PathChange::Lost(peer));
+                }
+                Some(since) if silence < PATH_TIMEOUT => {
+                    st.lost_since = None;
+                    log::info!(
+                        "{peer}: path back after {:.1} s",
+                        now.saturating_duration_since(since).as_secs_f64()
+                    );
+                    changes.push(PathChange::Back(peer));
+                }
+                Some(since) if now.saturating_duration_since(since) >= self.grace => {
+                    let why = format!("path lost for {} s (--grace)", self.grace.as_secs());
+                    self.core.drop_session(peer, &why, now);
+                }
+                _ => {}
+            }
+        }
+        changes
+    }
+
+    /// When [`Net::check_paths`] has something to decide next.
+    pub(crate) fn next_path_check(&self, now: Instant) -> Option<Instant> {
+        self.chans
+            .iter()
+            .filter(|(_, c)| c.liveness)
+            .filter_map(|(p, c)| match c.lost_since {
+                Some(since) => Some(since + self.grace),
+                None => {
+                    let silence = self.core.silence(*p, now)?;
+                    Some(now + PATH_TIMEOUT.saturating_sub(silence))
+                }
+            })
+            .min()
+    }
+
+    /// The peers whose channels are open.
+    pub fn open_peers(&self) -> Vec<PeerId> {
+        self.chans.keys().copied().collect()
     }
 
     /// `peer`'s channel (one that is not open drops what is sent and reads as not ready).
@@ -139,7 +226,7 @@ impl Net {
         for peer in due {
             let mut ch = self.chan(peer);
             if let Some(st) = ch.net.chans.get_mut(&peer) {
-                st.next_ping = Some(now + PING_EVERY);
+                st.next_ping = Some(now + if st.liveness { LIVE_PING } else { PING_EVERY });
                 st.ping_sent = Some(now);
             }
             ch.send(&Message::Ping);
@@ -179,6 +266,16 @@ impl Chan<'_> {
     /// Feature `cancel` agreed.
     pub fn cancel(&self) -> bool {
         self.state().is_some_and(|c| c.cancel)
+    }
+
+    /// Feature `liveness` agreed.
+    pub fn liveness(&self) -> bool {
+        self.state().is_some_and(|c| c.liveness)
+    }
+
+    /// With `liveness`: the path is down (requests in flight are held).
+    pub fn path_lost(&self) -> bool {
+        self.state().is_some_and(|c| c.lost_since.is_some())
     }
 
     /// The extensions this side offers or accepts.
@@ -239,6 +336,10 @@ impl Chan<'_> {
             st.next_ping = Some(now);
             st.window = features.iter().any(|f| f == "window");
             st.cancel = features.iter().any(|f| f == "cancel");
+            st.liveness = features.iter().any(|f| f == "liveness");
+        }
+        if self.liveness() {
+            self.net.core.hold(self.peer);
         }
     }
 
@@ -320,6 +421,8 @@ pub trait Role {
     fn on_tick(&mut self, net: &mut Net, registry: &Registry, now: Instant);
     /// SIGHUP: re-read what can be re-read (serve's secret file).
     fn on_reload(&mut self, net: &mut Net, now: Instant);
+    /// With `liveness`: a channel's path was lost or came back.
+    fn on_path(&mut self, _net: &mut Net, _change: &PathChange, _now: Instant) {}
     fn next_deadline(&self) -> Option<Instant>;
 }
 
@@ -339,6 +442,7 @@ fn run_loop(
         let deadline = [
             link.next_deadline(&net.core),
             net.next_ping(),
+            net.next_path_check(now),
             role.next_deadline(),
         ]
         .into_iter()
@@ -378,6 +482,9 @@ fn run_loop(
             link.handle_timeout(&mut net.core, poll.registry(), now);
         }
         net.ping_due(now);
+        for change in net.check_paths(now) {
+            role.on_path(net, &change, now);
+        }
         drain(net, role, poll.registry(), now);
         role.on_tick(net, poll.registry(), now);
         drain(net, role, poll.registry(), now);
@@ -494,9 +601,19 @@ fn required(flag: &Option<String>, var: &str, name: &str, what: &str) -> Result<
 }
 
 /// Binds the link's sockets and makes the peer core; returns the shell and the channels.
-fn start_link(poll: &Poll, cfg: LinkConfig, offered: Vec<String>) -> Result<(Link, Net), String> {
+fn start_link(
+    poll: &Poll,
+    cfg: LinkConfig,
+    offered: Vec<String>,
+    grace: u64,
+) -> Result<(Link, Net), String> {
+    if grace == 0 {
+        return Err("--grace must be at least 1 (seconds)".into());
+    }
     let (link, core) = Link::new(cfg, poll.registry(), LINK_BASE, Instant::now())?;
-    Ok((link, Net::new(core, offered)))
+    let mut net = Net::new(core, offered);
+    net.grace = Duration::from_secs(grace);
+    Ok((link, net))
 }
 
 /// `tunnel serve`: the provider.
@@ -576,7 +693,7 @@ pub fn serve(opts: ServeOpts) -> Result<(), String> {
         relay_only: opts.relay_only,
         turn_from_signal: !hosted,
     };
-    let (mut link, mut net) = start_link(&poll, cfg, features(&opts.features)?)?;
+    let (mut link, mut net) = start_link(&poll, cfg, features(&opts.features)?, opts.grace)?;
     log::info!("{announce}");
     let limits = serve::Limits {
         consumers: opts.max_consumers,
@@ -661,7 +778,7 @@ pub fn proxy(opts: ProxyOpts) -> Result<(), String> {
         relay_only: opts.relay_only,
         turn_from_signal: true,
     };
-    let (mut link, mut net) = start_link(&poll, cfg, features(&opts.features)?)?;
+    let (mut link, mut net) = start_link(&poll, cfg, features(&opts.features)?, opts.grace)?;
     log::info!("proxy listening on http://{}", role.local_addr());
     run_loop(&mut poll, &mut link, &mut net, &mut role)
 }

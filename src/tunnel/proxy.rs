@@ -321,6 +321,22 @@ impl Proxy {
                 c.closing = close;
                 continue;
             }
+            if ch.ready() && ch.path_lost() {
+                log::debug!("{} {} → 503 (path lost)", req.method, req.target);
+                let close = !matches!(framing, BodyFraming::None) || !c.keep_alive;
+                let mut headers = vec![("Retry-After", "2")];
+                if close {
+                    headers.push(("Connection", "close"));
+                }
+                c.out.extend_from_slice(&http1::simple_response(
+                    503,
+                    "text/plain",
+                    b"tunnel path lost; reconnecting (requests in flight are held)",
+                    &headers,
+                ));
+                c.closing = close;
+                continue;
+            }
             if !ch.ready() {
                 log::debug!("{} {} → 503 (tunnel not ready)", req.method, req.target);
                 // A body is not read: the connection ends after the answer.
