@@ -134,7 +134,8 @@ pub struct ServeOpts {
     #[argh(option)]
     pub turn: Option<String>,
 
-    /// tunnel extensions to offer or accept, comma-separated (default sse,window,cancel);
+    /// tunnel extensions to offer or accept, comma-separated (default
+    /// sse,window,cancel,headers);
     /// "sse" alone behaves exactly like a version-1 peer
     #[argh(option)]
     pub features: Option<String>,
@@ -185,7 +186,8 @@ pub struct ProxyOpts {
     #[argh(option)]
     pub turn: Option<String>,
 
-    /// tunnel extensions to offer or accept, comma-separated (default sse,window,cancel);
+    /// tunnel extensions to offer or accept, comma-separated (default
+    /// sse,window,cancel,headers);
     /// "sse" alone behaves exactly like a version-1 peer
     #[argh(option)]
     pub features: Option<String>,

@@ -18,15 +18,16 @@ use mio::event::Event;
 use mio::{Events, Poll, Registry, Token};
 
 use crate::cli::{flag_or_env, ProxyOpts, ServeOpts};
-use crate::frame::Message;
+use crate::frame::{HeaderForm, Message};
 use crate::peer::core::PeerCore;
 use crate::peer::{default_ice_addrs, Link, LinkConfig, PeerEvent, PeerId, RoomRole};
 
 /// Both sides PING this often.
 pub const PING_EVERY: Duration = Duration::from_secs(10);
 /// Features this implementation negotiates in HELLO/AGREE: `sse` (streamed responses, as v1),
-/// `window` (per-stream flow-control credit, WINDOW frames) and `cancel` (CANCEL frames).
-pub const FEATURES: &[&str] = &["sse", "window", "cancel"];
+/// `window` (per-stream flow-control credit, WINDOW frames), `cancel` (CANCEL frames) and
+/// `headers` (header fields as an ordered list of pairs, [`HeaderForm::List`]).
+pub const FEATURES: &[&str] = &["sse", "window", "cancel", "headers"];
 
 /// The features to offer, from `--features` (a subset of [`FEATURES`]).
 fn features(flag: &Option<String>) -> Result<Vec<String>, String> {
@@ -82,6 +83,8 @@ struct ChanState {
     /// Negotiated extensions.
     window: bool,
     cancel: bool,
+    /// How this channel's header fields travel (`headers` agreed: a list of pairs).
+    form: HeaderForm,
     next_ping: Option<Instant>,
     /// When the PING now awaiting its PONG was sent.
     ping_sent: Option<Instant>,
@@ -178,6 +181,11 @@ impl Chan<'_> {
         self.state().is_some_and(|c| c.cancel)
     }
 
+    /// How this channel's REQ_HEADERS / RES_HEADERS carry header fields (feature `headers`).
+    pub fn header_form(&self) -> HeaderForm {
+        self.state().map_or(HeaderForm::Map, |c| c.form)
+    }
+
     /// The extensions this side offers or accepts.
     pub fn offered(&self) -> &[String] {
         &self.net.offered
@@ -205,7 +213,7 @@ impl Chan<'_> {
             return;
         };
         net.encode_buf.clear();
-        msg.encode(&mut net.encode_buf);
+        msg.encode_as(&mut net.encode_buf, st.form);
         if st.queue.is_empty() && net.core.send(peer, &net.encode_buf) {
             return;
         }
@@ -236,6 +244,11 @@ impl Chan<'_> {
             st.next_ping = Some(now);
             st.window = features.iter().any(|f| f == "window");
             st.cancel = features.iter().any(|f| f == "cancel");
+            st.form = if features.iter().any(|f| f == "headers") {
+                HeaderForm::List
+            } else {
+                HeaderForm::Map
+            };
         }
     }
 
@@ -386,14 +399,16 @@ pub fn drain(net: &mut Net, role: &mut dyn Role, registry: &Registry, now: Insta
                 net.opened(peer, now);
                 role.on_open(net, peer, now);
             }
-            PeerEvent::Data(peer, bytes) => match Message::decode(&bytes) {
-                Ok(msg) => {
-                    if let Some(msg) = net.chan(peer).keepalive(msg, now) {
-                        role.on_message(net, registry, peer, msg, now);
+            PeerEvent::Data(peer, bytes) => {
+                match Message::decode_as(&bytes, net.chan(peer).header_form()) {
+                    Ok(msg) => {
+                        if let Some(msg) = net.chan(peer).keepalive(msg, now) {
+                            role.on_message(net, registry, peer, msg, now);
+                        }
                     }
+                    Err(e) => log::warn!("bad frame from peer {peer} ignored: {e}"),
                 }
-                Err(e) => log::warn!("bad frame from peer {peer} ignored: {e}"),
-            },
+            }
             PeerEvent::Writable(peer) => {
                 let mut ch = net.chan(peer);
                 ch.flush();
