@@ -155,6 +155,17 @@ pub struct ServeOpts {
     /// requests in flight per consumer (default 64); beyond it a request gets 503
     #[argh(option, default = "64")]
     pub max_streams: usize,
+
+    /// what consumers may call, "METHOD /prefix" (repeatable; METHOD * for any), e.g.
+    /// --allow "GET /v1/models" --allow "POST /v1/chat/completions"; anything else gets 403.
+    /// Default: everything inside the upstream's base path
+    #[argh(option)]
+    pub allow: Vec<String>,
+
+    /// seconds a request may go without a frame from its consumer and without upstream
+    /// progress before it is ended: 504, or an error mid-body (default 300)
+    #[argh(option, default = "300")]
+    pub stream_idle: u64,
 }
 
 /// Listen locally and carry every HTTP request through the tunnel to the provider: the consumer.

@@ -1,6 +1,7 @@
 //! Tests on the simulated network: the room core, a provider and several consumers on virtual
-//! time, then the tunnel roles' slow paths (the 60 s 504, window credit, cancel) with real
-//! loopback sockets for their clients and upstreams.
+//! time, then the tunnel roles' slow paths (the 60 s 504, window credit, cancel, the 300 s
+//! `--stream-idle`) and serve's defences against a misbehaving consumer (header caps, body
+//! beyond the `window` credit), with real loopback sockets for their clients and upstreams.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -8,7 +9,8 @@ use std::sync::mpsc;
 use std::thread;
 
 use super::*;
-use crate::frame::{Agree, Hello, Message, ReqHeaders};
+use crate::frame::{Agree, HeaderForm, Hello, Message, ReqHeaders};
+use crate::tunnel::policy::DEFAULT_STREAM_IDLE;
 use crate::tunnel::proxy::Proxy;
 use crate::tunnel::serve::{Limits, Serve, Upstream};
 use crate::tunnel::{WINDOW, WINDOW_ACK};
@@ -240,7 +242,10 @@ fn frames(sim: &Sim, i: usize) -> Vec<Message<'static>> {
         .events
         .iter()
         .filter_map(|e| match e {
-            PeerEvent::Data(_, d) => Message::decode(d).ok().map(without_payload),
+            // The list form reads either form of headers.
+            PeerEvent::Data(_, d) => Message::decode_as(d, HeaderForm::List)
+                .ok()
+                .map(without_payload),
             _ => None,
         })
         .collect()
@@ -363,6 +368,7 @@ fn serve_and_script(sim: &mut Sim, upstream: SocketAddr, features: &[&str]) -> (
         Limits {
             consumers: 32,
             streams: 64,
+            stream_idle: DEFAULT_STREAM_IDLE,
         },
     );
     sim.set_role(p, Box::new(serve), Poll::new().expect("poll"));
@@ -503,4 +509,308 @@ fn cancel_closes_the_upstream_connection() {
     assert!(!frames(&sim, c)
         .iter()
         .any(|m| matches!(m, Message::ResEnd(1))));
+}
+
+// ---- the provider's policy and the peers' caps, with the real roles -----------------------
+
+/// The body payloads node `i` received for stream `sid`, concatenated.
+fn body_of(sim: &Sim, i: usize, sid: u32) -> Vec<u8> {
+    let mut body = Vec::new();
+    for e in &sim.nodes[i].events {
+        if let PeerEvent::Data(_, d) = e {
+            if let Ok(Message::ResBody(s, data)) = Message::decode(d) {
+                if s == sid {
+                    body.extend_from_slice(data);
+                }
+            }
+        }
+    }
+    body
+}
+
+fn status_of(sim: &Sim, i: usize, sid: u32) -> Option<u16> {
+    frames(sim, i).iter().find_map(|m| match m {
+        Message::ResHeaders(h) if h.stream_id == sid => Some(h.status),
+        _ => None,
+    })
+}
+
+fn error_of(sim: &Sim, i: usize, sid: u32) -> Option<String> {
+    frames(sim, i).iter().find_map(|m| match m {
+        Message::Error(s, text) if *s == sid => Some(text.clone()),
+        _ => None,
+    })
+}
+
+/// What a scripted upstream saw.
+#[derive(Debug, PartialEq)]
+enum Seen {
+    /// The request head (its first line).
+    Request(String),
+    /// Its connection was closed by serve.
+    Closed,
+}
+
+/// An upstream on loopback that answers every connection's request with `answer` and then
+/// keeps the connection open without reading, until serve closes it; reports what it saw.
+fn scripted_upstream(answer: &'static [u8]) -> (SocketAddr, mpsc::Receiver<Seen>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut s) = conn else {
+                return;
+            };
+            let tx = tx.clone();
+            thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let line = String::from_utf8_lossy(&head);
+                let line = line.lines().next().unwrap_or_default().to_string();
+                let _ = tx.send(Seen::Request(line));
+                let _ = s.write_all(answer);
+                // Wait for serve to hang up, reading nothing more (a request body stays unread).
+                if hung_up(&s, Duration::from_secs(60)) {
+                    let _ = tx.send(Seen::Closed);
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// Whether the other end of `s` closes (or resets) it within `limit`, without reading from it.
+fn hung_up(s: &TcpStream, limit: Duration) -> bool {
+    use std::os::fd::AsRawFd;
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        let mut fds = libc::pollfd {
+            fd: s.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut fds, 1, 5) };
+        if n > 0 && fds.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+            return true;
+        }
+    }
+    false
+}
+
+/// Waits (on the simulation's clock, up to `limit`) for what the upstream reports.
+fn upstream_sees(sim: &mut Sim, rx: &mpsc::Receiver<Seen>, limit: Duration) -> Option<Seen> {
+    let mut seen = None;
+    sim.run_until(limit, |_| {
+        seen = rx.try_recv().ok();
+        seen.is_some()
+    });
+    seen
+}
+
+#[test]
+fn an_idle_stream_ends_after_stream_idle_in_virtual_time() {
+    let wall = Instant::now();
+    let mut sim = Sim::new(23);
+    // Stream 1: the upstream never answers. Stream 3: it sends a head and part of the body.
+    let (silent, silent_seen) = scripted_upstream(b"");
+    let (c, peer) = serve_and_script(&mut sim, silent, &["sse", "window", "cancel"]);
+    get(&mut sim, c, peer, 1, "/think");
+    let seen = upstream_sees(&mut sim, &silent_seen, Duration::from_secs(5));
+    assert_eq!(seen, Some(Seen::Request("GET /think HTTP/1.1".into())));
+    sim.advance(DEFAULT_STREAM_IDLE - Duration::from_secs(2));
+    assert_eq!(status_of(&sim, c, 1), None, "nothing before --stream-idle");
+    assert_eq!(
+        silent_seen.try_recv().ok(),
+        None,
+        "the upstream is still connected"
+    );
+    sim.advance(Duration::from_secs(3));
+    assert_eq!(status_of(&sim, c, 1), Some(504));
+    let body = String::from_utf8_lossy(&body_of(&sim, c, 1)).into_owned();
+    assert!(body.contains("--stream-idle 300"), "{body}");
+    assert!(frames(&sim, c).contains(&Message::ResEnd(1)));
+    let closed = upstream_sees(&mut sim, &silent_seen, Duration::from_secs(5));
+    assert_eq!(
+        closed,
+        Some(Seen::Closed),
+        "the upstream connection is closed"
+    );
+    assert!(
+        wall.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        wall.elapsed()
+    );
+}
+
+#[test]
+fn a_stream_idle_mid_body_ends_with_error_and_res_end() {
+    let mut sim = Sim::new(29);
+    let (up, seen) = scripted_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npart");
+    let (c, peer) = serve_and_script(&mut sim, up, &["sse", "window", "cancel"]);
+    get(&mut sim, c, peer, 1, "/stall");
+    let ok = sim.run_until(Duration::from_secs(5), |s| body_of(s, c, 1) == b"part");
+    assert!(ok, "head and the first bytes arrive");
+    assert_eq!(status_of(&sim, c, 1), Some(200));
+    // The consumer keeps granting credit: a WINDOW frame is activity, and resets the clock.
+    sim.advance(Duration::from_secs(200));
+    send_frame(&mut sim, c, peer, Message::Window(1, 4));
+    sim.advance(Duration::from_secs(200));
+    assert_eq!(
+        error_of(&sim, c, 1),
+        None,
+        "a frame 200 s ago keeps it alive"
+    );
+    sim.advance(Duration::from_secs(101));
+    let err = error_of(&sim, c, 1).expect("ERROR after 300 s idle");
+    assert!(err.contains("stream idle for 300 s"), "{err}");
+    let after_error = frames(&sim, c)
+        .into_iter()
+        .skip_while(|m| !matches!(m, Message::Error(1, _)))
+        .any(|m| m == Message::ResEnd(1));
+    assert!(after_error, "RES_END follows the ERROR");
+    assert_eq!(
+        upstream_sees(&mut sim, &seen, Duration::from_secs(5)),
+        Some(Seen::Request("GET /stall HTTP/1.1".into()))
+    );
+    assert_eq!(
+        upstream_sees(&mut sim, &seen, Duration::from_secs(5)),
+        Some(Seen::Closed)
+    );
+}
+
+#[test]
+fn serve_caps_request_headers_before_the_upstream() {
+    let mut sim = Sim::new(31);
+    let (up, seen) = scripted_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+    let (c, peer) = serve_and_script(&mut sim, up, &["sse", "window", "cancel", "headers"]);
+    let send_head = |sim: &mut Sim, sid: u32, headers: Vec<(String, String)>| {
+        let msg = Message::ReqHeaders(ReqHeaders {
+            stream_id: sid,
+            method: "GET".into(),
+            path: "/capped".into(),
+            headers,
+        });
+        assert!(sim.nodes[c]
+            .net
+            .core
+            .send(peer, &msg.to_vec_as(HeaderForm::List)));
+        sim.flush(c);
+        send_frame(sim, c, peer, Message::ReqEnd(sid));
+    };
+    let many = (0..101)
+        .map(|i| ("x-many".to_string(), i.to_string()))
+        .collect();
+    send_head(&mut sim, 1, many);
+    let big = vec![("x-big".to_string(), "v".repeat(64 * 1024))];
+    send_head(&mut sim, 3, big);
+    let fits = (0..100)
+        .map(|i| ("x-many".to_string(), i.to_string()))
+        .collect();
+    send_head(&mut sim, 5, fits);
+    let ok = sim.run_until(Duration::from_secs(5), |s| {
+        [1, 3, 5].iter().all(|&sid| status_of(s, c, sid).is_some())
+    });
+    assert!(
+        ok,
+        "three answers: {:?}",
+        [1, 3, 5].map(|sid| status_of(&sim, c, sid))
+    );
+    assert_eq!(status_of(&sim, c, 1), Some(431));
+    let text = String::from_utf8_lossy(&body_of(&sim, c, 1)).into_owned();
+    assert!(
+        text.contains("101 header fields") && text.contains("at most 100"),
+        "{text}"
+    );
+    assert_eq!(status_of(&sim, c, 3), Some(431));
+    let text = String::from_utf8_lossy(&body_of(&sim, c, 3)).into_owned();
+    assert!(text.contains("at most 65536"), "{text}");
+    assert_eq!(status_of(&sim, c, 5), Some(200));
+    // Only the request within the caps reached the upstream.
+    assert_eq!(
+        seen.try_recv().ok(),
+        Some(Seen::Request("GET /capped HTTP/1.1".into()))
+    );
+    assert!(matches!(seen.try_recv(), Err(_) | Ok(Seen::Closed)));
+}
+
+/// Sends body frames of `chunk` bytes (made by `frame`) from node `from` to `peer`, ignoring
+/// every WINDOW frame, until `stop` holds or `limit` bytes went out; returns the bytes sent.
+fn flood(
+    sim: &mut Sim,
+    from: usize,
+    peer: PeerId,
+    limit: usize,
+    frame: impl Fn(&[u8]) -> Vec<u8>,
+    stop: impl Fn(&Sim) -> bool,
+) -> usize {
+    let chunk = vec![b'f'; 16 * 1024];
+    let wire = frame(&chunk);
+    let mut sent = 0;
+    while sent < limit && !stop(sim) {
+        if sim.nodes[from].net.core.send(peer, &wire) {
+            sent += chunk.len();
+            sim.flush(from);
+        } else {
+            sim.run_until(Duration::from_millis(5), |_| false);
+        }
+    }
+    sent
+}
+
+#[test]
+fn serve_resets_a_stream_whose_consumer_ignores_its_window() {
+    let mut sim = Sim::new(37);
+    // The upstream reads the head only, so serve stops acknowledging once its socket is full.
+    let (up, seen) = scripted_upstream(b"");
+    let (c, peer) = serve_and_script(&mut sim, up, &["sse", "window", "cancel"]);
+    send_frame(
+        &mut sim,
+        c,
+        peer,
+        Message::ReqHeaders(ReqHeaders {
+            stream_id: 1,
+            method: "POST".into(),
+            path: "/upload".into(),
+            headers: vec![("content-length".into(), (64u64 << 20).to_string())],
+        }),
+    );
+    let sent = flood(
+        &mut sim,
+        c,
+        peer,
+        48 << 20,
+        |chunk| Message::ReqBody(1, chunk).to_vec(),
+        |s| error_of(s, c, 1).is_some(),
+    );
+    let err = error_of(&sim, c, 1).unwrap_or_else(|| panic!("no reset after {sent} bytes"));
+    assert!(err.contains("flow control violation"), "{err}");
+    assert!(
+        sent < 32 << 20,
+        "reset by the window, not the backlog cap: {sent}"
+    );
+    let ok = sim.run_until(Duration::from_secs(2), |s| {
+        frames(s, c).contains(&Message::ResEnd(1))
+    });
+    assert!(ok, "RES_END after the ERROR");
+    assert_eq!(
+        upstream_sees(&mut sim, &seen, Duration::from_secs(5)),
+        Some(Seen::Request("POST /upload HTTP/1.1".into()))
+    );
+    assert_eq!(
+        upstream_sees(&mut sim, &seen, Duration::from_secs(5)),
+        Some(Seen::Closed),
+        "the upstream connection is closed"
+    );
+    // The channel itself carries on.
+    get(&mut sim, c, peer, 3, "http://elsewhere/");
+    let ok = sim.run_until(Duration::from_secs(2), |s| status_of(s, c, 3).is_some());
+    assert!(ok && status_of(&sim, c, 3) == Some(400));
 }

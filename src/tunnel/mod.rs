@@ -3,8 +3,10 @@
 //! session, each with its send queue, HELLO/AGREE state and keep-alive PINGs), and the one mio
 //! loop that drives the peer link and the role's sockets. `serve.rs` (provider, one channel per
 //! consumer) and `proxy.rs` (consumer, one channel) are the two roles, `stream.rs` what their
-//! streams share; `main.rs` calls [`serve`] and [`proxy`].
+//! streams share, `policy.rs` what serve lets through to its upstream; `main.rs` calls [`serve`]
+//! and [`proxy`].
 
+pub mod policy;
 pub mod proxy;
 pub mod serve;
 pub mod stream;
@@ -503,9 +505,14 @@ pub fn serve(opts: ServeOpts) -> Result<(), String> {
         "the HTTP service to expose, e.g. http://127.0.0.1:11434",
     )?;
     let upstream = serve::Upstream::parse(&upstream)?;
-    if opts.max_consumers == 0 || opts.max_streams == 0 {
-        return Err("--max-consumers and --max-streams must be at least 1".into());
+    if opts.max_consumers == 0 || opts.max_streams == 0 || opts.stream_idle == 0 {
+        return Err("--max-consumers, --max-streams and --stream-idle must be at least 1".into());
     }
+    let rules = opts
+        .allow
+        .iter()
+        .map(|spec| policy::Rule::parse(spec))
+        .collect::<Result<Vec<_>, _>>()?;
     let ice = ice_addrs(&opts.ice_addr)?;
     let mut stun = stun_addr(&opts.stun)?;
     warn_turn(&opts.turn, &opts.turn_user, &opts.turn_pass);
@@ -556,8 +563,13 @@ pub fn serve(opts: ServeOpts) -> Result<(), String> {
     let limits = serve::Limits {
         consumers: opts.max_consumers,
         streams: opts.max_streams,
+        stream_idle: Duration::from_secs(opts.stream_idle),
     };
-    let mut role = serve::Serve::new(upstream, &advertise, limits);
+    if !rules.is_empty() {
+        let list: Vec<String> = rules.iter().map(ToString::to_string).collect();
+        log::info!("consumers may call only: {}", list.join(", "));
+    }
+    let mut role = serve::Serve::new(upstream, &advertise, limits).with_allow(rules);
     run_loop(&mut poll, &mut link, &mut net, &mut role)
 }
 
