@@ -210,6 +210,12 @@ pub struct ProxyOpts {
     /// TURN password (env TUNNEL_TURN_PASS)
     #[argh(option)]
     pub turn_pass: Option<String>,
+
+    /// another Host name (or address) the proxy answers to, besides localhost, loopback and
+    /// this machine's own addresses (repeatable); other Host values get 421, as a protection
+    /// against DNS rebinding
+    #[argh(option)]
+    pub allow_host: Vec<String>,
 }
 
 /// Try it on this machine: starts a signal server, a small OpenAI-style demo upstream, serve and

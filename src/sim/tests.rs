@@ -1,7 +1,8 @@
 //! Tests on the simulated network: the room core, a provider and several consumers on virtual
 //! time, then the tunnel roles' slow paths (the 60 s 504, window credit, cancel, the 300 s
-//! `--stream-idle`) and serve's defences against a misbehaving consumer (header caps, body
-//! beyond the `window` credit), with real loopback sockets for their clients and upstreams.
+//! `--stream-idle`) and their defences against a misbehaving peer (serve's header caps, body
+//! beyond the `window` credit, a body that does not match its `content-length`), with real
+//! loopback sockets for their clients and upstreams.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -316,7 +317,7 @@ fn the_proxy_answers_504_after_60_s_without_a_response_in_milliseconds() {
     thread::spawn(move || {
         let mut s = TcpStream::connect(addr).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        s.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.write_all(b"GET /slow HTTP/1.1\r\nHost: localhost\r\n\r\n")
             .unwrap();
         let mut got = Vec::new();
         let mut buf = [0u8; 1024];
@@ -813,4 +814,177 @@ fn serve_resets_a_stream_whose_consumer_ignores_its_window() {
     get(&mut sim, c, peer, 3, "http://elsewhere/");
     let ok = sim.run_until(Duration::from_secs(2), |s| status_of(s, c, 3).is_some());
     assert!(ok && status_of(&sim, c, 3) == Some(400));
+}
+
+/// A client of the proxy on its own thread: sends `request`, then (once `go` says so, or at
+/// once without it) reads until the proxy closes the connection or 20 s pass; reports the
+/// bytes and whether the proxy closed the connection.
+fn client(
+    addr: SocketAddr,
+    request: &'static [u8],
+    go: Option<mpsc::Receiver<()>>,
+) -> mpsc::Receiver<(Vec<u8>, bool)> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.write_all(request).unwrap();
+        if let Some(go) = go {
+            let _ = go.recv();
+        }
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 65536];
+        let closed = loop {
+            match s.read(&mut buf) {
+                Ok(0) => break true,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => break e.kind() == std::io::ErrorKind::ConnectionReset,
+            }
+        };
+        let _ = tx.send((got, closed));
+    });
+    rx
+}
+
+/// The proxy's provider agreed on `features`; returns its peer id.
+fn agree(sim: &mut Sim, p: usize, features: &[&str]) -> PeerId {
+    let ok = sim.run_until(Duration::from_secs(10), |s| {
+        frames(s, p).iter().any(|m| matches!(m, Message::Hello(_)))
+    });
+    assert!(ok, "HELLO from the proxy");
+    let peer = sim.open_peer(p).expect("open");
+    send_frame(
+        sim,
+        p,
+        peer,
+        Message::Agree(Agree {
+            version: 1,
+            features: features.iter().map(|f| f.to_string()).collect(),
+        }),
+    );
+    sim.advance(Duration::from_millis(100));
+    peer
+}
+
+fn request_sid(sim: &mut Sim, p: usize, path: &str) -> u32 {
+    let mut sid = None;
+    let ok = sim.run_until(Duration::from_secs(5), |s| {
+        sid = frames(s, p).iter().find_map(|m| match m {
+            Message::ReqHeaders(h) if h.path == path => Some(h.stream_id),
+            _ => None,
+        });
+        sid.is_some()
+    });
+    assert!(ok, "{path} reaches the provider");
+    sid.unwrap_or_default()
+}
+
+fn wait_client(sim: &mut Sim, rx: &mpsc::Receiver<(Vec<u8>, bool)>) -> (String, bool) {
+    let mut got = None;
+    sim.run_until(Duration::from_secs(30), |_| {
+        got = rx.try_recv().ok();
+        got.is_some()
+    });
+    let (bytes, closed) = got.expect("the client finished");
+    (String::from_utf8_lossy(&bytes).into_owned(), closed)
+}
+
+#[test]
+fn the_proxy_cuts_a_client_off_rather_than_forward_a_wrong_length() {
+    let mut sim = Sim::new(41);
+    let (p, _c, addr) = proxy_and_script(&mut sim);
+    let peer = agree(&mut sim, p, &["sse"]);
+    let head = |sid: u32, length: &str| {
+        Message::ResHeaders(crate::frame::ResHeaders {
+            stream_id: sid,
+            status: 200,
+            headers: vec![("content-length".into(), length.into())],
+        })
+    };
+    // More body than announced: the client gets at most the announced bytes, then the end of
+    // the connection, never the surplus as the start of a next response.
+    let long = client(addr, b"GET /long HTTP/1.1\r\nHost: localhost\r\n\r\n", None);
+    let sid = request_sid(&mut sim, p, "/long");
+    send_frame(&mut sim, p, peer, head(sid, "5"));
+    send_frame(&mut sim, p, peer, Message::ResBody(sid, b"0123456789"));
+    send_frame(&mut sim, p, peer, Message::ResEnd(sid));
+    let (got, closed) = wait_client(&mut sim, &long);
+    assert!(closed, "the connection is cut: {got:?}");
+    assert!(got.contains("content-length: 5"), "{got:?}");
+    assert!(!got.contains("56789"), "{got:?}");
+    // Less body than announced, then RES_END: cut as well (the client sees a short body).
+    let short = client(
+        addr,
+        b"GET /short HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        None,
+    );
+    let sid = request_sid(&mut sim, p, "/short");
+    send_frame(&mut sim, p, peer, head(sid, "10"));
+    send_frame(&mut sim, p, peer, Message::ResBody(sid, b"01234"));
+    send_frame(&mut sim, p, peer, Message::ResEnd(sid));
+    let (got, closed) = wait_client(&mut sim, &short);
+    assert!(closed, "the connection is cut: {got:?}");
+    let body = got.split("\r\n\r\n").nth(1).unwrap_or_default();
+    assert!(body.len() < 10, "{got:?}");
+    // A length the provider wrote badly is not passed on: the body goes chunked.
+    let bad = client(
+        addr,
+        b"GET /bad HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        None,
+    );
+    let sid = request_sid(&mut sim, p, "/bad");
+    send_frame(&mut sim, p, peer, head(sid, "5, 7"));
+    send_frame(&mut sim, p, peer, Message::ResBody(sid, b"abcdefg"));
+    send_frame(&mut sim, p, peer, Message::ResEnd(sid));
+    let (got, _) = wait_client(&mut sim, &bad);
+    assert!(
+        !got.to_ascii_lowercase().contains("content-length"),
+        "{got:?}"
+    );
+    assert!(
+        got.contains("Transfer-Encoding: chunked") && got.ends_with("7\r\nabcdefg\r\n0\r\n\r\n")
+    );
+}
+
+#[test]
+fn the_proxy_resets_a_stream_whose_provider_ignores_its_window() {
+    let mut sim = Sim::new(43);
+    let (p, _c, addr) = proxy_and_script(&mut sim);
+    let peer = agree(&mut sim, p, &["sse", "window", "cancel"]);
+    // The client does not read until told, so the proxy stops acknowledging.
+    let (go, wait) = mpsc::channel();
+    let done = client(
+        addr,
+        b"GET /flood HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        Some(wait),
+    );
+    let sid = request_sid(&mut sim, p, "/flood");
+    send_frame(
+        &mut sim,
+        p,
+        peer,
+        Message::ResHeaders(crate::frame::ResHeaders {
+            stream_id: sid,
+            status: 200,
+            headers: vec![],
+        }),
+    );
+    let sent = flood(
+        &mut sim,
+        p,
+        peer,
+        15 << 20,
+        |chunk| Message::ResBody(sid, chunk).to_vec(),
+        |s| error_of(s, p, sid).is_some(),
+    );
+    let err = error_of(&sim, p, sid).unwrap_or_else(|| panic!("no reset after {sent} bytes"));
+    assert!(err.contains("flow control violation"), "{err}");
+    assert!(
+        frames(&sim, p).contains(&Message::Cancel(sid)),
+        "and CANCEL, with the feature"
+    );
+    let _ = go.send(());
+    let (got, closed) = wait_client(&mut sim, &done);
+    assert!(closed, "the client's connection is cut");
+    assert!(!got.ends_with("0\r\n\r\n"), "no clean end of the body");
 }

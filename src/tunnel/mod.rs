@@ -596,7 +596,8 @@ pub fn proxy(opts: ProxyOpts) -> Result<(), String> {
     let stun = stun_addr(&opts.stun)?;
     warn_turn(&opts.turn, &opts.turn_user, &opts.turn_pass);
     let mut poll = Poll::new().map_err(|e| format!("cannot create poll: {e}"))?;
-    let mut role = proxy::Proxy::bind(listen, poll.registry())?;
+    let hosts = proxy::AllowedHosts::new(listen, &opts.allow_host)?;
+    let mut role = proxy::Proxy::bind(listen, poll.registry())?.with_hosts(hosts);
     let cfg = LinkConfig {
         signal_url,
         room,
