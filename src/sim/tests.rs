@@ -988,3 +988,90 @@ fn the_proxy_resets_a_stream_whose_provider_ignores_its_window() {
     assert!(closed, "the client's connection is cut");
     assert!(!got.ends_with("0\r\n\r\n"), "no clean end of the body");
 }
+
+#[test]
+fn serve_writes_no_more_request_body_than_its_content_length() {
+    let mut sim = Sim::new(47);
+    // An upstream that reports every byte it got, once serve hangs up.
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let up = listener.local_addr().unwrap();
+    let (tx, got) = mpsc::channel();
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut s) = conn else { return };
+            let tx = tx.clone();
+            thread::spawn(move || {
+                let mut all = Vec::new();
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = s.read(&mut buf) {
+                    all.extend_from_slice(&buf[..n]);
+                }
+                let _ = tx.send(String::from_utf8_lossy(&all).into_owned());
+            });
+        }
+    });
+    let (c, peer) = serve_and_script(&mut sim, up, &["sse", "window", "cancel"]);
+    let post = |sid: u32, length: &str| {
+        Message::ReqHeaders(ReqHeaders {
+            stream_id: sid,
+            method: "POST".into(),
+            path: "/upload".into(),
+            headers: vec![("content-length".into(), length.into())],
+        })
+    };
+    // A body longer than announced, carrying a second request: refused, and the upstream
+    // never sees the second request. (Each head first reaches the upstream on its own.)
+    send_frame(&mut sim, c, peer, post(1, "5"));
+    sim.run_until(Duration::from_millis(300), |_| false);
+    let smuggled = b"helloGET /admin HTTP/1.1\r\nHost: x\r\n\r\n";
+    send_frame(&mut sim, c, peer, Message::ReqBody(1, smuggled));
+    send_frame(&mut sim, c, peer, Message::ReqEnd(1));
+    // A body shorter than announced.
+    send_frame(&mut sim, c, peer, post(3, "10"));
+    sim.run_until(Duration::from_millis(300), |_| false);
+    send_frame(&mut sim, c, peer, Message::ReqBody(3, b"short"));
+    send_frame(&mut sim, c, peer, Message::ReqEnd(3));
+    // A method that would rewrite the request line.
+    send_frame(
+        &mut sim,
+        c,
+        peer,
+        Message::ReqHeaders(ReqHeaders {
+            stream_id: 5,
+            method: "GET /admin HTTP/1.1\r\nX:".into(),
+            path: "/public".into(),
+            headers: vec![],
+        }),
+    );
+    send_frame(&mut sim, c, peer, Message::ReqEnd(5));
+    let ok = sim.run_until(Duration::from_secs(5), |s| {
+        [1, 3, 5].iter().all(|&sid| status_of(s, c, sid).is_some())
+    });
+    assert!(ok, "{:?}", [1, 3, 5].map(|sid| status_of(&sim, c, sid)));
+    for (sid, says) in [
+        (1, "longer than its content-length"),
+        (3, "5 bytes short of its content-length"),
+        (5, "not an HTTP token"),
+    ] {
+        assert_eq!(status_of(&sim, c, sid), Some(400));
+        let text = String::from_utf8_lossy(&body_of(&sim, c, sid)).into_owned();
+        assert!(text.contains(says), "{sid}: {text}");
+    }
+    // Two connections (streams 1 and 3) reached the upstream, and neither carried /admin.
+    let mut seen = Vec::new();
+    sim.run_until(Duration::from_secs(5), |_| {
+        seen.extend(got.try_iter());
+        seen.len() == 2
+    });
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(seen.iter().all(|r| !r.contains("/admin")), "{seen:?}");
+    assert!(
+        seen.iter()
+            .any(|r| r.starts_with("POST /upload HTTP/1.1\r\n") && r.ends_with("\r\n\r\n")),
+        "the first head went alone: {seen:?}"
+    );
+    assert!(
+        seen.iter().any(|r| r.ends_with("\r\n\r\nshort")),
+        "the short body went, and then the connection was reset: {seen:?}"
+    );
+}

@@ -4,6 +4,9 @@
 //!
 //! - Header caps: at most [`MAX_REQUEST_HEADERS`] fields and [`MAX_REQUEST_HEADER_BYTES`] of
 //!   names and values → 431.
+//! - The head must be one the upstream reads as serve does → 400: the method and every header
+//!   name an HTTP token, no control characters (but tab) in header values, and a valid,
+//!   unambiguous `content-length` (serve then writes no more body than it says).
 //! - Only origin-form targets (`/path?query`): absolute-form (`http://host/x`), authority-form
 //!   (`host:22`), asterisk-form (`OPTIONS *`) and the `CONNECT` method → 400.
 //! - The path is normalised: percent-encoded unreserved characters are decoded (RFC 3986
@@ -161,6 +164,7 @@ impl Policy {
         headers: &[(String, String)],
     ) -> Result<String, Refusal> {
         check_headers(headers)?;
+        check_fields(method, headers)?;
         if method.eq_ignore_ascii_case("CONNECT") {
             return Err(Refusal::new(
                 400,
@@ -230,6 +234,42 @@ fn check_headers(headers: &[(String, String)]) -> Result<(), Refusal> {
                  provider takes at most {MAX_REQUEST_HEADER_BYTES}"
             ),
         ));
+    }
+    Ok(())
+}
+
+/// The method and header fields must be what the upstream reads as serve does: otherwise a
+/// space in a method or a header name like `transfer-encoding ` (which serve does not see as
+/// Transfer-Encoding, but an upstream might) could make the upstream see another request.
+fn check_fields(method: &str, headers: &[(String, String)]) -> Result<(), Refusal> {
+    if method.is_empty() || !method.bytes().all(is_tchar) {
+        return Err(Refusal::new(
+            400,
+            format!(
+                "Bad Request: the method '{}' is not an HTTP token",
+                quote(method)
+            ),
+        ));
+    }
+    for (name, value) in headers {
+        if name.is_empty() || !name.bytes().all(is_tchar) {
+            return Err(Refusal::new(
+                400,
+                format!(
+                    "Bad Request: the header name '{}' is not an HTTP token",
+                    quote(name)
+                ),
+            ));
+        }
+        if value.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+            return Err(Refusal::new(
+                400,
+                format!("Bad Request: the value of header '{name}' has control characters"),
+            ));
+        }
+    }
+    if let Err(e) = crate::http1::content_length(headers) {
+        return Err(Refusal::new(400, format!("Bad Request: {e}")));
     }
     Ok(())
 }
@@ -580,6 +620,31 @@ mod tests {
             assert!(err.contains("--allow"), "{spec}: {err}");
         }
         assert_eq!(Rule::parse("GET /%7ea").unwrap().to_string(), "GET /~a");
+    }
+
+    #[test]
+    fn methods_and_fields_must_be_tokens() {
+        let p = Policy::default();
+        let h = |n: &str, v: &str| vec![(n.to_string(), v.to_string())];
+        for (method, headers) in [
+            ("GET /admin HTTP/1.1\r\nX:", vec![]),
+            ("GET /admin", vec![]),
+            ("", vec![]),
+            ("GET", h("transfer-encoding ", "chunked")),
+            ("GET", h("x y", "1")),
+            ("GET", h("", "1")),
+            ("GET", h("x:y", "1")),
+            ("GET", h("x", "a\r\nHost: evil")),
+            ("GET", h("x", "a\0b")),
+            ("POST", h("content-length", "5, 6")),
+            ("POST", h("content-length", "-1")),
+            ("POST", h("content-length", "0x10")),
+        ] {
+            let r = p.check(method, "/", &headers).unwrap_err();
+            assert_eq!(r.status, 400, "{method:?} {headers:?}: {}", r.text);
+        }
+        assert!(p.check("M-SEARCH", "/", &h("x", "tab\tok")).is_ok());
+        assert!(p.check("POST", "/", &h("content-length", "5, 5")).is_ok());
     }
 
     #[test]

@@ -116,7 +116,9 @@ impl Upstream {
 enum ReqFraming {
     /// The head is held back until the first REQ_BODY (then chunked) or REQ_END (no body).
     Undecided,
-    Length,
+    /// `Content-Length`: the bytes still to come. No more than that is ever written upstream,
+    /// so a consumer cannot slip a second request past the policy inside a body.
+    Length(u64),
     Chunked,
     None,
 }
@@ -215,7 +217,7 @@ impl Serve {
             Err(refusal) => {
                 let member = self.consumers.get(&peer).map_or("?", |c| c.member.as_str());
                 log::info!(
-                    "consumer {} stream {sid}: {} refused ({}): {}",
+                    "consumer {} stream {sid}: {:?} refused ({}): {}",
                     short(member),
                     h.method,
                     refusal.status,
@@ -233,6 +235,19 @@ impl Serve {
             );
             return simple_answer(&mut ch, sid, 503, &text);
         }
+        let target = self.upstream.target(&path);
+        let mut headers: Vec<(String, String)> = http1::end_to_end(&h.headers)
+            .into_iter()
+            .filter(|(n, _)| !n.eq_ignore_ascii_case("host"))
+            .collect();
+        // The policy passed only valid lengths; the upstream gets exactly one.
+        let length = http1::content_length(&headers).ok().flatten();
+        headers.retain(|(n, _)| !n.eq_ignore_ascii_case("content-length"));
+        headers.insert(0, ("Host".into(), self.upstream.authority.clone()));
+        if let Some(n) = length {
+            headers.push(("Content-Length".into(), n.to_string()));
+        }
+        headers.push(("Connection".into(), "close".into()));
         let attempt = self.preferred;
         let mut sock = match self.upstream.connect(attempt) {
             Ok(s) => s,
@@ -246,16 +261,6 @@ impl Serve {
         ) {
             return bad_gateway(&mut ch, sid, &e.to_string());
         }
-        let target = self.upstream.target(&path);
-        let mut headers: Vec<(String, String)> = http1::end_to_end(&h.headers)
-            .into_iter()
-            .filter(|(n, _)| !n.eq_ignore_ascii_case("host"))
-            .collect();
-        headers.insert(0, ("Host".into(), self.upstream.authority.clone()));
-        headers.push(("Connection".into(), "close".into()));
-        let has_length = headers
-            .iter()
-            .any(|(n, _)| n.eq_ignore_ascii_case("content-length"));
         log::debug!(
             "{peer} stream {sid}: {} {} → upstream {}",
             h.method,
@@ -280,9 +285,9 @@ impl Serve {
             started: now,
             active: now,
         };
-        if has_length {
+        if let Some(n) = length {
             http1::write_request_head(&mut stream.out, &h.method, &target, &headers);
-            stream.framing = ReqFraming::Length;
+            stream.framing = ReqFraming::Length(n);
         } else {
             stream.held_head = Some(HeldHead {
                 method: h.method,
@@ -376,7 +381,20 @@ impl Serve {
         }
         match s.framing {
             ReqFraming::Chunked => http1::encode_chunk(&mut s.out, data),
-            ReqFraming::Length => s.out.extend_from_slice(data),
+            ReqFraming::Length(left) => match left.checked_sub(data.len() as u64) {
+                Some(rest) => {
+                    s.out.extend_from_slice(data);
+                    s.framing = ReqFraming::Length(rest);
+                }
+                None => {
+                    log::warn!(
+                        "{peer} stream {sid}: the consumer sent more request body than its \
+                         content-length; resetting the stream"
+                    );
+                    let text = "Bad Request: the request body is longer than its content-length";
+                    return self.fail_request(slot, text, net, registry);
+                }
+            },
             _ => {}
         }
         if s.out.len() > MAX_UPSTREAM_BACKLOG {
@@ -428,9 +446,33 @@ impl Serve {
                 s.out.extend_from_slice(http1::LAST_CHUNK);
                 s.framing = ReqFraming::None;
             }
-            _ => {}
+            ReqFraming::Length(0) => s.framing = ReqFraming::None,
+            ReqFraming::Length(left) => {
+                let text = format!(
+                    "Bad Request: the request body ended {left} bytes short of its content-length"
+                );
+                return self.fail_request(slot, &text, net, registry);
+            }
+            ReqFraming::None => {}
         }
         self.write(slot, net, registry, now);
+    }
+
+    /// The consumer broke its own request's framing: a 400 if no response head went yet, else
+    /// ERROR + RES_END; the upstream connection is reset, so it never sees a partial request
+    /// as a complete one.
+    fn fail_request(&mut self, slot: usize, text: &str, net: &mut Net, registry: &Registry) {
+        let Some(s) = self.streams.get(slot) else {
+            return;
+        };
+        let mut ch = net.chan(s.peer);
+        if s.body.is_none() {
+            simple_answer(&mut ch, s.sid, 400, text);
+        } else {
+            ch.send(&Message::Error(s.sid, text.to_string()));
+            ch.send(&Message::ResEnd(s.sid));
+        }
+        self.reset(slot, registry);
     }
 
     /// Writes pending request bytes once connected.
