@@ -944,6 +944,30 @@ fn the_proxy_cuts_a_client_off_rather_than_forward_a_wrong_length() {
     assert!(
         got.contains("Transfer-Encoding: chunked") && got.ends_with("7\r\nabcdefg\r\n0\r\n\r\n")
     );
+    // A provider relaying an upstream's Transfer-Encoding with a Content-Length: the length
+    // goes, the body goes chunked.
+    let coded = client(
+        addr,
+        b"GET /coded HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        None,
+    );
+    let sid = request_sid(&mut sim, p, "/coded");
+    let mut both = head(sid, "3");
+    if let Message::ResHeaders(h) = &mut both {
+        h.headers
+            .push(("transfer-encoding".into(), "chunked".into()));
+    }
+    send_frame(&mut sim, p, peer, both);
+    send_frame(&mut sim, p, peer, Message::ResBody(sid, b"abcdefg"));
+    send_frame(&mut sim, p, peer, Message::ResEnd(sid));
+    let (got, _) = wait_client(&mut sim, &coded);
+    assert!(
+        !got.to_ascii_lowercase().contains("content-length"),
+        "{got:?}"
+    );
+    assert!(
+        got.contains("Transfer-Encoding: chunked") && got.ends_with("7\r\nabcdefg\r\n0\r\n\r\n")
+    );
 }
 
 #[test]

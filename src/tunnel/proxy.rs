@@ -556,7 +556,18 @@ impl Proxy {
         // goes chunked instead.
         let mut remaining = None;
         if !bodyless {
-            let length = http1::content_length(&headers);
+            // A (version-1) provider that relays an upstream's Transfer-Encoding along with
+            // its Content-Length: the coding framed the body, so the length is not it (RFC
+            // 9112 §6.3).
+            let coded = h
+                .headers
+                .iter()
+                .any(|(n, _)| n.eq_ignore_ascii_case("transfer-encoding"));
+            let length = if coded {
+                Ok(None)
+            } else {
+                http1::content_length(&headers)
+            };
             headers.retain(|(n, _)| !n.eq_ignore_ascii_case("content-length"));
             match length {
                 Ok(Some(n)) => {
