@@ -136,7 +136,8 @@ pub struct ServeOpts {
     #[argh(option)]
     pub turn: Option<String>,
 
-    /// tunnel extensions to offer or accept, comma-separated (default sse,window,cancel,liveness);
+    /// tunnel extensions to offer or accept, comma-separated (default
+    /// sse,window,cancel,headers,liveness);
     /// "sse" alone behaves exactly like a version-1 peer
     #[argh(option)]
     pub features: Option<String>,
@@ -174,6 +175,17 @@ pub struct ServeOpts {
     /// file of `name secret` lines, one per consumer (re-read on SIGHUP); instead of --secret
     #[argh(option)]
     pub secret_file: Option<String>,
+
+    /// what consumers may call, "METHOD /prefix" (repeatable; METHOD * for any), e.g.
+    /// --allow "GET /v1/models" --allow "POST /v1/chat/completions"; anything else gets 403.
+    /// Default: everything inside the upstream's base path
+    #[argh(option)]
+    pub allow: Vec<String>,
+
+    /// seconds a request may go without a frame from its consumer and without upstream
+    /// progress before it is ended: 504, or an error mid-body (default 300)
+    #[argh(option, default = "300")]
+    pub stream_idle: u64,
 }
 
 /// Listen locally and carry every HTTP request through the tunnel to the provider: the consumer.
@@ -206,7 +218,8 @@ pub struct ProxyOpts {
     #[argh(option)]
     pub turn: Option<String>,
 
-    /// tunnel extensions to offer or accept, comma-separated (default sse,window,cancel,liveness);
+    /// tunnel extensions to offer or accept, comma-separated (default
+    /// sse,window,cancel,headers,liveness);
     /// "sse" alone behaves exactly like a version-1 peer
     #[argh(option)]
     pub features: Option<String>,
@@ -237,6 +250,12 @@ pub struct ProxyOpts {
     /// TUNNEL_NAME; default: this machine's host name)
     #[argh(option)]
     pub name: Option<String>,
+
+    /// another Host name (or address) the proxy answers to, besides localhost, loopback and
+    /// this machine's own addresses (repeatable); other Host values get 421, as a protection
+    /// against DNS rebinding
+    #[argh(option)]
+    pub allow_host: Vec<String>,
 }
 
 /// Try it on this machine: starts a signal server, a small OpenAI-style demo upstream, serve and

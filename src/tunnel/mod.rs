@@ -3,9 +3,11 @@
 //! session, each with its send queue, HELLO/AGREE state and keep-alive PINGs), and the one mio
 //! loop that drives the peer link and the role's sockets. `serve.rs` (provider, one channel per
 //! consumer) and `proxy.rs` (consumer, one channel) are the two roles, `stream.rs` what their
-//! streams share; `main.rs` calls [`serve`] and [`proxy`].
+//! streams share, `policy.rs` what serve lets through to its upstream; `main.rs` calls [`serve`]
+//! and [`proxy`].
 
 pub mod auth;
+pub mod policy;
 pub mod proxy;
 pub mod serve;
 pub mod stream;
@@ -20,7 +22,7 @@ use mio::event::Event;
 use mio::{Events, Poll, Registry, Token};
 
 use crate::cli::{flag_or_env, ProxyOpts, ServeOpts};
-use crate::frame::Message;
+use crate::frame::{HeaderForm, Message};
 use crate::peer::core::PeerCore;
 use crate::peer::{default_ice_addrs, Link, LinkConfig, PeerEvent, PeerId, RoomRole};
 use crate::turn::client::TurnServer;
@@ -29,9 +31,10 @@ use crate::turn::client::TurnServer;
 pub const PING_EVERY: Duration = Duration::from_secs(10);
 /// Features this implementation negotiates in HELLO/AGREE: `sse` (streamed responses, as v1),
 /// `window` (per-stream flow-control credit, WINDOW frames), `cancel` (CANCEL frames) and
+/// `headers` (header fields as an ordered list of pairs, [`HeaderForm::List`]) and
 /// `liveness` (PINGs every second, a lost path detected within 5 s, streams held for the grace
 /// period while it is down).
-pub const FEATURES: &[&str] = &["sse", "window", "cancel", "liveness"];
+pub const FEATURES: &[&str] = &["sse", "window", "cancel", "headers", "liveness"];
 /// With `liveness`: PINGs this often, and the path is lost after this long without a datagram.
 const LIVE_PING: Duration = Duration::from_secs(1);
 pub const PATH_TIMEOUT: Duration = Duration::from_secs(4);
@@ -92,6 +95,8 @@ struct ChanState {
     /// Negotiated extensions.
     window: bool,
     cancel: bool,
+    /// How this channel's header fields travel (`headers` agreed: a list of pairs).
+    form: HeaderForm,
     next_ping: Option<Instant>,
     /// When the PING now awaiting its PONG was sent.
     ping_sent: Option<Instant>,
@@ -278,6 +283,11 @@ impl Chan<'_> {
         self.state().is_some_and(|c| c.lost_since.is_some())
     }
 
+    /// How this channel's REQ_HEADERS / RES_HEADERS carry header fields (feature `headers`).
+    pub fn header_form(&self) -> HeaderForm {
+        self.state().map_or(HeaderForm::Map, |c| c.form)
+    }
+
     /// The extensions this side offers or accepts.
     pub fn offered(&self) -> &[String] {
         &self.net.offered
@@ -305,7 +315,7 @@ impl Chan<'_> {
             return;
         };
         net.encode_buf.clear();
-        msg.encode(&mut net.encode_buf);
+        msg.encode_as(&mut net.encode_buf, st.form);
         if st.queue.is_empty() && net.core.send(peer, &net.encode_buf) {
             return;
         }
@@ -336,6 +346,11 @@ impl Chan<'_> {
             st.next_ping = Some(now);
             st.window = features.iter().any(|f| f == "window");
             st.cancel = features.iter().any(|f| f == "cancel");
+            st.form = if features.iter().any(|f| f == "headers") {
+                HeaderForm::List
+            } else {
+                HeaderForm::Map
+            };
             st.liveness = features.iter().any(|f| f == "liveness");
         }
         if self.liveness() {
@@ -501,14 +516,16 @@ pub fn drain(net: &mut Net, role: &mut dyn Role, registry: &Registry, now: Insta
                 net.opened(peer, now);
                 role.on_open(net, peer, now);
             }
-            PeerEvent::Data(peer, bytes) => match Message::decode(&bytes) {
-                Ok(msg) => {
-                    if let Some(msg) = net.chan(peer).keepalive(msg, now) {
-                        role.on_message(net, registry, peer, msg, now);
+            PeerEvent::Data(peer, bytes) => {
+                match Message::decode_as(&bytes, net.chan(peer).header_form()) {
+                    Ok(msg) => {
+                        if let Some(msg) = net.chan(peer).keepalive(msg, now) {
+                            role.on_message(net, registry, peer, msg, now);
+                        }
                     }
+                    Err(e) => log::warn!("bad frame from peer {peer} ignored: {e}"),
                 }
-                Err(e) => log::warn!("bad frame from peer {peer} ignored: {e}"),
-            },
+            }
             PeerEvent::Writable(peer) => {
                 let mut ch = net.chan(peer);
                 ch.flush();
@@ -631,8 +648,8 @@ pub fn serve(opts: ServeOpts) -> Result<(), String> {
         "the HTTP service to expose, e.g. http://127.0.0.1:11434",
     )?;
     let upstream = serve::Upstream::parse(&upstream)?;
-    if opts.max_consumers == 0 || opts.max_streams == 0 {
-        return Err("--max-consumers and --max-streams must be at least 1".into());
+    if opts.max_consumers == 0 || opts.max_streams == 0 || opts.stream_idle == 0 {
+        return Err("--max-consumers, --max-streams and --stream-idle must be at least 1".into());
     }
     let (secrets, file) = serve_secrets(&opts)?;
     if !secrets.required() {
@@ -642,6 +659,11 @@ pub fn serve(opts: ServeOpts) -> Result<(), String> {
             upstream.url
         );
     }
+    let rules = opts
+        .allow
+        .iter()
+        .map(|spec| policy::Rule::parse(spec))
+        .collect::<Result<Vec<_>, _>>()?;
     let ice = ice_addrs(&opts.ice_addr)?;
     let mut stun = stun_addr(&opts.stun)?;
     let turn = turn_servers(&opts.turn, &opts.turn_user, &opts.turn_pass)?;
@@ -698,8 +720,15 @@ pub fn serve(opts: ServeOpts) -> Result<(), String> {
     let limits = serve::Limits {
         consumers: opts.max_consumers,
         streams: opts.max_streams,
+        stream_idle: Duration::from_secs(opts.stream_idle),
     };
-    let mut role = serve::Serve::new(upstream, &advertise, limits).with_secrets(secrets, file);
+    if !rules.is_empty() {
+        let list: Vec<String> = rules.iter().map(ToString::to_string).collect();
+        log::info!("consumers may call only: {}", list.join(", "));
+    }
+    let mut role = serve::Serve::new(upstream, &advertise, limits)
+        .with_allow(rules)
+        .with_secrets(secrets, file);
     run_loop(&mut poll, &mut link, &mut net, &mut role)
 }
 
@@ -763,7 +792,8 @@ pub fn proxy(opts: ProxyOpts) -> Result<(), String> {
     let turn = turn_servers(&opts.turn, &opts.turn_user, &opts.turn_pass)?;
     let mut poll = Poll::new().map_err(|e| format!("cannot create poll: {e}"))?;
     let credentials = proxy_credentials(&opts)?;
-    let mut role = proxy::Proxy::bind(listen, poll.registry())?;
+    let hosts = proxy::AllowedHosts::new(listen, &opts.allow_host)?;
+    let mut role = proxy::Proxy::bind(listen, poll.registry())?.with_hosts(hosts);
     if let Some((name, secret)) = &credentials {
         role = role.with_secret(name, secret);
     }

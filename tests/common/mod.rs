@@ -289,11 +289,16 @@ impl Tunnel {
 
     /// `start` with extra arguments for both serve and proxy.
     pub fn start_with(upstream: &str, extra: &[&str]) -> Tunnel {
+        Tunnel::start_split(upstream, extra, extra)
+    }
+
+    /// `start` with extra arguments for serve and for proxy.
+    pub fn start_split(upstream: &str, serve_extra: &[&str], proxy_extra: &[&str]) -> Tunnel {
         let (signal, saddr) = signal(&[]);
         let signal_url = format!("ws://{saddr}");
         let room = format!("test-{}", tunnel::util::uuid_v4());
-        let mut serve = serve(&signal_url, &room, upstream, extra);
-        let (mut proxy, addr) = proxy_with(&signal_url, &room, extra);
+        let mut serve = serve(&signal_url, &room, upstream, serve_extra);
+        let (mut proxy, addr) = proxy_with(&signal_url, &room, proxy_extra);
         serve.wait_line("tunnel ready", 15);
         proxy.wait_line("tunnel ready", 15);
         Tunnel {
