@@ -902,6 +902,37 @@ impl Server {
             "Seconds since start.",
             self.started.elapsed().as_secs(),
         );
+        metric(
+            "stun_answered_total",
+            "counter",
+            "STUN Binding requests answered.",
+            self.metrics.stun_answered,
+        );
+        let m = &self.metrics;
+        labelled(
+            &mut s,
+            "refused_total",
+            "Connections, joins and STUN answers refused by a cap.",
+            "cap",
+            &[
+                ("max_connections", m.refused_full),
+                ("max_connections_per_addr", m.refused_addr),
+                ("join_rate", m.refused_joins),
+                ("stun_rate", m.refused_stun),
+            ],
+        );
+        labelled(
+            &mut s,
+            "closed_total",
+            "Connections closed by the server, by reason.",
+            "reason",
+            &[
+                ("idle", m.closed_idle),
+                ("stalled", m.closed_stalled),
+                ("slow_reader", m.closed_slow),
+                ("probe", m.closed_probe),
+            ],
+        );
         s
     }
 
@@ -1032,10 +1063,7 @@ impl Server {
                 Ok(_) => {}
                 Err(e) if would_block(&e) => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    self.doomed.push(id);
-                    return;
-                }
+                Err(e) => return self.lost(id, &e),
             }
         }
         self.flush(id, Instant::now());
@@ -1093,7 +1121,8 @@ impl Server {
             match batch.end {
                 BatchEnd::Full => continue,
                 BatchEnd::Drained => {}
-                BatchEnd::Gone => self.doomed.push(id),
+                BatchEnd::Gone(Some(e)) => self.lost(id, &e),
+                BatchEnd::Gone(None) => self.doomed.push(id),
                 BatchEnd::Close(code, reason) => {
                     self.metrics.errors += 1;
                     self.ws_close(id, code, reason, now);
@@ -1255,12 +1284,13 @@ impl Server {
         // Output to this connection newly waiting on a full socket: its idle clock starts.
         let mut stuck = None;
         let failed = match &mut conn.state {
-            State::Http(h) => write_out(&mut h.stream, &mut h.out, 0).is_err(),
+            State::Http(h) => write_out(&mut h.stream, &mut h.out, 0).err(),
             State::Sse(s) => {
-                let failed = write_out(&mut s.stream, &mut s.out, 0).is_err();
+                let failed = write_out(&mut s.stream, &mut s.out, 0).err();
                 if s.out.is_empty() {
                     s.stalled_since = None;
                 } else if s.stalled_since.is_none() {
+                    log::debug!("connection {id}: SSE output waits on a full socket");
                     s.stalled_since = Some(now);
                     stuck = Some(false);
                 }
@@ -1269,23 +1299,22 @@ impl Server {
             State::Ws(w) => match w.ws.flush() {
                 Ok(()) => {
                     w.blocked_since = None;
-                    false
+                    None
                 }
                 Err(tungstenite::Error::Io(e)) if would_block(&e) => {
                     if w.blocked_since.is_none() {
                         w.blocked_since = Some(now);
                         stuck = Some(true);
                     }
-                    false
+                    None
                 }
-                Err(tungstenite::Error::ConnectionClosed) => true,
-                Err(_) => true,
+                Err(tungstenite::Error::Io(e)) => Some(e),
+                Err(e) => Some(io::Error::other(e.to_string())),
             },
-            State::Linger(_) | State::Moving => false,
+            State::Linger(_) | State::Moving => None,
         };
-        if failed {
-            self.doomed.push(id);
-            return;
+        if let Some(e) = failed {
+            return self.lost(id, &e);
         }
         match stuck {
             Some(true) => return self.ws_arm(id, now),
@@ -1339,6 +1368,22 @@ impl Server {
                 self.set_deadline(id, Some(now + LINGER));
             }
         }
+    }
+
+    /// `id` failed with `e`. A connection whose peer acknowledged nothing for the idle timeout
+    /// (the kernel's `TCP_USER_TIMEOUT`: it vanished, or stopped reading) counts as stalled.
+    fn lost(&mut self, id: ConnId, e: &io::Error) {
+        if self.doomed.contains(&id) {
+            return;
+        }
+        if e.kind() == io::ErrorKind::TimedOut {
+            let idle = self.cfg.limits.idle_timeout;
+            log::info!("connection {id}: nothing acknowledged for {idle:?}, closing");
+            self.metrics.closed_stalled += 1;
+        } else {
+            log::debug!("connection {id}: {e}");
+        }
+        self.doomed.push(id);
     }
 
     fn linger_ready(&mut self, id: ConnId) {
@@ -1398,14 +1443,26 @@ impl Server {
     }
 }
 
+/// Appends a Prometheus counter family with one label.
+fn labelled(s: &mut String, name: &str, help: &str, label: &str, values: &[(&str, u64)]) {
+    s.push_str(&format!(
+        "# HELP tunnel_signal_{name} {help}\n# TYPE tunnel_signal_{name} counter\n"
+    ));
+    for (value, n) in values {
+        s.push_str(&format!(
+            "tunnel_signal_{name}{{{label}=\"{value}\"}} {n}\n"
+        ));
+    }
+}
+
 /// Why a batch of WebSocket reads ended.
 enum BatchEnd {
     /// `WS_BATCH` messages read; there may be more.
     Full,
     /// The socket has nothing more for now.
     Drained,
-    /// The connection is gone.
-    Gone,
+    /// The connection is gone (with the socket's error, if it failed).
+    Gone(Option<io::Error>),
     /// Close it with this code: the frame decoder cannot go on.
     Close(CloseCode, &'static str),
 }
@@ -1470,9 +1527,10 @@ fn read_ws_batch(id: ConnId, w: &mut WsConn, rate_limit: u32, now: Instant) -> B
                 log::debug!("connection {id}: websocket protocol error: {e}");
                 break BatchEnd::Close(CloseCode::Protocol, "protocol error");
             }
+            Err(tungstenite::Error::Io(e)) => break BatchEnd::Gone(Some(e)),
             Err(e) => {
                 log::trace!("connection {id}: websocket closed: {e}");
-                break BatchEnd::Gone;
+                break BatchEnd::Gone(None);
             }
         }
     };
