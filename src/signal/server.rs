@@ -575,6 +575,9 @@ impl Server {
         let limit = http1::MAX_HEAD + self.cfg.max_message + 64;
         loop {
             self.flush(id, now);
+            if self.doomed.contains(&id) {
+                return;
+            }
             let Some(Some(Conn {
                 state: State::Http(h),
                 ..
@@ -1086,6 +1089,9 @@ impl Server {
         }
         loop {
             self.flush(id, now);
+            if self.doomed.contains(&id) {
+                return;
+            }
             let Some(Some(conn)) = self.conns.get_mut(id) else {
                 return;
             };
