@@ -87,14 +87,71 @@ pub struct SignalOpts {
     #[argh(option, default = "65536")]
     pub max_message: usize,
 
-    /// most simultaneous connections; more are refused (default 50000)
-    #[argh(option, default = "50000")]
-    pub max_connections: usize,
+    /// most simultaneous connections; more are refused with a 503 (default: the file-descriptor
+    /// limit, raised to its hard limit at start, less a reserve)
+    #[argh(option)]
+    pub max_connections: Option<usize>,
 
     /// messages per second one WebSocket may send, sustained; bursts of twice that pass
     /// (default 1000)
     #[argh(option, default = "1000")]
     pub rate_limit: u32,
+
+    /// connections one address (IPv4, or IPv6 /64) may hold; more are refused with a 503
+    /// (default 256; 0: no limit)
+    #[argh(option, default = "256")]
+    pub max_connections_per_addr: usize,
+
+    /// joins (tunnel join, webllm and chronoflux join-room, agent connect) per second per
+    /// address, bursts of twice that (default 10; 0: no limit)
+    #[argh(option, default = "10")]
+    pub join_rate: u32,
+
+    /// STUN answers per second per source address, bursts of twice that; the rest are dropped
+    /// (default 10; 0: no limit)
+    #[argh(option, default = "10")]
+    pub stun_rate: u32,
+
+    /// rooms held at once, in the WebSocket dialect and in the agent API each (default 100000)
+    #[argh(option, default = "100000")]
+    pub max_rooms: usize,
+
+    /// longest room name in bytes, in every dialect and the agent API (default 256)
+    #[argh(option, default = "256")]
+    pub max_room_name: usize,
+
+    /// members per room in the webllm and chronoflux dialects and the agent API (default 100;
+    /// the tunnel dialect has --max-peers and --max-consumers)
+    #[argh(option, default = "100")]
+    pub max_members: usize,
+
+    /// agent API sessions held at once, with or without a stream (default 100000)
+    #[argh(option, default = "100000")]
+    pub max_sessions: usize,
+
+    /// seconds of silence after which a WebSocket is pinged (default 30)
+    #[argh(option, default = "30")]
+    pub ping_interval: u64,
+
+    /// seconds after which a silent WebSocket, or a connection whose output is not read, is
+    /// closed (default 60)
+    #[argh(option, default = "60")]
+    pub idle_timeout: u64,
+
+    /// webllm dialect: a register of a deviceId that another live connection holds takes it
+    /// at once, as the original did (default: refused while the holder answers a ping)
+    #[argh(switch)]
+    pub webllm_takeover: bool,
+
+    /// webllm dialect: seconds the holder of a claimed deviceId has to answer its ping
+    /// (default 5)
+    #[argh(option, default = "5")]
+    pub webllm_probe_timeout: u64,
+
+    /// who gets TURN credentials from --turn-secret: joined (default: sessions whose room holds
+    /// another member) or any (every session, at connect)
+    #[argh(option, default = "String::from(\"joined\")")]
+    pub turn_credentials: String,
 }
 
 /// Expose an upstream HTTP service (an LLM server, any HTTP API) through the tunnel: the provider.

@@ -210,6 +210,9 @@ fn ice_servers_from_flags_and_turn_secret() {
         "turn:turn.example.org:3478?transport=udp",
         "--turn-ttl",
         "600",
+        // Credentials at connect, even alone (the default waits for a peer: signal_limits.rs).
+        "--turn-credentials",
+        "any",
     ]);
     let mut a = Sse::open(addr, "room=ice");
     let j = a.expect("joined");

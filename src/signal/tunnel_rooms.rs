@@ -13,13 +13,17 @@
 //! Provider if the room has none, else a Consumer. The Provider sees every member and addresses
 //! them with `to` (the first consumer without it); a Consumer sees only the Provider, and all its
 //! messages go to the Provider. Consumers are never introduced to each other.
+//!
+//! Beyond the room sizes, a join is refused when the room name is longer than
+//! `RoomCaps::max_room_name`, when it would open a room past `RoomCaps::max_rooms`, and when
+//! the driver says the sender's address is over its join rate (`Outbox::may_join`).
 
 use std::collections::{BTreeMap, HashMap};
 
 use serde_json::json;
 use serde_json::value::RawValue;
 
-use super::dialect::{ConnId, Dialect, Outbox, Page};
+use super::dialect::{ConnId, Dialect, Outbox, Page, RoomCaps};
 use crate::util::uuid_v4;
 
 /// A message's top-level fields, values unparsed (the last of repeated keys wins, as in
@@ -83,6 +87,7 @@ impl Room {
 pub struct TunnelRooms {
     max_peers: usize,
     max_consumers: usize,
+    caps: RoomCaps,
     members: HashMap<ConnId, Member>,
     rooms: HashMap<String, Room>,
 }
@@ -92,9 +97,17 @@ impl TunnelRooms {
         TunnelRooms {
             max_peers: max_peers.max(1),
             max_consumers: max_consumers.max(1),
+            caps: RoomCaps::default(),
             members: HashMap::new(),
             rooms: HashMap::new(),
         }
+    }
+
+    /// The same core with `caps` (only `max_rooms` and `max_room_name` apply: room sizes are
+    /// `max_peers` and `max_consumers`).
+    pub fn with_caps(mut self, caps: RoomCaps) -> Self {
+        self.caps = caps;
+        self
     }
 
     fn peer_id(&self, conn: ConnId) -> Option<&str> {
@@ -109,6 +122,12 @@ impl TunnelRooms {
             Some(r) if !r.is_empty() => r,
             _ => return out.error(conn, "room name required"),
         };
+        if let Err(text) = self.caps.check_name(&room_name) {
+            return out.error(conn, &text);
+        }
+        if !self.rooms.contains_key(&room_name) && self.rooms.len() >= self.caps.max_rooms {
+            return out.error(conn, &self.caps.rooms_full());
+        }
         let Some(requested) = requested_kind(msg) else {
             return out.error(conn, "role must be \"provider\" or \"consumer\"");
         };
@@ -143,6 +162,9 @@ impl TunnelRooms {
                 self.max_consumers
             );
             return out.error(conn, &text);
+        }
+        if !out.admit_join(conn) {
+            return;
         }
 
         let peer_id = uuid_v4();
@@ -188,6 +210,9 @@ impl TunnelRooms {
         if existing.len() >= self.max_peers {
             let text = format!("room '{room_name}' is full (max {})", self.max_peers);
             return out.error(conn, &text);
+        }
+        if !out.admit_join(conn) {
+            return;
         }
         let peer_id = uuid_v4();
         let peers: Vec<&str> = existing.iter().filter_map(|&c| self.peer_id(c)).collect();
@@ -686,5 +711,48 @@ mod tests {
             join(&mut core, 2, "provider"),
             error(2, "room 'r' already has a provider")
         );
+    }
+
+    #[test]
+    fn room_names_rooms_and_the_join_rate_are_capped() {
+        let caps = RoomCaps {
+            max_rooms: 2,
+            max_room_name: 8,
+            max_members: 100,
+        };
+        let mut core = TunnelRooms::new(2, 32).with_caps(caps);
+        let long = r#"{"type":"join","room":"123456789"}"#;
+        assert_eq!(
+            say(&mut core, 1, long),
+            error(1, "room name too long (max 8 bytes)")
+        );
+        say(&mut core, 1, r#"{"type":"join","room":"12345678"}"#);
+        say(
+            &mut core,
+            2,
+            r#"{"type":"join","room":"b","role":"provider"}"#,
+        );
+        assert_eq!(
+            say(&mut core, 3, r#"{"type":"join","room":"c"}"#),
+            error(3, "too many rooms on this server (max 2)")
+        );
+        // An existing room still takes members.
+        let out = say(&mut core, 3, r#"{"type":"join","room":"b"}"#);
+        assert_eq!(out[0].1["type"], "joined");
+
+        // Over the join rate: refused, nothing joined, and the driver is told of no join.
+        let mut out = Outbox {
+            may_join: false,
+            ..Outbox::default()
+        };
+        core.on_text(4, r#"{"type":"join","room":"b"}"#, &mut out);
+        assert!(!out.joined);
+        assert_eq!(
+            parsed(out),
+            error(4, crate::signal::dialect::JOIN_RATE_EXCEEDED)
+        );
+        let mut out = Outbox::default();
+        core.on_text(4, r#"{"type":"join","room":"b"}"#, &mut out);
+        assert!(out.joined);
     }
 }

@@ -82,6 +82,22 @@ impl Proc {
         }
     }
 
+    /// Like `wait_line`, but `None` instead of a panic when no such line comes within `limit`.
+    pub fn line_within(&mut self, needle: &str, limit: Duration) -> Option<String> {
+        if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+            return Some(l.clone());
+        }
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.lines.recv_timeout(left).ok()?;
+            self.seen.push(line.clone());
+            if line.contains(needle) {
+                return Some(line);
+            }
+        }
+    }
+
     /// Takes the lines printed so far without waiting.
     pub fn drain(&mut self) -> &[String] {
         while let Ok(line) = self.lines.try_recv() {

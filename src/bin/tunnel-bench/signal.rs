@@ -98,6 +98,10 @@ fn start(bin: &Path) -> Result<(Server, SocketAddr), String> {
     let mut child = Command::new(bin)
         .args(["signal", "--listen", "127.0.0.1:0"])
         .args(["--rate-limit", "1000000", "--max-connections", "50000"])
+        // Every bench client comes from 127.0.0.1, and the held sockets stay silent for the
+        // whole run: no per-address caps, and no pings in the middle of the figures.
+        .args(["--max-connections-per-addr", "0", "--join-rate", "0"])
+        .args(["--ping-interval", "600", "--idle-timeout", "1200"])
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
