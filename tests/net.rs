@@ -81,6 +81,23 @@ impl Relay {
             }
         }
     }
+
+    /// A browser's `iceServers` (JSON) for the relay, or `None` when the page takes them from
+    /// the signal server's `joined.iceServers`.
+    fn browser_ice(self, bed: &Bed) -> Option<String> {
+        match self {
+            Relay::Signal => None,
+            Relay::Coturn => {
+                let (user, pass) = coturn_credentials();
+                let server = serde_json::json!([{
+                    "urls": format!("turn:{}?transport=udp", self.addr(bed)),
+                    "username": user,
+                    "credential": pass,
+                }]);
+                Some(server.to_string())
+            }
+        }
+    }
 }
 
 /// coturn's REST-API credentials (`use-auth-secret`): user `expiry:name`, password
@@ -731,4 +748,227 @@ fn ipv6_behind_stateful_firewalls_connects_directly() {
         run.proxy_path
     );
     run.download();
+}
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+/// What serve's upstream answers the page's GET /v1/models with.
+const MODELS: &str = r#"{"object":"list","data":[{"id":"net-interop-model","object":"model"}]}"#;
+
+/// What a Chromium case did: the page's report (tests/browser/run.py) and serve's path.
+struct BrowserRun {
+    report: serde_json::Value,
+    serve_path: String,
+    pretty: String,
+}
+
+/// How the page's Chromium finds paths.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Page {
+    /// `iceTransportPolicy: "relay"` with the TURN server (serve gets it too).
+    RelayOnly,
+    /// Chromium's defaults: host addresses behind mDNS names, no ICE servers.
+    Mdns,
+}
+
+/// A cone-NAT bed with serve (and its upstream, answering [`MODELS`]) on LAN A, and headless
+/// Chromium as a consumer on `host` (`(lan, k)`: host k of LAN 1 = A or 2 = B), driven by
+/// `tests/browser/run.py` in that namespace against the public signal server.
+fn browser_case(case: &str, host: (u8, u8), mode: Page) -> BrowserRun {
+    let relay = mode == Page::RelayOnly;
+    let mut bed = Bed::new(case, Family::V4, Router::CONE, Router::CONE);
+    let page_ns = match host {
+        (1, 2) => bed.ns("ha"),
+        (2, 2) => bed.ns("hb"),
+        (lan, k) => bed.host(lan, k),
+    };
+    let (signal, url) = bed.signal();
+    let mut others = vec![("signal", signal)];
+    if relay {
+        others.extend(RELAY.start(&bed).map(|p| ("coturn", p)));
+    }
+    let up = in_netns(&bed.ns("ha"), || {
+        common::upstream(|req| {
+            let _ = req.respond(tiny_http::Response::from_string(MODELS));
+        })
+    });
+    let room = format!("net-{case}");
+    let turn = if relay {
+        RELAY.flags(&bed, "udp")
+    } else {
+        Vec::new()
+    };
+    let mut args = vec![
+        "serve",
+        "--signal",
+        &url,
+        "--room",
+        &room,
+        "--upstream",
+        &up,
+    ];
+    args.extend(turn.iter().map(String::as_str));
+    let mut serve = bed.tunnel("ha", &args);
+    serve.wait_line("joined room", 10);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/run.py");
+    let mut run_args: Vec<String> = [
+        "netns",
+        "exec",
+        &page_ns,
+        "python3",
+        script,
+        "--tunnel",
+        common::BIN,
+        "--chromium",
+        CHROMIUM,
+        "--upstream-body",
+        MODELS,
+        "--timeout",
+        "30",
+        "--role",
+        "consumer",
+        "--order",
+        "tunnel-first",
+        "--signal",
+        &url,
+        "--room",
+        &room,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    match mode {
+        Page::RelayOnly => {
+            run_args.extend(["--policy".into(), "relay".into()]);
+            if let Some(ice) = RELAY.browser_ice(&bed) {
+                run_args.extend(["--ice".into(), ice]);
+            }
+        }
+        Page::Mdns => run_args.push("--mdns".into()),
+    }
+    let run_args: Vec<&str> = run_args.iter().map(String::as_str).collect();
+    let started = Instant::now();
+    let mut page = Proc::start_program("ip", &run_args, &[]);
+    // run.py has its own 30 s deadline and always prints its report; this one guards a hang.
+    let line = wait_for(&mut page, r#"{"result""#, Duration::from_secs(60));
+    let secs = started.elapsed().as_secs_f64();
+    let report: serde_json::Value = line
+        .as_deref()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "{case}: run.py printed no report within 60 s:\n{}",
+                page.drain().join("\n")
+            )
+        });
+    let pretty = serde_json::to_string_pretty(&report).unwrap_or_default();
+    let serve_path = wait_for(&mut serve, "path: ", Duration::from_secs(2));
+    let ready = wait_for(&mut serve, "tunnel ready", Duration::from_secs(2));
+    let serve_log: Vec<String> = serve.drain().to_vec();
+    let result = &report["result"];
+    assert_eq!(
+        result["ok"],
+        true,
+        "{case}: the page reported no success:\n{pretty}\nserve:\n{}",
+        serve_log.join("\n")
+    );
+    assert_eq!(result["status"], 200, "{case}: {pretty}");
+    assert_eq!(result["body"], MODELS, "{case}: {pretty}");
+    assert!(
+        ready.is_some(),
+        "{case}: serve never logged `tunnel ready`:\n{}",
+        serve_log.join("\n")
+    );
+    let serve_path = path_of(&serve_path.unwrap_or_default());
+    eprintln!(
+        "NET {case:<10} Chromium on {page_ns}: answered in {secs:.2} s (page timings, ms: {}); \
+         page's pair: {}; serve path: {serve_path}",
+        result["times"], result["selected_pair"]
+    );
+    drop(others);
+    BrowserRun {
+        report,
+        serve_path,
+        pretty,
+    }
+}
+
+/// Whether the Chromium cases run here; otherwise one loud line says why.
+fn chromium_enabled(case: &str, relay: bool) -> bool {
+    if !enabled(case, relay) {
+        return false;
+    }
+    if std::env::var("TUNNEL_SKIP_BROWSER").is_ok_and(|v| v == "1") {
+        eprintln!("SKIPPED net::{case}: TUNNEL_SKIP_BROWSER=1");
+        return false;
+    }
+    if let Some(why) = netbed::missing_prerequisite(&[CHROMIUM, "python3"]) {
+        eprintln!("SKIPPED net::{case}: {why}");
+        return false;
+    }
+    true
+}
+
+/// Interop: Chromium on LAN B with `iceTransportPolicy: "relay"`, through the TURN server, to
+/// serve on LAN A. The page gathers relayed candidates only and its chosen pair is relayed.
+#[test]
+fn chromium_relay_only_reaches_serve_through_turn() {
+    if !chromium_enabled("chromerelay", true) {
+        return;
+    }
+    let run = browser_case("chromerelay", (2, 2), Page::RelayOnly);
+    let result = &run.report["result"];
+    let gathered: Vec<&str> = result["local_candidates"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(serde_json::Value::as_str)
+        .collect();
+    assert!(
+        !gathered.is_empty() && gathered.iter().all(|c| c.contains(" typ relay")),
+        "chromerelay: the page must gather relayed candidates only:\n{}",
+        run.pretty
+    );
+    let local = result["selected_pair"]["local"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        local.starts_with("relay "),
+        "chromerelay: the page's pair is not relayed: {local}\n{}",
+        run.pretty
+    );
+    assert!(
+        run.serve_path.starts_with("relayed "),
+        "chromerelay: serve's path is not relayed: {}",
+        run.serve_path
+    );
+}
+
+/// Interop: Chromium with its defaults on the same LAN as serve (LAN A): its host address is
+/// hidden behind an mDNS `.local` name, which tunnel does not resolve, so serve learns the
+/// browser's address from its connectivity checks (peer-reflexive) and connects directly.
+#[test]
+fn chromium_with_mdns_reaches_serve_on_its_lan() {
+    if !chromium_enabled("chromemdns", false) {
+        return;
+    }
+    let run = browser_case("chromemdns", (1, 3), Page::Mdns);
+    let result = &run.report["result"];
+    let gathered: Vec<&str> = result["local_candidates"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(serde_json::Value::as_str)
+        .collect();
+    assert!(
+        gathered.iter().any(|c| c.contains(".local "))
+            && gathered.iter().all(|c| !c.contains(" 10.1.0.3 ")),
+        "chromemdns: Chromium must hide its host address behind an mDNS name:\n{}",
+        run.pretty
+    );
+    assert!(
+        run.serve_path.starts_with("direct (prflx) ") && run.serve_path.contains("→ 10.1.0.3:"),
+        "chromemdns: serve must reach the browser at its peer-reflexive address 10.1.0.3: {}\n{}",
+        run.serve_path,
+        run.pretty
+    );
 }
