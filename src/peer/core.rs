@@ -140,7 +140,14 @@ struct Turn {
     local: SocketAddr,
     /// The relayed candidate, once allocated.
     candidate: Option<Candidate>,
+    /// After a failure: when to allocate again, and the delay after that.
+    retry_at: Option<Instant>,
+    retry_delay: Duration,
 }
+
+/// First delay before a failed allocation is tried again; it doubles up to the maximum.
+const TURN_RETRY: Duration = Duration::from_secs(5);
+const TURN_RETRY_MAX: Duration = Duration::from_secs(300);
 
 struct Session {
     id: PeerId,
@@ -330,6 +337,8 @@ impl PeerCore {
             client: TurnClient::new(server, now),
             local,
             candidate: None,
+            retry_at: None,
+            retry_delay: TURN_RETRY,
         };
         // A failed allocation on the same server is replaced in place (its index names the
         // shell's TCP stream); otherwise it is a new one.
@@ -569,6 +578,23 @@ impl PeerCore {
                     log::warn!("TURN: allocation on {} failed: {why}", t.client.server.addr);
                 }
             }
+            // A failed allocation (server restarted, allocation lost, no answer) is tried
+            // again, less and less often; its old relayed candidate is useless meanwhile.
+            if t.client.failed().is_some() {
+                match t.retry_at {
+                    None => t.retry_at = Some(now + t.retry_delay),
+                    Some(at) if at <= now => {
+                        log::info!("TURN: allocating again on {}", t.client.server.addr);
+                        t.client = TurnClient::new(t.client.server.clone(), now);
+                        t.candidate = None;
+                        t.retry_at = None;
+                        t.retry_delay = (t.retry_delay * 2).min(TURN_RETRY_MAX);
+                    }
+                    Some(_) => {}
+                }
+            } else if t.client.relayed().is_some() {
+                t.retry_delay = TURN_RETRY;
+            }
         }
         self.flush_turns();
         let mut i = 0;
@@ -591,7 +617,10 @@ impl PeerCore {
     pub fn next_deadline(&self) -> Option<Instant> {
         let sessions = self.sessions.iter().map(|s| s.deadline);
         let reoffers = self.reoffer.iter().map(|(_, at)| *at);
-        let turns = self.turns.iter().filter_map(|t| t.client.next_deadline());
+        let turns = self
+            .turns
+            .iter()
+            .filter_map(|t| t.client.next_deadline().or(t.retry_at));
         sessions
             .chain(reoffers)
             .chain(turns)

@@ -118,6 +118,8 @@ pub struct TurnClient {
     channels: HashMap<SocketAddr, Channel>,
     by_number: HashMap<u16, SocketAddr>,
     next_channel: u16,
+    /// Peers the server refused to relay to (403 and the like): nothing more is sent there.
+    refused: Vec<std::net::IpAddr>,
     out: Vec<Vec<u8>>,
     last_sent: Instant,
 }
@@ -135,6 +137,7 @@ impl TurnClient {
             channels: HashMap::new(),
             by_number: HashMap::new(),
             next_channel: codec::CHANNEL_MIN,
+            refused: Vec::new(),
             out: Vec::new(),
             last_sent: now,
         };
@@ -222,7 +225,11 @@ impl TurnClient {
 
     /// Data str0m sends from the relayed address to `peer`.
     pub fn send_to(&mut self, peer: SocketAddr, data: &[u8], now: Instant) {
-        if self.relayed().is_none() {
+        if self.relayed().is_none() || self.refused.contains(&peer.ip()) {
+            return;
+        }
+        // A relay on another host cannot reach our peer's loopback addresses.
+        if peer.ip().is_loopback() && !self.server.addr.ip().is_loopback() {
             return;
         }
         if !self.channels.contains_key(&peer) {
@@ -301,6 +308,9 @@ impl TurnClient {
             return Inbound::Nothing;
         }
         match (pending.kind, m.class) {
+            (Kind::Refresh, Class::Error) if m.error().is_some_and(|(c, _)| c == 437) => {
+                self.fail("the server lost the allocation (437)".into())
+            }
             (_, Class::Error) => self.on_error(pending.kind, &m, now),
             (Kind::Allocate, Class::Success) => {
                 let Some(relayed) = m.xor_address(codec::ATTR_XOR_RELAYED_ADDRESS) else {
@@ -368,12 +378,20 @@ impl TurnClient {
             _ => match kind {
                 Kind::Allocate => self.fail(format!("Allocate refused: {code} {reason}")),
                 Kind::Refresh => self.fail(format!("Refresh refused: {code} {reason}")),
+                Kind::ChannelBind(..) if code == 437 => {
+                    // Allocation mismatch: the server no longer holds our allocation.
+                    self.fail(format!("the server lost the allocation (437 {reason})"))
+                }
                 Kind::ChannelBind(number, peer) => {
                     log::debug!(
-                        "TURN: ChannelBind {number:#x} for {peer} refused: {code} {reason}"
+                        "TURN: ChannelBind {number:#x} for {peer} refused: {code} {reason}; \
+                         not relaying there"
                     );
                     self.channels.remove(&peer);
                     self.by_number.remove(&number);
+                    if !self.refused.contains(&peer.ip()) {
+                        self.refused.push(peer.ip());
+                    }
                     Inbound::Nothing
                 }
                 Kind::Keepalive => Inbound::Nothing,
@@ -527,7 +545,7 @@ mod tests {
 
     fn server() -> TurnServer {
         TurnServer {
-            addr: "127.0.0.1:3478".parse().unwrap(),
+            addr: "192.0.2.10:3478".parse().unwrap(),
             transport: Transport::Udp,
             username: "1700000000:bob".into(),
             password: "pw".into(),
@@ -696,6 +714,42 @@ mod tests {
             why = why.or(c.handle_timeout(t));
         }
         assert!(why.is_some_and(|w| w.contains("no answer")));
+    }
+
+    #[test]
+    fn a_refused_peer_is_not_retried_and_a_lost_allocation_fails() {
+        let now = Instant::now();
+        let mut c = allocated(now);
+        let peer: SocketAddr = "10.9.9.9:1".parse().unwrap();
+        c.send_to(peer, b"x", now);
+        let bind = c.poll_transmit().expect("ChannelBind");
+        while c.poll_transmit().is_some() {}
+        let m = Message::parse(&bind).unwrap();
+        let forbidden = Builder::new(m.method, Class::Error, m.tid)
+            .error(403, "Forbidden IP")
+            .finish();
+        c.handle(&forbidden, now);
+        c.send_to(peer, b"again", now);
+        assert!(
+            c.poll_transmit().is_none(),
+            "nothing more to a refused peer"
+        );
+        c.send_to("127.0.0.1:5".parse().unwrap(), b"lo", now);
+        assert!(
+            c.poll_transmit().is_none(),
+            "no loopback peers through a remote relay"
+        );
+        // The server forgot the allocation: a Refresh gets 437.
+        c.handle_timeout(now + Duration::from_secs(540));
+        let refresh = std::iter::from_fn(|| c.poll_transmit())
+            .find(|m| Message::parse(m).is_ok_and(|m| m.method == codec::REFRESH))
+            .expect("refresh");
+        let m = Message::parse(&refresh).unwrap();
+        let gone = Builder::new(m.method, Class::Error, m.tid)
+            .error(437, "Allocation Mismatch")
+            .finish();
+        assert!(matches!(c.handle(&gone, now), Inbound::Failed(_)));
+        assert!(c.failed().is_some());
     }
 
     #[test]
