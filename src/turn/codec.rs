@@ -183,6 +183,11 @@ impl<'a> Message<'a> {
             .and_then(|v| decode_address(v, Some(&self.tid)))
     }
 
+    /// How many times attribute `t` occurs (before MESSAGE-INTEGRITY).
+    pub fn attr_count(&self, t: u16) -> usize {
+        self.attrs.iter().filter(|(k, _)| *k == t).count()
+    }
+
     /// Every XOR-PEER-ADDRESS (CreatePermission may carry several).
     pub fn peer_addresses(&self) -> Vec<SocketAddr> {
         self.attrs
