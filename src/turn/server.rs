@@ -951,7 +951,7 @@ impl TurnServer {
         let key = &auth.key;
         let number = msg
             .channel()
-            .filter(|n| (codec::CHANNEL_MIN..=codec::CHANNEL_MAX).contains(n));
+            .filter(|n| (codec::CHANNEL_MIN..=codec::CHANNEL_MAX_RFC5766).contains(n));
         let peer = msg
             .xor_address(codec::ATTR_XOR_PEER_ADDRESS)
             .map(canonical_addr);
@@ -960,7 +960,7 @@ impl TurnServer {
                 client,
                 msg,
                 400,
-                "Bad Request: CHANNEL-NUMBER 0x4000-0x4FFF and XOR-PEER-ADDRESS required",
+                "Bad Request: CHANNEL-NUMBER 0x4000-0x7FFF and XOR-PEER-ADDRESS required",
                 Some(key),
             );
             return self.refuse(Refusal::BadRequest);

@@ -508,7 +508,9 @@ fn channel_bind_rules() {
     assert_eq!(t.bind(c, &creds, 0x4000, PEER2).code(), Some(400));
     assert_eq!(t.bind(c, &creds, 0x4001, PEER).code(), Some(400));
     assert_eq!(t.bind(c, &creds, 0x3FFF, PEER2).code(), Some(400));
-    assert_eq!(t.bind(c, &creds, 0x5000, PEER2).code(), Some(400));
+    assert_eq!(t.bind(c, &creds, 0x8000, PEER2).code(), Some(400));
+    // RFC 5766's range, which libwebrtc and coturn's clients use, is accepted.
+    assert!(t.bind(c, &creds, 0x63FB, PEER2).is_success());
     let req = t.request(codec::CHANNEL_BIND, &creds, |b| b.channel(0x4002));
     assert_eq!(t.one(c, &req).code(), Some(400), "no peer");
     // Rebinding the same pair refreshes it.
@@ -815,7 +817,8 @@ fn the_shared_port_tells_turn_from_binding() {
     codec::channel_data(&mut cd, 0x4000, b"x");
     assert!(claims(&cd));
     assert!(!claims(b"\x16\xfe\xfd DTLS"));
-    assert!(!claims(b"short"));
+    assert!(!claims(b"\x01\x01\x00\x00short"));
+    assert!(!claims(&[0x80, 0x01, 0x00, 0x00]));
 }
 
 #[test]
