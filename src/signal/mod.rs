@@ -5,14 +5,17 @@
 pub mod agent;
 pub mod chronoflux;
 pub mod dialect;
+pub mod relay;
 pub mod server;
 pub mod tunnel_rooms;
 pub mod webllm;
 
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use crate::cli::{split_host_port, SignalOpts};
 use agent::IceConfig;
+use relay::RelayConfig;
 use server::{Config, Server};
 
 /// The dialects `--dialect` accepts.
@@ -74,9 +77,21 @@ pub fn config(opts: &SignalOpts) -> Result<(Config, DialectKind), String> {
     if opts.max_message < 1024 {
         return Err("--max-message must be at least 1024 bytes".into());
     }
-    if opts.turn_secret.is_some() == opts.turn_url.is_empty() {
+    if opts.turn_secret.is_none() && !opts.turn_url.is_empty() {
         return Err("--turn-secret and --turn-url go together".into());
     }
+    if opts.turn_secret.is_some() && opts.turn_url.is_empty() && opts.no_relay {
+        return Err(
+            "--turn-secret and --turn-url go together (--turn-secret alone is for the built-in \
+             relay, which --no-relay turns off)"
+                .into(),
+        );
+    }
+    let relay = if opts.no_relay {
+        None
+    } else {
+        Some(relay_config(opts)?)
+    };
     let dialect: Box<dyn dialect::Dialect + Send> = match kind {
         DialectKind::Tunnel => Box::new(tunnel_rooms::TunnelRooms::new(
             opts.max_peers,
@@ -100,12 +115,61 @@ pub fn config(opts: &SignalOpts) -> Result<(Config, DialectKind), String> {
             turn_urls: opts.turn_url.clone(),
             turn_ttl: opts.turn_ttl,
             own_stun_port: None,
+            relay: None,
         },
         max_message: opts.max_message,
         max_connections: opts.max_connections.max(1),
         rate_limit: opts.rate_limit,
+        relay,
     };
     Ok((cfg, kind))
+}
+
+/// The built-in relay's settings from the `--relay-*` flags.
+fn relay_config(opts: &SignalOpts) -> Result<RelayConfig, String> {
+    let defaults = RelayConfig::default();
+    let ports = match &opts.relay_ports {
+        Some(spec) => relay::parse_port_range(spec)?,
+        None => defaults.ports,
+    };
+    if opts.relay_max_allocations < 1 || opts.relay_user_allocations < 1 {
+        return Err(
+            "--relay-max-allocations and --relay-user-allocations must be at least 1 (--no-relay \
+             turns the relay off)"
+                .into(),
+        );
+    }
+    if opts.relay_lifetime < 60 {
+        return Err("--relay-lifetime must be at least 60 seconds".into());
+    }
+    let mut rules = Vec::new();
+    for spec in &opts.relay_allow {
+        rules.push((crate::turn::policy::Cidr::parse(spec)?, true));
+    }
+    for spec in &opts.relay_deny {
+        rules.push((crate::turn::policy::Cidr::parse(spec)?, false));
+    }
+    let relay_ip = match &opts.relay_ip {
+        Some(ip) => Some(
+            ip.parse::<IpAddr>()
+                .map_err(|_| format!("invalid --relay-ip '{ip}': expected an IP address"))?,
+        ),
+        None => None,
+    };
+    if relay_ip.is_some_and(|ip| ip.is_unspecified() || ip.is_multicast()) {
+        return Err("--relay-ip must be an address peers can send to".into());
+    }
+    Ok(RelayConfig {
+        secret: opts.turn_secret.clone(),
+        relay_ip,
+        ports,
+        max_allocations: opts.relay_max_allocations,
+        max_per_user: opts.relay_user_allocations,
+        rate: opts.relay_rate,
+        max_lifetime: Duration::from_secs(opts.relay_lifetime),
+        rules,
+        deny_private: None,
+    })
 }
 
 /// `tunnel signal`: runs the server in this thread until it is killed.
@@ -130,6 +194,7 @@ pub fn spawn(
         max_message: 64 * 1024,
         max_connections: 1024,
         rate_limit: 1000,
+        relay: None,
     };
     let mut server = Server::bind(cfg)?;
     let addrs = (server.local_addr(), server.stun_addr());
