@@ -181,11 +181,14 @@ pub fn run(opts: SignalOpts) -> Result<(), String> {
     server.run()
 }
 
-/// Starts a tunnel-dialect signal server on its own thread; returns its TCP and STUN addresses.
-pub fn spawn(
-    listen: SocketAddr,
-    max_consumers: usize,
-) -> Result<(SocketAddr, Option<SocketAddr>), String> {
+/// Binds the tunnel-dialect signal server `tunnel serve` hosts itself (with STUN and the TURN
+/// relay); [`spawn`] runs it. Its TCP and STUN addresses are known from here on, and clients
+/// may connect (the kernel queues them) before it runs.
+///
+/// Its relay refuses private ranges whatever this host's addresses: on a box at home it must not
+/// be a way into the home network. The provider's own sockets, there on the same box, are
+/// allowed one by one with [`spawn`]'s list.
+pub fn bind_builtin(listen: SocketAddr, max_consumers: usize) -> Result<Server, String> {
     let cfg = Config {
         listen,
         stun: Some(SocketAddr::new(listen.ip(), 0)),
@@ -194,10 +197,19 @@ pub fn spawn(
         max_message: 64 * 1024,
         max_connections: 1024,
         rate_limit: 1000,
-        relay: None,
+        relay: Some(RelayConfig {
+            deny_private: Some(true),
+            ..RelayConfig::default()
+        }),
     };
-    let mut server = Server::bind(cfg)?;
-    let addrs = (server.local_addr(), server.stun_addr());
+    Server::bind(cfg)
+}
+
+/// Runs a server from [`bind_builtin`] on its own thread. Its relay may always reach the exact
+/// addresses in `relay_always_allowed` (the provider's ICE sockets), even where they are
+/// loopback, private or this host's own.
+pub fn spawn(mut server: Server, relay_always_allowed: Vec<SocketAddr>) -> Result<(), String> {
+    server.relay_always_allowed(relay_always_allowed);
     std::thread::Builder::new()
         .name("signal".into())
         .spawn(move || {
@@ -206,7 +218,7 @@ pub fn spawn(
             }
         })
         .map_err(|e| format!("cannot start the signal server thread: {e}"))?;
-    Ok(addrs)
+    Ok(())
 }
 
 fn announce(server: &Server, kind: DialectKind) {
