@@ -162,6 +162,11 @@ impl<'a> Message<'a> {
         })
     }
 
+    /// Every attribute up to and including MESSAGE-INTEGRITY, as (type, value), in order.
+    pub fn attributes(&self) -> &[(u16, &'a [u8])] {
+        &self.attrs
+    }
+
     /// The first value of attribute `t`.
     pub fn attr(&self, t: u16) -> Option<&'a [u8]> {
         self.attrs.iter().find(|(k, _)| *k == t).map(|(_, v)| *v)
@@ -388,6 +393,62 @@ pub fn stream_frame_len(buf: &[u8]) -> Result<Option<usize>, StunError> {
         }
     }
     Ok((buf.len() >= total).then_some(total))
+}
+
+/// The decoders' half of the TURN fuzz entry point (`turn::fuzz_one`): never panics, and what
+/// decodes re-encodes to the same thing.
+pub fn fuzz_decode(data: &[u8]) {
+    let _ = crate::stun::binding_response(data, SocketAddr::from(([192, 0, 2, 1], 9)));
+    if let Ok(Some(len)) = stream_frame_len(data) {
+        assert!(len <= data.len(), "a frame longer than its input");
+    }
+    if let Some((channel, payload)) = parse_channel_data(data) {
+        let mut again = Vec::new();
+        channel_data(&mut again, channel, payload);
+        assert_eq!(parse_channel_data(&again), Some((channel, payload)));
+    }
+    let Ok(m) = Message::parse(data) else {
+        return;
+    };
+    let _ = (
+        m.channel(),
+        m.error(),
+        m.peer_addresses(),
+        m.unknown_required(&[]),
+    );
+    for t in [
+        ATTR_XOR_PEER_ADDRESS,
+        ATTR_XOR_RELAYED_ADDRESS,
+        ATTR_XOR_MAPPED_ADDRESS,
+    ] {
+        let _ = m.xor_address(t);
+    }
+    let _ = (m.u32_attr(ATTR_LIFETIME), m.text(ATTR_USERNAME));
+    let _ = m.check_integrity(b"fuzz");
+    // Re-encoded (without MESSAGE-INTEGRITY), it parses to the same message.
+    if data.len() > 60_000 {
+        return;
+    }
+    let kept: Vec<(u16, &[u8])> = m
+        .attributes()
+        .iter()
+        .copied()
+        .filter(|(t, _)| *t != ATTR_MESSAGE_INTEGRITY)
+        .collect();
+    let mut b = Builder::new(m.method, m.class, m.tid);
+    for (t, v) in &kept {
+        b = b.attr(*t, v);
+    }
+    let bytes = b.finish();
+    let again = match Message::parse(&bytes) {
+        Ok(again) => again,
+        Err(e) => panic!("a re-encoded message does not parse: {e}"),
+    };
+    assert_eq!(
+        (again.method, again.class, again.tid),
+        (m.method, m.class, m.tid)
+    );
+    assert_eq!(again.attributes(), &kept[..]);
 }
 
 #[cfg(test)]

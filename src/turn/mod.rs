@@ -5,3 +5,11 @@
 pub mod codec;
 pub mod policy;
 pub mod server;
+
+/// The fuzz entry point (`fuzz/fuzz_targets/turn.rs`; its seed corpus is replayed by
+/// `tests/fuzz_corpus.rs`): arbitrary bytes through the STUN/TURN decoders and through a TURN
+/// server core. Panics only on a broken invariant.
+pub fn fuzz_one(data: &[u8]) {
+    codec::fuzz_decode(data);
+    server::fuzz_drive(data);
+}

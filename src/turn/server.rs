@@ -1256,5 +1256,138 @@ fn secs(d: Duration) -> u32 {
     u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
 }
 
+/// The server's half of the TURN fuzz entry point (`turn::fuzz_one`): a client that holds an
+/// allocation sends `data` raw, re-signed with valid credentials (so the authenticated paths
+/// are reached), and as a peer's datagram; then `data` is read as a script of such steps and
+/// of clock jumps. Nothing may panic, and nothing may go to the server's own sockets or from a
+/// port that is not open.
+pub fn fuzz_drive(data: &[u8]) {
+    use std::collections::HashSet;
+
+    let start = Instant::now();
+    let mut cfg = Config::new(b"fuzz", IpAddr::from([192, 0, 2, 1]));
+    cfg.ports = (50000, 50003);
+    cfg.max_allocations = 3;
+    cfg.max_per_user = 2;
+    cfg.rate = 4096;
+    cfg.policy = PeerPolicy {
+        deny_private: true,
+        own_ips: vec![IpAddr::from([192, 0, 2, 1])],
+        own_ports: vec![3478],
+        always: vec![SocketAddr::from(([127, 0, 0, 1], 40000))],
+        rules: super::policy::Cidr::parse("10.0.0.0/8")
+            .into_iter()
+            .map(|c| (c, true))
+            .collect(),
+    };
+    let mut srv = TurnServer::new(cfg, start, 1_000_000);
+    let client = Client::udp(SocketAddr::from(([198, 51, 100, 1], 4000)));
+    let (user, pass) = mint(b"fuzz", "client", 2_000_000);
+    let key = codec::long_term_key(&user, REALM, &pass);
+    let mut open: HashSet<u16> = HashSet::new();
+    let mut now = start;
+
+    let mut drain = |srv: &mut TurnServer, now: Instant| -> Option<String> {
+        let mut nonce = None;
+        while let Some(out) = srv.poll_output() {
+            match out {
+                Output::Open(port) => {
+                    let ok = port % 4 != 3;
+                    if ok {
+                        open.insert(port);
+                    }
+                    srv.relay_opened(now, port, ok);
+                }
+                Output::Close(port) => {
+                    assert!(open.remove(&port), "closing port {port}, which is not open");
+                }
+                Output::ToPeer { port, peer, .. } => {
+                    assert!(open.contains(&port), "sending from port {port}, not open");
+                    let own = srv.cfg.policy.is_own_socket(peer, |p| open.contains(&p));
+                    assert!(!own, "relaying to the server's own socket {peer}");
+                }
+                Output::ToClient(to, bytes) => {
+                    assert_eq!(to, client);
+                    if let Ok(m) = Message::parse(&bytes) {
+                        if let Some(n) = m.text(codec::ATTR_NONCE) {
+                            nonce = Some(n.to_string());
+                        }
+                    }
+                }
+                Output::Ended(_) => {}
+            }
+        }
+        assert!(srv.allocations() <= 3);
+        nonce
+    };
+    let sign = |m: &Message, nonce: &str| -> Vec<u8> {
+        let mut b = Builder::new(m.method, m.class, m.tid);
+        for (t, v) in m.attributes() {
+            if ![
+                codec::ATTR_USERNAME,
+                codec::ATTR_REALM,
+                codec::ATTR_NONCE,
+                codec::ATTR_MESSAGE_INTEGRITY,
+            ]
+            .contains(t)
+            {
+                b = b.attr(*t, v);
+            }
+        }
+        b.attr(codec::ATTR_USERNAME, user.as_bytes())
+            .attr(codec::ATTR_REALM, REALM.as_bytes())
+            .attr(codec::ATTR_NONCE, nonce.as_bytes())
+            .integrity(&key)
+            .finish()
+    };
+
+    // An allocation, the way a client makes one.
+    let probe = Builder::new(codec::ALLOCATE, Class::Request, [1; 12])
+        .attr(codec::ATTR_REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+        .finish();
+    srv.handle_client(now, client, &probe);
+    let Some(mut nonce) = drain(&mut srv, now) else {
+        panic!("no nonce in the 401");
+    };
+    let Ok(probe_msg) = Message::parse(&probe) else {
+        return;
+    };
+    srv.handle_client(now, client, &sign(&probe_msg, &nonce));
+    drain(&mut srv, now);
+
+    let mut step = |action: u8, chunk: &[u8], now: &mut Instant, nonce: &mut String| {
+        match action {
+            0 => srv.handle_client(*now, client, chunk),
+            1 => {
+                if let Ok(m) = Message::parse(chunk) {
+                    srv.handle_client(*now, client, &sign(&m, nonce));
+                }
+            }
+            2 => {
+                let port = 50000 + u16::from(chunk.first().copied().unwrap_or(0) % 4);
+                srv.handle_peer(*now, port, SocketAddr::from(([192, 0, 2, 10], 5000)), chunk);
+            }
+            _ => {
+                let secs = u64::from(chunk.first().copied().unwrap_or(1)) * 10;
+                *now += Duration::from_secs(secs);
+                srv.handle_timeout(*now);
+            }
+        }
+        if let Some(n) = drain(&mut srv, *now) {
+            *nonce = n;
+        }
+    };
+    for action in 0..3 {
+        step(action, data, &mut now, &mut nonce);
+    }
+    let mut rest = data;
+    while let Some((&head, tail)) = rest.split_first() {
+        let len = usize::from(head >> 2) * 4;
+        let (chunk, after) = tail.split_at(len.min(tail.len()));
+        step(head & 3, chunk, &mut now, &mut nonce);
+        rest = after;
+    }
+}
+
 #[cfg(test)]
 mod tests;
