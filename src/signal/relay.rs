@@ -32,6 +32,18 @@ pub const CREDENTIAL_TTL: Duration = Duration::from_secs(3600);
 pub const TCP_QUEUE: usize = 256 * 1024;
 /// Largest datagram read from a relay port.
 const DATAGRAM: usize = 64 * 1024;
+/// Kernel buffers asked for on the relay's UDP sockets (and the shared STUN/TURN socket), so
+/// bursts are not dropped while the loop is busy.
+const UDP_BUFFER: usize = 2 * 1024 * 1024;
+
+/// Asks for large kernel buffers on a UDP socket the relay reads.
+pub fn size_buffers(sock: &UdpSocket) {
+    for option in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
+        if let Err(e) = crate::nbio::set_buffer_size(sock, option, UDP_BUFFER) {
+            log::debug!("turn: socket buffer size: {e}");
+        }
+    }
+}
 
 /// The relay's settings, resolved from the command line.
 #[derive(Clone, Debug)]
@@ -395,6 +407,7 @@ impl Relay {
                 return false;
             }
         };
+        size_buffers(&sock);
         if let Err(e) = registry.register(
             &mut sock,
             Token(TOKEN_BASE + usize::from(port)),

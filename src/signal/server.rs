@@ -204,6 +204,7 @@ impl Server {
         if let Some(relay) = &relay {
             cfg.ice.relay = Some(relay.ice());
             cfg.dialect.set_relay(relay.ice());
+            udp.iter().for_each(relay::size_buffers);
         }
         let now = Instant::now();
         let agent = Agent::new(cfg.ice.clone());
