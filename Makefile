@@ -64,12 +64,12 @@ bench: static
 	$(STATIC_BENCH) signal
 	$(STATIC_BENCH) tunnel
 
-## fuzz: run each fuzz target (frame codec, HTTP/1.1 codec) for FUZZ_SECONDS (nightly +
+## fuzz: run each fuzz target (frame codec, HTTP/1.1 codec, TURN) for FUZZ_SECONDS (nightly +
 ## cargo-fuzz); new inputs go to target/fuzz-corpus, the committed seeds stay as they are
 fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz
 	@rustup toolchain list | grep -q nightly || rustup toolchain install nightly --profile minimal
-	@for t in frame http1; do \
+	@for t in frame http1 turn; do \
 	  mkdir -p target/fuzz-corpus/$$t && \
 	  (cd fuzz && $(CARGO) +nightly fuzz run $$t ../target/fuzz-corpus/$$t corpus/$$t -- \
 	    -max_total_time=$(FUZZ_SECONDS)) || exit 1; \

@@ -63,7 +63,8 @@ pub struct SignalOpts {
     #[argh(option)]
     pub ice_server: Vec<String>,
 
-    /// shared secret for per-session TURN credentials (coturn use-auth-secret)
+    /// shared secret for per-session TURN credentials (coturn use-auth-secret); the built-in
+    /// relay checks credentials with it too (default: a random one)
     #[argh(option)]
     pub turn_secret: Option<String>,
 
@@ -152,6 +153,47 @@ pub struct SignalOpts {
     /// another member) or any (every session, at connect)
     #[argh(option, default = "String::from(\"joined\")")]
     pub turn_credentials: String,
+
+    /// do not run the built-in TURN relay (on by default, on the STUN UDP port and the TCP
+    /// port)
+    #[argh(switch)]
+    pub no_relay: bool,
+
+    /// UDP ports of relayed addresses, LO-HI (default 49152-65535)
+    #[argh(option)]
+    pub relay_ports: Option<String>,
+
+    /// TURN allocations held at once (default 500); more get 508
+    #[argh(option, default = "500")]
+    pub relay_max_allocations: usize,
+
+    /// TURN allocations per credential, i.e. per member or session (default 10); more get 486
+    #[argh(option, default = "10")]
+    pub relay_user_allocations: usize,
+
+    /// bytes per second relayed per allocation and direction, the excess dropped (default
+    /// 1048576; 0: no limit)
+    #[argh(option, default = "1048576")]
+    pub relay_rate: u64,
+
+    /// longest TURN allocation lifetime in seconds (default 3600)
+    #[argh(option, default = "3600")]
+    pub relay_lifetime: u64,
+
+    /// address range the relay may reach although it is private, loopback or this host's own
+    /// (repeatable), e.g. 127.0.0.0/8 for tests and single-host set-ups; never this server's
+    /// own ports
+    #[argh(option)]
+    pub relay_allow: Vec<String>,
+
+    /// address range the relay must not reach (repeatable)
+    #[argh(option)]
+    pub relay_deny: Vec<String>,
+
+    /// address announced as the relayed address (default: the listen address, or the source
+    /// address of the default route)
+    #[argh(option)]
+    pub relay_ip: Option<String>,
 }
 
 /// Expose an upstream HTTP service (an LLM server, any HTTP API) through the tunnel: the provider.

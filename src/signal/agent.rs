@@ -18,6 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 
 use super::dialect::{ConnId, RoomCaps};
+use super::relay::RelayIce;
 use crate::util::{base64, hmac_sha1, uuid_v4};
 
 /// Sessions without a stream or a request for this long are pruned.
@@ -41,6 +42,8 @@ pub struct IceConfig {
     /// Our own STUN responder's port, offered as `stun:<request host>:<port>` when no URL is
     /// configured.
     pub own_stun_port: Option<u16>,
+    /// The built-in TURN relay, offered after the rest with credentials per session.
+    pub relay: Option<RelayIce>,
 }
 
 /// Who gets minted TURN credentials (`--turn-credentials`).
@@ -218,6 +221,13 @@ impl Agent {
                     servers.push(json!({ "urls": [format!("stun:{host}:{port}")] }));
                 }
             }
+        }
+        if let (Some(relay), true) = (&self.ice.relay, with_turn) {
+            let unix = now
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            servers.extend(relay.turn_entry(host, id, unix));
         }
         Value::Array(servers)
     }
@@ -823,5 +833,30 @@ mod tests {
         let mut out = SseOut::default();
         connect(&mut agent, 1, "r", &mut out).unwrap();
         assert!(has_turn(&out.events[0].1));
+    }
+
+    #[test]
+    fn the_built_in_relay_follows_the_rest() {
+        let agent = Agent::new(
+            IceConfig {
+                own_stun_port: Some(3478),
+                relay: Some(RelayIce::new(b"s3cret", Some(3478), 8787)),
+                ..IceConfig::default()
+            },
+            AgentCaps::default(),
+        );
+        let wall = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let servers = agent.ice_servers("abc", "h.example:8787", wall, true);
+        assert_eq!(servers[0], json!({"urls": ["stun:h.example:3478"]}));
+        assert_eq!(
+            servers[1]["urls"],
+            json!([
+                "turn:h.example:3478?transport=udp",
+                "turn:h.example:8787?transport=tcp"
+            ])
+        );
+        assert_eq!(servers[1]["username"], "1003600:abc");
+        let want = base64(&hmac_sha1(b"s3cret", b"1003600:abc"));
+        assert_eq!(servers[1]["credential"], want.as_str());
     }
 }

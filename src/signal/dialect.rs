@@ -6,6 +6,8 @@
 
 use serde_json::Value;
 
+use super::relay::RelayIce;
+
 /// The driver's handle for one WebSocket connection.
 pub type ConnId = usize;
 
@@ -132,6 +134,21 @@ pub trait Dialect {
     fn rooms(&self) -> usize;
     /// The answer to a plain HTTP request for `path` that no common route took.
     fn page(&self, path: &str, host: &str) -> Page;
+
+    /// The built-in TURN relay runs: a dialect may hand its clients the relay's `iceServers`.
+    fn set_relay(&mut self, _ice: RelayIce) {}
+
+    /// [`Dialect::on_open`], with the host the client addressed (its Host header, or the
+    /// connection's local address), for dialects that hand out URLs of this server.
+    fn on_open_at(&mut self, conn: ConnId, _host: &str, out: &mut Outbox) {
+        self.on_open(conn, out)
+    }
+
+    /// [`Dialect::on_text`], with the wall-clock time (seconds since the Unix epoch), for
+    /// dialects that mint time-limited credentials.
+    fn on_text_at(&mut self, conn: ConnId, text: &str, _unix: u64, out: &mut Outbox) {
+        self.on_text(conn, text, out)
+    }
 }
 
 /// The `type` field of a parsed message, if it is a string.

@@ -7,6 +7,7 @@ pub mod agent;
 pub mod chronoflux;
 pub mod dialect;
 pub mod limits;
+pub mod relay;
 pub mod server;
 pub mod tunnel_rooms;
 pub mod webllm;
@@ -17,6 +18,7 @@ use std::time::Duration;
 use crate::cli::{split_host_port, SignalOpts};
 use agent::{AgentCaps, IceConfig, TurnCredentials};
 use dialect::RoomCaps;
+use relay::RelayConfig;
 use server::{Config, Limits, Server};
 
 /// File descriptors kept for other things than client connections (listener, STUN socket,
@@ -83,7 +85,7 @@ pub fn config(opts: &SignalOpts) -> Result<(Config, DialectKind), String> {
     if opts.max_message < 1024 {
         return Err("--max-message must be at least 1024 bytes".into());
     }
-    if opts.turn_secret.is_some() == opts.turn_url.is_empty() {
+    if opts.turn_secret.is_none() && !opts.turn_url.is_empty() {
         return Err("--turn-secret and --turn-url go together".into());
     }
     for (value, flag) in [
@@ -106,6 +108,18 @@ pub fn config(opts: &SignalOpts) -> Result<(Config, DialectKind), String> {
         max_rooms: opts.max_rooms,
         max_room_name: opts.max_room_name,
         max_members: opts.max_members,
+    };
+    if opts.turn_secret.is_some() && opts.turn_url.is_empty() && opts.no_relay {
+        return Err(
+            "--turn-secret and --turn-url go together (--turn-secret alone is for the built-in \
+             relay, which --no-relay turns off)"
+                .into(),
+        );
+    }
+    let relay = if opts.no_relay {
+        None
+    } else {
+        Some(relay_config(opts)?)
     };
     let dialect: Box<dyn dialect::Dialect + Send> = match kind {
         DialectKind::Tunnel => Box::new(
@@ -133,6 +147,7 @@ pub fn config(opts: &SignalOpts) -> Result<(Config, DialectKind), String> {
             turn_urls: opts.turn_url.clone(),
             turn_ttl: opts.turn_ttl,
             own_stun_port: None,
+            relay: None,
         },
         max_message: opts.max_message,
         max_connections: opts.max_connections.unwrap_or(0).max(1),
@@ -150,8 +165,56 @@ pub fn config(opts: &SignalOpts) -> Result<(Config, DialectKind), String> {
             idle_timeout: Duration::from_secs(opts.idle_timeout),
             probe_timeout: Duration::from_secs(opts.webllm_probe_timeout),
         },
+        relay,
     };
     Ok((cfg, kind))
+}
+
+/// The built-in relay's settings from the `--relay-*` flags.
+fn relay_config(opts: &SignalOpts) -> Result<RelayConfig, String> {
+    let defaults = RelayConfig::default();
+    let ports = match &opts.relay_ports {
+        Some(spec) => relay::parse_port_range(spec)?,
+        None => defaults.ports,
+    };
+    if opts.relay_max_allocations < 1 || opts.relay_user_allocations < 1 {
+        return Err(
+            "--relay-max-allocations and --relay-user-allocations must be at least 1 (--no-relay \
+             turns the relay off)"
+                .into(),
+        );
+    }
+    if opts.relay_lifetime < 60 {
+        return Err("--relay-lifetime must be at least 60 seconds".into());
+    }
+    let mut rules = Vec::new();
+    for spec in &opts.relay_allow {
+        rules.push((crate::turn::policy::Cidr::parse(spec)?, true));
+    }
+    for spec in &opts.relay_deny {
+        rules.push((crate::turn::policy::Cidr::parse(spec)?, false));
+    }
+    let relay_ip = match &opts.relay_ip {
+        Some(ip) => Some(
+            ip.parse::<IpAddr>()
+                .map_err(|_| format!("invalid --relay-ip '{ip}': expected an IP address"))?,
+        ),
+        None => None,
+    };
+    if relay_ip.is_some_and(|ip| ip.is_unspecified() || ip.is_multicast()) {
+        return Err("--relay-ip must be an address peers can send to".into());
+    }
+    Ok(RelayConfig {
+        secret: opts.turn_secret.clone(),
+        relay_ip,
+        ports,
+        max_allocations: opts.relay_max_allocations,
+        max_per_user: opts.relay_user_allocations,
+        rate: opts.relay_rate,
+        max_lifetime: Duration::from_secs(opts.relay_lifetime),
+        rules,
+        deny_private: None,
+    })
 }
 
 /// `tunnel signal`: runs the server in this thread until it is killed.
@@ -164,11 +227,14 @@ pub fn run(opts: SignalOpts) -> Result<(), String> {
     server.run()
 }
 
-/// Starts a tunnel-dialect signal server on its own thread; returns its TCP and STUN addresses.
-pub fn spawn(
-    listen: SocketAddr,
-    max_consumers: usize,
-) -> Result<(SocketAddr, Option<SocketAddr>), String> {
+/// Binds the tunnel-dialect signal server `tunnel serve` hosts itself (with STUN and the TURN
+/// relay); [`spawn`] runs it. Its TCP and STUN addresses are known from here on, and clients
+/// may connect (the kernel queues them) before it runs.
+///
+/// Its relay refuses private ranges whatever this host's addresses: on a box at home it must not
+/// be a way into the home network. The provider's own sockets, there on the same box, are
+/// allowed one by one with [`spawn`]'s list.
+pub fn bind_builtin(listen: SocketAddr, max_consumers: usize) -> Result<Server, String> {
     let cfg = Config {
         listen,
         stun: Some(SocketAddr::new(listen.ip(), 0)),
@@ -179,9 +245,19 @@ pub fn spawn(
         rate_limit: 1000,
         agent: AgentCaps::default(),
         limits: Limits::default(),
+        relay: Some(RelayConfig {
+            deny_private: Some(true),
+            ..RelayConfig::default()
+        }),
     };
-    let mut server = Server::bind(cfg)?;
-    let addrs = (server.local_addr(), server.stun_addr());
+    Server::bind(cfg)
+}
+
+/// Runs a server from [`bind_builtin`] on its own thread. Its relay may always reach the exact
+/// addresses in `relay_always_allowed` (the provider's ICE sockets), even where they are
+/// loopback, private or this host's own.
+pub fn spawn(mut server: Server, relay_always_allowed: Vec<SocketAddr>) -> Result<(), String> {
+    server.relay_always_allowed(relay_always_allowed);
     std::thread::Builder::new()
         .name("signal".into())
         .spawn(move || {
@@ -190,7 +266,7 @@ pub fn spawn(
             }
         })
         .map_err(|e| format!("cannot start the signal server thread: {e}"))?;
-    Ok(addrs)
+    Ok(())
 }
 
 /// Raises the soft file-descriptor limit to the hard one and returns `--max-connections`:

@@ -1,8 +1,9 @@
 //! The signal server's driver: one mio loop, one thread. It owns the TCP listener, every client
 //! socket and the STUN UDP socket; parses HTTP heads (`http1`), upgrades WebSockets
 //! (tungstenite over the non-blocking stream), keeps SSE streams, and feeds the sans-IO cores
-//! (`Dialect`, `Agent`, `stun`). Called by `signal::run` and by `tunnel serve` when it hosts
-//! the signal server itself.
+//! (`Dialect`, `Agent`, `stun`, and the TURN relay's through `signal::relay`: TURN datagrams on
+//! the STUN socket, TURN-over-TCP connections and relay ports, hooked in from `turn_tcp.rs`).
+//! Called by `signal::run` and by `tunnel serve` when it hosts the signal server itself.
 //!
 //! Every resource a client can make it hold is capped (README "Hardening"): connections in all
 //! and per address (refused with a `503` at accept), joins per second per address (asked of
@@ -30,6 +31,7 @@ use tungstenite::{Message, WebSocket};
 use super::agent::{Agent, AgentCaps, IceConfig, Reply, SseOut, KEEPALIVE_EVERY, PRUNE_EVERY};
 use super::dialect::{ConnId, Dialect, Outbox};
 use super::limits::{AddrConns, AddrKey, AddrRates};
+use super::relay::{self, Relay, RelayConfig};
 use crate::http1::{self, BodyDecoder, BodyFraming, HeadError, Request};
 use crate::nbio::{accept, would_block, write_out};
 use crate::stun;
@@ -62,6 +64,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Sustained messages per second per WebSocket; bursts of twice that pass.
     pub rate_limit: u32,
+    /// The built-in TURN relay (on the STUN UDP socket and the TCP listener), or None.
+    pub relay: Option<RelayConfig>,
     /// Agent API caps (sessions, rooms, names, members, TURN credentials).
     pub agent: AgentCaps,
     pub limits: Limits,
@@ -133,7 +137,8 @@ struct HttpConn {
 
 enum AfterWrite {
     Close,
-    Upgrade(Vec<u8>),
+    /// The bytes read past the handshake, and the host the client addressed.
+    Upgrade(Vec<u8>, String),
 }
 
 /// A WebSocket's socket as tungstenite sees it. After a short read it answers the next read
@@ -194,6 +199,8 @@ enum State {
     Http(HttpConn),
     Ws(Box<WsConn>),
     Sse(SseConn),
+    /// TURN over TCP (the first byte was 0x00 or 0x01): `turn_tcp.rs`.
+    Turn(turn_tcp::TurnConn),
     /// Our side is done; reading until the peer closes or the linger deadline passes.
     Linger(TcpStream),
     /// Only while the state is being replaced.
@@ -232,6 +239,7 @@ pub struct Server {
     next_keepalive: Instant,
     next_prune: Instant,
     scratch: Vec<u8>,
+    relay: Option<Relay>,
 }
 
 impl Server {
@@ -275,6 +283,12 @@ impl Server {
             .max_write_buffer_size(MAX_QUEUED)
             .max_message_size(Some(cfg.max_message))
             .max_frame_size(Some(cfg.max_message));
+        let relay = cfg.relay.clone().map(|r| Relay::new(r, local, cfg.stun));
+        if let Some(relay) = &relay {
+            cfg.ice.relay = Some(relay.ice());
+            cfg.dialect.set_relay(relay.ice());
+            udp.iter().for_each(relay::size_buffers);
+        }
         let now = Instant::now();
         let agent = Agent::new(cfg.ice.clone(), cfg.agent.clone());
         let addr_conns = AddrConns::new(cfg.limits.max_connections_per_addr);
@@ -301,7 +315,16 @@ impl Server {
             next_keepalive: now + KEEPALIVE_EVERY,
             next_prune: now + PRUNE_EVERY,
             scratch: vec![0; READ_CHUNK],
+            relay,
         })
+    }
+
+    /// Exact peer addresses the relay may always reach (the provider's own ICE sockets when
+    /// `tunnel serve` hosts this server).
+    pub fn relay_always_allowed(&mut self, addrs: Vec<SocketAddr>) {
+        if let Some(relay) = &mut self.relay {
+            relay.set_always_allowed(addrs);
+        }
     }
 
     /// The TCP address actually bound.
@@ -343,6 +366,7 @@ impl Server {
                     LISTENER => self.accept(now),
                     STUN => self.stun_readable(now),
                     crate::stop::TOKEN => {}
+                    t if Relay::port_of(t).is_some() => self.relay_readable(t, now),
                     Token(t) => self.conn_ready(t - FIRST_CONN, event.is_read_closed(), now),
                 }
                 self.reap(now);
@@ -357,10 +381,14 @@ impl Server {
         if let Some(Reverse((t, _, _))) = self.timers.peek() {
             next = next.min(*t);
         }
+        if let Some(t) = self.relay.as_ref().and_then(Relay::next_deadline) {
+            next = next.min(t);
+        }
         Some(next)
     }
 
     fn on_timers(&mut self, now: Instant) {
+        self.relay_timeout(now);
         while let Some(Reverse((t, id, generation))) = self.timers.peek().copied() {
             if t > now {
                 break;
@@ -445,7 +473,7 @@ impl Server {
                 }
             }
             State::Ws(_) => self.ws_timer(id, now),
-            State::Linger(_) => self.doomed.push(id),
+            State::Linger(_) | State::Turn(_) => self.doomed.push(id),
             State::Moving => {}
         }
     }
@@ -521,9 +549,12 @@ impl Server {
     /// so unlimited answers would make this server an amplifier aimed at that address.
     fn stun_readable(&mut self, now: Instant) {
         let Some(udp) = &self.udp else { return };
-        let mut buf = [0u8; 1500];
+        let mut buf = [0u8; turn_tcp::DATAGRAM];
         loop {
             match udp.recv_from(&mut buf) {
+                Ok((n, from)) if turn_tcp::claims(&self.relay, &buf[..n]) => {
+                    turn_tcp::datagram(&mut self.relay, &self.poll, udp, from, &buf[..n]);
+                }
                 Ok((n, from)) => match stun::binding_response(&buf[..n], from) {
                     Ok(Some(resp)) => {
                         if self.stun_rates.take(AddrKey::from(from.ip()), now) {
@@ -553,6 +584,7 @@ impl Server {
                 State::Ws(_) => 1,
                 State::Sse(_) => 2,
                 State::Linger(_) => 3,
+                State::Turn(_) => 4,
                 State::Moving => return,
             },
             _ => return,
@@ -561,6 +593,7 @@ impl Server {
             0 => self.http_ready(id, now),
             1 => self.ws_ready(id, hup, now),
             2 => self.sse_ready(id),
+            4 => self.turn_ready(id, now),
             _ => self.linger_ready(id),
         }
     }
@@ -611,6 +644,9 @@ impl Server {
             if eof && h.out.is_empty() {
                 self.doomed.push(id);
                 return;
+            }
+            if self.relay.is_some() && matches!(h.inbuf.first(), Some(0x00 | 0x01)) {
+                return self.turn_upgrade(id, now);
             }
             let pending = h.inbuf.len();
             self.process_http(id, now);
@@ -936,6 +972,9 @@ impl Server {
                 ("probe", m.closed_probe),
             ],
         );
+        if let Some(relay) = &self.relay {
+            s.push_str(&relay.metrics_text());
+        }
         s
     }
 
@@ -956,7 +995,16 @@ impl Server {
             if let State::Http(h) = &mut conn.state {
                 h.out.extend_from_slice(resp.as_bytes());
                 let rest = std::mem::take(&mut h.inbuf);
-                h.after_write = Some(AfterWrite::Upgrade(rest));
+                // The host the client addressed, for the relay's URLs in `iceServers`.
+                let host = match http1::header(&req.headers, "host") {
+                    Some(host) if !host.trim().is_empty() => host.trim().to_string(),
+                    _ => h
+                        .stream
+                        .local_addr()
+                        .map(|a| a.ip().to_string())
+                        .unwrap_or_default(),
+                };
+                h.after_write = Some(AfterWrite::Upgrade(rest, host));
             }
         }
     }
@@ -1107,10 +1155,11 @@ impl Server {
             if batch.heard && w.probe.take().is_some() {
                 self.cfg.dialect.on_alive(id, &mut out);
             }
+            let unix = relay::unix_now();
             for t in batch.texts {
                 out.may_join = self.join_rates.peek(addr, now);
                 out.joined = false;
-                self.cfg.dialect.on_text(id, t.as_str(), &mut out);
+                self.cfg.dialect.on_text_at(id, t.as_str(), unix, &mut out);
                 if out.joined {
                     self.join_rates.take(addr, now);
                 }
@@ -1317,6 +1366,7 @@ impl Server {
                 Err(tungstenite::Error::Io(e)) => Some(e),
                 Err(e) => Some(io::Error::other(e.to_string())),
             },
+            State::Turn(t) => write_out(&mut t.stream, &mut t.out, 0).err(),
             State::Linger(_) | State::Moving => None,
         };
         if let Some(e) = failed {
@@ -1340,7 +1390,7 @@ impl Server {
             return;
         };
         match h.after_write {
-            Some(AfterWrite::Upgrade(rest)) => {
+            Some(AfterWrite::Upgrade(rest, host)) => {
                 let stream = WsStream {
                     sock: h.stream,
                     drained: false,
@@ -1363,7 +1413,7 @@ impl Server {
                 }));
                 self.ws_arm(id, now);
                 let mut out = Outbox::default();
-                self.cfg.dialect.on_open(id, &mut out);
+                self.cfg.dialect.on_open_at(id, &host, &mut out);
                 self.deliver(out, now);
                 // Frames that arrived with the handshake are waiting in the buffer.
                 self.ws_ready(id, false, now);
@@ -1441,6 +1491,10 @@ impl Server {
                 }
                 State::Linger(mut s) => {
                     let _ = self.poll.registry().deregister(&mut s);
+                }
+                State::Turn(mut t) => {
+                    let _ = self.poll.registry().deregister(&mut t.stream);
+                    self.turn_closed(t.client, now);
                 }
                 State::Moving => {}
             }
@@ -1599,3 +1653,5 @@ fn head_only(mut resp: Vec<u8>) -> Vec<u8> {
     }
     resp
 }
+
+mod turn_tcp;

@@ -668,6 +668,10 @@ pub fn serve(opts: ServeOpts) -> Result<(), String> {
     let mut stun = stun_addr(&opts.stun)?;
     let turn = turn_servers(&opts.turn, &opts.turn_user, &opts.turn_pass)?;
     let hosted = flag_or_env(&opts.signal, "TUNNEL_SIGNAL").is_none();
+    // The built-in signal server is bound first (so its address is known and the link's
+    // connection waits in its backlog) and runs once the link's sockets exist: its relay must
+    // reach them although they are on this very host.
+    let mut builtin = None;
     let signal_url = match flag_or_env(&opts.signal, "TUNNEL_SIGNAL") {
         Some(url) => url,
         None => {
@@ -676,10 +680,12 @@ pub fn serve(opts: ServeOpts) -> Result<(), String> {
             let ip: IpAddr = host
                 .parse()
                 .map_err(|_| format!("invalid --signal-listen '{spec}': expected IP[:PORT]"))?;
-            let (addr, stun_local) = crate::signal::spawn(
+            let server = crate::signal::bind_builtin(
                 SocketAddr::new(ip, port.unwrap_or(8787)),
                 opts.max_consumers,
             )?;
+            let (addr, stun_local) = (server.local_addr(), server.stun_addr());
+            builtin = Some(server);
             let local_ip = if addr.ip().is_unspecified() {
                 IpAddr::from([127, 0, 0, 1])
             } else {
@@ -716,6 +722,9 @@ pub fn serve(opts: ServeOpts) -> Result<(), String> {
         turn_from_signal: !hosted,
     };
     let (mut link, mut net) = start_link(&poll, cfg, features(&opts.features)?, opts.grace)?;
+    if let Some(server) = builtin {
+        crate::signal::spawn(server, link.local_addrs())?;
+    }
     log::info!("{announce}");
     let limits = serve::Limits {
         consumers: opts.max_consumers,

@@ -46,9 +46,12 @@ pub const ATTR_FINGERPRINT: u16 = 0x8028;
 
 /// REQUESTED-TRANSPORT value for UDP.
 pub const TRANSPORT_UDP: u8 = 17;
-/// Channel numbers a client may bind (RFC 8656 §12).
+/// Channel numbers a client may bind (RFC 8656 §12); a client should pick from these.
 pub const CHANNEL_MIN: u16 = 0x4000;
 pub const CHANNEL_MAX: u16 = 0x4FFF;
+/// The older range of RFC 5766 (0x4000–0x7FFF), which libwebrtc and coturn's clients still
+/// use: servers accept it, and ChannelData is recognised throughout it.
+pub const CHANNEL_MAX_RFC5766: u16 = 0x7FFF;
 
 /// The class of a STUN message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -159,6 +162,11 @@ impl<'a> Message<'a> {
         })
     }
 
+    /// Every attribute up to and including MESSAGE-INTEGRITY, as (type, value), in order.
+    pub fn attributes(&self) -> &[(u16, &'a [u8])] {
+        &self.attrs
+    }
+
     /// The first value of attribute `t`.
     pub fn attr(&self, t: u16) -> Option<&'a [u8]> {
         self.attrs.iter().find(|(k, _)| *k == t).map(|(_, v)| *v)
@@ -181,6 +189,11 @@ impl<'a> Message<'a> {
     pub fn xor_address(&self, t: u16) -> Option<SocketAddr> {
         self.attr(t)
             .and_then(|v| decode_address(v, Some(&self.tid)))
+    }
+
+    /// How many times attribute `t` occurs (before MESSAGE-INTEGRITY).
+    pub fn attr_count(&self, t: u16) -> usize {
+        self.attrs.iter().filter(|(k, _)| *k == t).count()
     }
 
     /// Every XOR-PEER-ADDRESS (CreatePermission may carry several).
@@ -331,7 +344,7 @@ pub fn long_term_key(username: &str, realm: &str, password: &str) -> [u8; 16] {
 
 /// Whether `buf` starts like a ChannelData message (first two bits 01).
 pub fn is_channel_data(buf: &[u8]) -> bool {
-    buf.first().is_some_and(|b| (0x40..=0x4F).contains(b))
+    buf.first().is_some_and(|b| (0x40..=0x7F).contains(b))
 }
 
 /// A ChannelData message: (channel, data). Over UDP the datagram may carry padding after the
@@ -339,7 +352,7 @@ pub fn is_channel_data(buf: &[u8]) -> bool {
 pub fn parse_channel_data(buf: &[u8]) -> Option<(u16, &[u8])> {
     let head = buf.get(..4)?;
     let channel = u16::from_be_bytes([head[0], head[1]]);
-    if !(CHANNEL_MIN..=CHANNEL_MAX).contains(&channel) {
+    if !(CHANNEL_MIN..=CHANNEL_MAX_RFC5766).contains(&channel) {
         return None;
     }
     let len = usize::from(u16::from_be_bytes([head[2], head[3]]));
@@ -369,7 +382,7 @@ pub fn stream_frame_len(buf: &[u8]) -> Result<Option<usize>, StunError> {
     let len = usize::from(u16::from_be_bytes([head[2], head[3]]));
     let total = match head[0] {
         0x00 | 0x01 if len % 4 == 0 => HEADER_LEN + len,
-        0x40..=0x4F => 4 + padded(len),
+        0x40..=0x7F => 4 + padded(len),
         _ => return Err(StunError::NotStun),
     };
     if head[0] < 0x40 {
@@ -380,6 +393,62 @@ pub fn stream_frame_len(buf: &[u8]) -> Result<Option<usize>, StunError> {
         }
     }
     Ok((buf.len() >= total).then_some(total))
+}
+
+/// The decoders' half of the TURN fuzz entry point (`turn::fuzz_one`): never panics, and what
+/// decodes re-encodes to the same thing.
+pub fn fuzz_decode(data: &[u8]) {
+    let _ = crate::stun::binding_response(data, SocketAddr::from(([192, 0, 2, 1], 9)));
+    if let Ok(Some(len)) = stream_frame_len(data) {
+        assert!(len <= data.len(), "a frame longer than its input");
+    }
+    if let Some((channel, payload)) = parse_channel_data(data) {
+        let mut again = Vec::new();
+        channel_data(&mut again, channel, payload);
+        assert_eq!(parse_channel_data(&again), Some((channel, payload)));
+    }
+    let Ok(m) = Message::parse(data) else {
+        return;
+    };
+    let _ = (
+        m.channel(),
+        m.error(),
+        m.peer_addresses(),
+        m.unknown_required(&[]),
+    );
+    for t in [
+        ATTR_XOR_PEER_ADDRESS,
+        ATTR_XOR_RELAYED_ADDRESS,
+        ATTR_XOR_MAPPED_ADDRESS,
+    ] {
+        let _ = m.xor_address(t);
+    }
+    let _ = (m.u32_attr(ATTR_LIFETIME), m.text(ATTR_USERNAME));
+    let _ = m.check_integrity(b"fuzz");
+    // Re-encoded (without MESSAGE-INTEGRITY), it parses to the same message.
+    if data.len() > 60_000 {
+        return;
+    }
+    let kept: Vec<(u16, &[u8])> = m
+        .attributes()
+        .iter()
+        .copied()
+        .filter(|(t, _)| *t != ATTR_MESSAGE_INTEGRITY)
+        .collect();
+    let mut b = Builder::new(m.method, m.class, m.tid);
+    for (t, v) in &kept {
+        b = b.attr(*t, v);
+    }
+    let bytes = b.finish();
+    let again = match Message::parse(&bytes) {
+        Ok(again) => again,
+        Err(e) => panic!("a re-encoded message does not parse: {e}"),
+    };
+    assert_eq!(
+        (again.method, again.class, again.tid),
+        (m.method, m.class, m.tid)
+    );
+    assert_eq!(again.attributes(), &kept[..]);
 }
 
 #[cfg(test)]
@@ -448,7 +517,11 @@ mod tests {
         assert_eq!(out.len(), 12);
         assert!(is_channel_data(&out));
         assert_eq!(parse_channel_data(&out), Some((0x4001, &b"abcde"[..])));
-        assert_eq!(parse_channel_data(&[0x50, 0, 0, 0]), None);
+        assert_eq!(
+            parse_channel_data(&[0x63, 0xFB, 0, 0]),
+            Some((0x63FB, &[][..]))
+        );
+        assert_eq!(parse_channel_data(&[0x80, 0, 0, 0]), None);
         assert_eq!(parse_channel_data(&[0x40, 0, 0, 9, 1]), None);
     }
 
@@ -461,7 +534,10 @@ mod tests {
         let mut cd = Vec::new();
         channel_data(&mut cd, 0x4000, b"xyz");
         assert_eq!(stream_frame_len(&cd), Ok(Some(8)));
-        assert!(stream_frame_len(b"POST / HTTP/1.1\r\n").is_err());
+        // A TLS ClientHello is not TURN (HTTP text is not told apart: its first letters fall in
+        // RFC 5766's channel range, which is why the server tells TURN by its first byte only).
+        assert!(stream_frame_len(b"\x16\x03\x01\x02\x00").is_err());
+        assert!(stream_frame_len(b"\x80\x00\x00\x00").is_err());
         assert!(stream_frame_len(b"\x00\x01\x00\x00nope").is_err());
     }
 
