@@ -238,8 +238,9 @@ fn ice_servers_from_flags_and_turn_secret() {
         j["iceServers"],
         json!([{"urls": [format!("stun:127.0.0.1:{}", addr.port())]}])
     );
-    // …and, by default, at its built-in TURN relay, with credentials for the session.
-    let (_relay, addr) = signal(&[]);
+    // …and, by default, at its built-in TURN relay, with credentials for the session (here
+    // at connect: by default they go only to sessions whose room holds another member).
+    let (_relay, addr) = signal(&["--turn-credentials", "any"]);
     let mut c = Sse::open(addr, "room=ice");
     let j = c.expect("joined");
     let port = addr.port();
