@@ -467,6 +467,23 @@ fn no_relay_leaves_the_ports_to_stun_and_http() {
     assert!(!metrics.contains("relay_"), "{metrics}");
 }
 
+#[test]
+fn without_a_udp_socket_the_relay_speaks_tcp() {
+    let (_server, addr) = signal(&[&["--no-stun"][..], LOOPBACK_OK].concat());
+    let mut s = ws(addr, "/");
+    send(&mut s, r#"{"type":"join","room":"r","role":"consumer"}"#);
+    let joined = recv(&mut s);
+    let servers = joined["iceServers"].as_array().expect("iceServers");
+    assert_eq!(servers.len(), 1, "no STUN entry: {joined}");
+    assert_eq!(
+        servers[0]["urls"],
+        serde_json::json!([format!("turn:127.0.0.1:{}?transport=tcp", addr.port())])
+    );
+    let user = servers[0]["username"].as_str().unwrap();
+    let pass = servers[0]["credential"].as_str().unwrap();
+    relayed_echo(Client::tcp(addr, user, pass), addr);
+}
+
 // ---- coturn's client ------------------------------------------------------------------------
 
 fn coturn_missing() -> bool {

@@ -318,6 +318,7 @@ impl Relay {
         registry: &Registry,
         udp: Option<&UdpSocket>,
     ) {
+        let mut errors = 0;
         loop {
             let Some(sock) = self.sockets.get(&port) else {
                 return;
@@ -330,8 +331,13 @@ impl Relay {
                 Err(e) if would_block(&e) => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    // ICMP errors (a peer's port unreachable) surface here; the socket lives on.
+                    // A pending socket error (an ICMP report) is reported once; the socket
+                    // lives on. One that keeps coming must not spin the loop.
                     log::trace!("turn: relay port {port}: {e}");
+                    errors += 1;
+                    if errors > 8 {
+                        return;
+                    }
                 }
             }
         }

@@ -783,25 +783,27 @@ impl TurnServer {
             );
             return self.refuse(Refusal::Transport);
         }
-        if let Some(family) = msg.attr(codec::ATTR_REQUESTED_ADDRESS_FAMILY) {
-            let wanted_v4 = match family.first() {
-                Some(1) => true,
-                Some(2) => false,
-                _ => {
-                    self.error(
-                        client,
-                        msg,
-                        400,
-                        "Bad Request: REQUESTED-ADDRESS-FAMILY",
-                        Some(&key),
-                    );
-                    return self.refuse(Refusal::BadRequest);
-                }
-            };
-            if wanted_v4 != self.cfg.relay_ip.is_ipv4() {
-                self.error(client, msg, 440, "Address Family not Supported", Some(&key));
-                return self.refuse(Refusal::Family);
+        // Without REQUESTED-ADDRESS-FAMILY a client asks for IPv4 (RFC 8656 §7.2).
+        let wanted_v4 = match msg
+            .attr(codec::ATTR_REQUESTED_ADDRESS_FAMILY)
+            .map(|f| f.first())
+        {
+            None | Some(Some(1)) => true,
+            Some(Some(2)) => false,
+            Some(_) => {
+                self.error(
+                    client,
+                    msg,
+                    400,
+                    "Bad Request: REQUESTED-ADDRESS-FAMILY",
+                    Some(&key),
+                );
+                return self.refuse(Refusal::BadRequest);
             }
+        };
+        if wanted_v4 != self.cfg.relay_ip.is_ipv4() {
+            self.error(client, msg, 440, "Address Family not Supported", Some(&key));
+            return self.refuse(Refusal::Family);
         }
         let Ok(requested) = lifetime_attr(msg) else {
             self.error(client, msg, 400, "Bad Request: LIFETIME", Some(&key));

@@ -776,6 +776,33 @@ fn malformed_messages_are_answered_or_dropped() {
 }
 
 #[test]
+fn an_ipv6_relay_serves_clients_that_ask_for_ipv6() {
+    let mut cfg = config();
+    cfg.relay_ip = "2001:db8::1".parse().unwrap();
+    let mut t = T::new(cfg);
+    let c = client(1);
+    let creds = t.creds(c, "alice", 3600);
+    // No REQUESTED-ADDRESS-FAMILY means IPv4.
+    let req = t.request(codec::ALLOCATE, &creds, transport_udp);
+    assert_eq!(t.one(c, &req).code(), Some(440));
+    let req = t.request(codec::ALLOCATE, &creds, |b| {
+        transport_udp(b).attr(codec::ATTR_REQUESTED_ADDRESS_FAMILY, &[2, 0, 0, 0])
+    });
+    let a = t.one(c, &req);
+    assert!(a.is_success());
+    let relayed = a
+        .msg()
+        .xor_address(codec::ATTR_XOR_RELAYED_ADDRESS)
+        .unwrap();
+    assert_eq!(
+        relayed.ip(),
+        "2001:db8::1".parse::<std::net::IpAddr>().unwrap()
+    );
+    assert_eq!(t.permit(c, &creds, PEER).code(), Some(443));
+    assert!(t.permit(c, &creds, "[2001:db8::99]:5000").is_success());
+}
+
+#[test]
 fn another_username_on_the_allocation_gets_441() {
     let mut t = T::new(config());
     let c = client(1);
