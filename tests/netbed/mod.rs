@@ -446,12 +446,31 @@ impl Bed {
 
     /// `tunnel signal` on the public host, with its STUN responder on the same port; waits until
     /// it listens. Returns it and its `ws://` URL.
-    pub fn signal(&self) -> (Proc, String) {
+    ///
+    /// With `relay`, its built-in TURN relay runs with the bed's REST secret, allowed to reach
+    /// the bed's "public" addresses (documentation ranges, which it refuses by default) and not
+    /// rate-limited; without, `--no-relay`.
+    pub fn signal(&self, relay: bool) -> (Proc, String) {
         let listen = match self.family {
             Family::V4 => format!("{PUBLIC_V4}:{SIGNAL_PORT}"),
             Family::V6 => format!("[{PUBLIC_V6}]:{SIGNAL_PORT}"),
         };
-        let mut p = self.tunnel("pub", &["signal", "--listen", &listen]);
+        let mut args = vec!["signal", "--listen", &listen];
+        if relay {
+            args.extend([
+                "--turn-secret",
+                COTURN_SECRET,
+                "--relay-allow",
+                "203.0.113.0/24",
+                "--relay-allow",
+                "2001:db8::/32",
+                "--relay-rate",
+                "0",
+            ]);
+        } else {
+            args.push("--no-relay");
+        }
+        let mut p = self.tunnel("pub", &args);
         p.wait_line("listening on ws://", 10);
         (p, format!("ws://{listen}"))
     }
