@@ -134,7 +134,7 @@ fn start(bin: &Path) -> Result<(Server, SocketAddr), String> {
 }
 
 /// One plain HTTP GET; returns the body.
-fn http_get(addr: SocketAddr, path: &str) -> Result<String, String> {
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<String, String> {
     let mut s = connect(addr)?;
     let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes())
@@ -148,7 +148,7 @@ fn http_get(addr: SocketAddr, path: &str) -> Result<String, String> {
 }
 
 /// The value of `tunnel_signal_<name>` in a Prometheus text page.
-fn metric(page: &str, name: &str) -> Option<u64> {
+pub fn metric(page: &str, name: &str) -> Option<u64> {
     let key = format!("tunnel_signal_{name} ");
     page.lines()
         .find_map(|l| l.strip_prefix(key.as_str()))
