@@ -17,10 +17,15 @@ build:
 release:
 	$(CARGO) build --release
 
-## test: unit tests, then the black-box tests against the built binary
+## test: unit tests, then the black-box tests against the built binary. Every test binary runs
+## (--no-fail-fast), and the target fails if any test failed. The browser tests run when
+## tests/browser/prereq.sh can provide for them (root: it installs Chromium and iproute2);
+## otherwise it prints one line saying why they are skipped and how to run them.
 test: test-deps
 	$(CARGO) build
-	$(CARGO) test -- --test-threads=2
+	@if tests/browser/prereq.sh; then skip=; else skip=1; fi; \
+	  echo "TUNNEL_SKIP_BROWSER=$$skip $(CARGO) test --no-fail-fast -- --test-threads=2"; \
+	  TUNNEL_SKIP_BROWSER=$$skip $(CARGO) test --no-fail-fast -- --test-threads=2
 
 # The agent API guide's Python and Node clients run in the tests: httpx and eventsource@2.
 AGENT_CLIENTS := $(TARGET_DIR)/tmp/agent-clients

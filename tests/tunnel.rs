@@ -216,8 +216,14 @@ fn a_hundred_concurrent_requests() {
         let text = format!("you asked for {}", req.url());
         let _ = req.respond(Response::from_string(text));
     });
-    let t = Tunnel::start(&up);
-    let addr = t.addr;
+    // All hundred may be in flight at once on a busy machine: above serve's default cap of 64
+    // per consumer, which answers 503 (tested in many_consumers.rs).
+    let (_signal, saddr) = signal(&[]);
+    let url = format!("ws://{saddr}");
+    let mut serve = serve(&url, "hundred", &up, &["--max-streams", "100"]);
+    let (mut proxy, addr) = proxy_with(&url, "hundred", &[]);
+    serve.wait_line("tunnel ready", 15);
+    proxy.wait_line("tunnel ready", 15);
     let workers: Vec<_> = (0..100)
         .map(|i| {
             std::thread::spawn(move || {
