@@ -8,7 +8,7 @@ use argh::FromArgs;
 /// the peers. Logs go to stderr; set RUST_LOG=debug for one line per request.
 #[derive(FromArgs, Debug)]
 pub struct Cli {
-    /// print the version and exit
+    /// print the version, target and git commit, and exit
     #[argh(switch)]
     pub version: bool,
 
@@ -230,6 +230,17 @@ pub struct DemoOpts {
     /// example; stop with Ctrl-C
     #[argh(switch)]
     pub keep: bool,
+}
+
+/// What `tunnel --version` prints: `tunnel VERSION (TARGET-TRIPLE, commit HASH)`, the commit
+/// being 12 hex digits or `unknown` (embedded by build.rs).
+pub fn version() -> String {
+    format!(
+        "tunnel {} ({}, commit {})",
+        env!("CARGO_PKG_VERSION"),
+        env!("TUNNEL_TARGET"),
+        env!("TUNNEL_COMMIT")
+    )
 }
 
 /// `flag` if given, else the environment variable `var` if set and not empty.

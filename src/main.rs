@@ -13,7 +13,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     let cli: Cli = argh::from_env();
     if cli.version {
-        println!("tunnel {}", env!("CARGO_PKG_VERSION"));
+        println!("{}", tunnel::cli::version());
         return ExitCode::SUCCESS;
     }
     // Our lines at RUST_LOG's level (info by default); the WebRTC stack's internals only when
