@@ -24,6 +24,7 @@ pub enum Command {
     Proxy(ProxyOpts),
     Demo(DemoOpts),
     Secret(SecretOpts),
+    Service(ServiceOpts),
 }
 
 /// Run the rendezvous server: WebSocket signaling (p2p-llm-tunnel, WebLLM or ChronoFlux dialect),
@@ -305,3 +306,23 @@ mod tests {
 #[derive(FromArgs, Debug, Clone)]
 #[argh(subcommand, name = "secret")]
 pub struct SecretOpts {}
+
+/// Print a service file: a sandboxed systemd unit for signal, serve or proxy, or a procd init
+/// script for serve on OpenWrt; its header says how to install it. Each reads its settings
+/// from /etc/tunnel/<mode>.env (TUNNEL_ROOM=…, TUNNEL_SECRET=…, TUNNEL_ARGS=more flags).
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand, name = "service")]
+pub struct ServiceOpts {
+    /// systemd or openwrt
+    #[argh(positional)]
+    pub system: String,
+
+    /// signal, serve or proxy (openwrt: serve)
+    #[argh(positional)]
+    pub mode: String,
+
+    /// path of the tunnel executable in the file (default /usr/local/bin/tunnel for systemd,
+    /// /usr/bin/tunnel for openwrt)
+    #[argh(option)]
+    pub bin: Option<String>,
+}

@@ -41,6 +41,7 @@ fn main() -> ExitCode {
         Some(Command::Serve(opts)) => tunnel::tunnel::serve(opts),
         Some(Command::Proxy(opts)) => tunnel::tunnel::proxy(opts),
         Some(Command::Demo(opts)) => tunnel::demo::run(opts),
+        Some(Command::Service(opts)) => tunnel::service::render(&opts).map(|text| print!("{text}")),
         Some(Command::Secret(_)) => {
             println!("{}", tunnel::tunnel::auth::generate_secret());
             Ok(())
