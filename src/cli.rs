@@ -8,7 +8,7 @@ use argh::FromArgs;
 /// the peers. Logs go to stderr; set RUST_LOG=debug for one line per request.
 #[derive(FromArgs, Debug)]
 pub struct Cli {
-    /// print the version and exit
+    /// print the version, target and git commit, and exit
     #[argh(switch)]
     pub version: bool,
 
@@ -24,6 +24,7 @@ pub enum Command {
     Proxy(ProxyOpts),
     Demo(DemoOpts),
     Secret(SecretOpts),
+    Service(ServiceOpts),
 }
 
 /// Run the rendezvous server: WebSocket signaling (p2p-llm-tunnel, WebLLM or ChronoFlux dialect),
@@ -372,6 +373,17 @@ pub struct DemoOpts {
     pub keep: bool,
 }
 
+/// What `tunnel --version` prints: `tunnel VERSION (TARGET-TRIPLE, commit HASH)`, the commit
+/// being 12 hex digits or `unknown` (embedded by build.rs).
+pub fn version() -> String {
+    format!(
+        "tunnel {} ({}, commit {})",
+        env!("CARGO_PKG_VERSION"),
+        env!("TUNNEL_TARGET"),
+        env!("TUNNEL_COMMIT")
+    )
+}
+
 /// `flag` if given, else the environment variable `var` if set and not empty.
 pub fn flag_or_env(flag: &Option<String>, var: &str) -> Option<String> {
     flag.clone()
@@ -434,3 +446,23 @@ mod tests {
 #[derive(FromArgs, Debug, Clone)]
 #[argh(subcommand, name = "secret")]
 pub struct SecretOpts {}
+
+/// Print a service file: a sandboxed systemd unit for signal, serve or proxy, or a procd init
+/// script for serve on OpenWrt; its header says how to install it. Each reads its settings
+/// from /etc/tunnel/<mode>.env (TUNNEL_ROOM=…, TUNNEL_SECRET=…, TUNNEL_ARGS=more flags).
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand, name = "service")]
+pub struct ServiceOpts {
+    /// systemd or openwrt
+    #[argh(positional)]
+    pub system: String,
+
+    /// signal, serve or proxy (openwrt: serve)
+    #[argh(positional)]
+    pub mode: String,
+
+    /// path of the tunnel executable in the file (default /usr/local/bin/tunnel for systemd,
+    /// /usr/bin/tunnel for openwrt)
+    #[argh(option)]
+    pub bin: Option<String>,
+}

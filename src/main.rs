@@ -13,7 +13,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     let cli: Cli = argh::from_env();
     if cli.version {
-        println!("tunnel {}", env!("CARGO_PKG_VERSION"));
+        println!("{}", tunnel::cli::version());
         return ExitCode::SUCCESS;
     }
     // Our lines at RUST_LOG's level (info by default); the WebRTC stack's internals only when
@@ -41,6 +41,7 @@ fn main() -> ExitCode {
         Some(Command::Serve(opts)) => tunnel::tunnel::serve(opts),
         Some(Command::Proxy(opts)) => tunnel::tunnel::proxy(opts),
         Some(Command::Demo(opts)) => tunnel::demo::run(opts),
+        Some(Command::Service(opts)) => tunnel::service::render(&opts).map(|text| print!("{text}")),
         Some(Command::Secret(_)) => {
             println!("{}", tunnel::tunnel::auth::generate_secret());
             Ok(())

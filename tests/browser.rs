@@ -5,7 +5,8 @@
 //! signaling dialect and framing v1 in plain JavaScript; `tests/browser/run.py` runs a scenario
 //! (signal server, our side, the page server that is also the upstream, Chromium) inside a fresh
 //! network namespace holding only `lo`, so every packet stays on loopback. Needs root
-//! (`ip netns`) and `/usr/bin/chromium`; `TUNNEL_SKIP_BROWSER=1` skips it.
+//! (`ip netns`) and `/usr/bin/chromium`; `TUNNEL_SKIP_BROWSER=1` skips it. `make test` sets that
+//! when `tests/browser/prereq.sh` can neither find nor install what is needed (and says so).
 
 use std::io::Read;
 use std::path::Path;
