@@ -507,13 +507,8 @@ impl PeerCore {
         if self.closed {
             return;
         }
-        if let Some(k) = self.turns.iter().position(|t| {
-            t.client.server.transport == Transport::Udp
-                && t.client.server.addr == source
-                && t.local == local
-        }) {
-            return self.on_turn_message(k, data, now);
-        }
+        // Our STUN client's answers first (it takes only its own transactions): the STUN and
+        // the TURN server are often one and the same address.
         if let Some(index) = self.locals.iter().position(|l| *l == local) {
             match self.stun.handle_datagram(index, data) {
                 Some(Response::Mapped {
@@ -524,6 +519,13 @@ impl PeerCore {
                 Some(Response::Other) => return,
                 None => {}
             }
+        }
+        if let Some(k) = self.turns.iter().position(|t| {
+            t.client.server.transport == Transport::Udp
+                && t.client.server.addr == source
+                && t.local == local
+        }) {
+            return self.on_turn_message(k, data, now);
         }
         self.receive(local, source, data, now);
     }
