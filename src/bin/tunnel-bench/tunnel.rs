@@ -466,11 +466,16 @@ impl Drop for Kid {
 }
 
 fn start_signal(bin: &Path) -> Result<(Kid, SocketAddr), String> {
-    // Its built-in relay may reach loopback (where the bench's peers are) at full speed.
+    // Its built-in relay may reach loopback (where the bench's peers are) at full speed, and
+    // every bench process joins from 127.0.0.1: no per-address join or connection caps.
     let args = [
         "signal",
         "--listen",
         "127.0.0.1:0",
+        "--join-rate",
+        "0",
+        "--max-connections-per-addr",
+        "0",
         "--relay-allow",
         "127.0.0.0/8",
         "--relay-rate",
