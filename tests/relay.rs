@@ -198,3 +198,24 @@ fn turn_flags_are_checked_at_start() {
     assert_eq!(tls.wait_exit(10), Some(1));
     tls.wait_line("turns: (TURN over TLS) is not supported", 5);
 }
+
+/// The signal server's own relay, with no TURN flag at all: serve and proxy take its servers
+/// and credentials from `joined.iceServers`; the proxy offers relayed candidates only, so the
+/// tunnel must go through the relay (on loopback, which `--relay-allow` opens for the test).
+#[test]
+fn through_the_signal_servers_own_relay_with_no_flags() {
+    let up = upstream(|req| {
+        let _ = req.respond(Response::from_string("relayed"));
+    });
+    let (_signal, saddr) = signal(&["--relay-allow", "127.0.0.0/8", "--relay-rate", "0"]);
+    let url = format!("ws://{saddr}");
+    let mut serve = serve(&url, "own-relay", &up, &[]);
+    let (mut p, addr) = proxy_with(&url, "own-relay", &["--relay-only"]);
+    p.wait_line("TURN: relayed address", 15);
+    p.wait_line(&format!("path: relayed via {saddr} (udp)"), 20);
+    p.wait_line("tunnel ready", 20);
+    serve.wait_line("tunnel ready", 10);
+    let (status, _, body) = request(addr, "GET", "/", b"");
+    assert_eq!(status, 200);
+    assert_eq!(body, b"relayed");
+}

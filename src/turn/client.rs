@@ -119,7 +119,7 @@ pub struct TurnClient {
     by_number: HashMap<u16, SocketAddr>,
     next_channel: u16,
     /// Peers the server refused to relay to (403 and the like): nothing more is sent there.
-    refused: Vec<std::net::IpAddr>,
+    refused: Vec<SocketAddr>,
     out: Vec<Vec<u8>>,
     last_sent: Instant,
 }
@@ -225,7 +225,7 @@ impl TurnClient {
 
     /// Data str0m sends from the relayed address to `peer`.
     pub fn send_to(&mut self, peer: SocketAddr, data: &[u8], now: Instant) {
-        if self.relayed().is_none() || self.refused.contains(&peer.ip()) {
+        if self.relayed().is_none() || self.refused.contains(&peer) {
             return;
         }
         // A relay on another host cannot reach our peer's loopback addresses.
@@ -389,8 +389,10 @@ impl TurnClient {
                     );
                     self.channels.remove(&peer);
                     self.by_number.remove(&number);
-                    if !self.refused.contains(&peer.ip()) {
-                        self.refused.push(peer.ip());
+                    // That address only: the server may refuse one port of a host (its own
+                    // relay ports) and relay to another.
+                    if !self.refused.contains(&peer) && self.refused.len() < MAX_PEERS {
+                        self.refused.push(peer);
                     }
                     Inbound::Nothing
                 }
@@ -734,6 +736,12 @@ mod tests {
             c.poll_transmit().is_none(),
             "nothing more to a refused peer"
         );
+        c.send_to(SocketAddr::new(peer.ip(), 2), b"other port", now);
+        assert!(
+            c.poll_transmit().is_some(),
+            "another port of the same host is still tried"
+        );
+        while c.poll_transmit().is_some() {}
         c.send_to("127.0.0.1:5".parse().unwrap(), b"lo", now);
         assert!(
             c.poll_transmit().is_none(),
