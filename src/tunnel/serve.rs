@@ -231,15 +231,7 @@ impl Serve {
         why: &str,
         now: Instant,
     ) {
-        let mine: Vec<usize> = self
-            .streams
-            .iter()
-            .filter(|(_, s)| s.peer == peer)
-            .map(|(slot, _)| slot)
-            .collect();
-        for slot in mine {
-            self.close(slot, registry);
-        }
+        self.close_streams_of(peer, registry);
         net.chan(peer).send(&Message::Error(0, why.to_string()));
         if let Some(c) = self.consumers.get_mut(&peer) {
             c.admitted = false;
@@ -610,6 +602,19 @@ impl Serve {
             }
             // A stale entry in `ready` finds the slot empty (or reused and queued anew).
             self.ready.retain(|&r| r != slot);
+        }
+    }
+
+    /// Closes every stream of `peer` (its session ended or was refused).
+    fn close_streams_of(&mut self, peer: PeerId, registry: &Registry) {
+        let mine: Vec<usize> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| s.peer == peer)
+            .map(|(slot, _)| slot)
+            .collect();
+        for slot in mine {
+            self.close(slot, registry);
         }
     }
 
@@ -1137,15 +1142,7 @@ impl Role for Serve {
         reason: &str,
         now: Instant,
     ) {
-        let mine: Vec<usize> = self
-            .streams
-            .iter()
-            .filter(|(_, s)| s.peer == peer)
-            .map(|(slot, _)| slot)
-            .collect();
-        for slot in mine {
-            self.close(slot, registry);
-        }
+        self.close_streams_of(peer, registry);
         if let Some(c) = self.consumers.remove(&peer) {
             if let (Some(_), Some(name)) = (&c.pending, &c.name) {
                 // It heard our half and hung up instead of confirming: the consumer found our
