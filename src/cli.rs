@@ -374,7 +374,7 @@ pub struct DemoOpts {
 }
 
 /// What `tunnel --version` prints: `tunnel VERSION (TARGET-TRIPLE, commit HASH)`, the commit
-/// being 12 hex digits or `unknown` (embedded by build.rs).
+/// being 12 hex digits or `unknown` (embedded by src/build.rs).
 pub fn version() -> String {
     format!(
         "tunnel {} ({}, commit {})",
