@@ -706,11 +706,6 @@ impl PeerCore {
         }
     }
 
-    /// Sessions whose channel is open.
-    pub fn open_count(&self) -> usize {
-        self.sessions.iter().filter(|s| s.open).count()
-    }
-
     /// The room id of `peer`'s member (for logs).
     pub fn member(&self, peer: PeerId) -> Option<&str> {
         self.sessions

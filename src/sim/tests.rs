@@ -403,17 +403,7 @@ fn get(sim: &mut Sim, c: usize, peer: PeerId, sid: u32, path: &str) {
 }
 
 fn body_received(sim: &Sim, c: usize, sid: u32) -> usize {
-    sim.nodes[c]
-        .events
-        .iter()
-        .map(|e| match e {
-            PeerEvent::Data(_, d) => match Message::decode(d) {
-                Ok(Message::ResBody(s, body)) if s == sid => body.len(),
-                _ => 0,
-            },
-            _ => 0,
-        })
-        .sum()
+    body_of(sim, c, sid).len()
 }
 
 /// An upstream on loopback answering one request with `size` bytes, written as fast as the

@@ -750,11 +750,9 @@ fn serve_secrets(opts: &ServeOpts) -> Result<(auth::Secrets, Option<PathBuf>), S
         }
         (Some(s), None) => Ok((auth::Secrets::Shared(s), None)),
         (None, Some(path)) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read --secret-file {path}: {e}"))?;
-            let secrets = auth::Secrets::parse_file(&text)
-                .map_err(|e| format!("--secret-file {path}: {e}"))?;
-            Ok((secrets, Some(PathBuf::from(path))))
+            let path = PathBuf::from(path);
+            let secrets = auth::Secrets::load(&path, "--secret-file ")?;
+            Ok((secrets, Some(path)))
         }
         (None, None) => Ok((auth::Secrets::Open, None)),
     }

@@ -940,20 +940,9 @@ impl Serve {
         let Some(path) = &self.secret_file else {
             return log::info!("SIGHUP: no --secret-file to reload");
         };
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) => {
-                return log::error!(
-                    "SIGHUP: cannot read {}: {e}; keeping the old secrets",
-                    path.display()
-                )
-            }
-        };
-        let secrets = match Secrets::parse_file(&text) {
+        let secrets = match Secrets::load(path, "") {
             Ok(s) => s,
-            Err(e) => {
-                return log::error!("SIGHUP: {}: {e}; keeping the old secrets", path.display())
-            }
+            Err(e) => return log::error!("SIGHUP: {e}; keeping the old secrets"),
         };
         let revoked: Vec<(PeerId, String)> = self
             .consumers
