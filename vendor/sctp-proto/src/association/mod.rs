@@ -3946,6 +3946,11 @@ impl Association {
     /// or abandoned yet.
     fn get_data_packets_to_retransmit(&mut self, now: Instant) -> Vec<Packet> {
         self.expire_inflight_messages(now);
+        // Only a T3-rtx timeout marks chunks: without one there is nothing to find, and
+        // scanning every chunk in flight on each poll costs more the larger the window.
+        if !self.outbound_queue.retransmit_marked() {
+            return Vec::new();
+        }
         let awnd = core::cmp::min(self.cwnd, self.rwnd);
         let mut chunks: Vec<ChunkPayloadData> = vec![];
         let mut bytes_to_send = 0;
@@ -3979,7 +3984,9 @@ impl Association {
 
                 bytes_to_send += c.user_data.len();
             } else {
-                break; // end of pending data
+                // End of pending data: every marked chunk is taken.
+                self.outbound_queue.retransmit_scanned();
+                break;
             }
 
             if let Some(c) = self.outbound_queue.get_mut(tsn) {
@@ -4059,6 +4066,16 @@ impl Association {
                 // Send zero window probe
                 if let Some(chunk) = self.send_next_data_chunk(now) {
                     chunks.push(chunk);
+                }
+            }
+
+            // RFC 7053: nothing follows this chunk for now, so ask the peer not to delay its
+            // SACK. A lone message (a request, a streamed token) is then acknowledged in one
+            // round trip instead of one plus the peer's delayed-ACK timer, which keeps the RTT
+            // estimate, and with it the retransmission timeout, close to the path's.
+            if self.outbound_queue.pending_len() == 0 {
+                if let Some(last) = chunks.last_mut() {
+                    last.immediate_sack = true;
                 }
             }
         }

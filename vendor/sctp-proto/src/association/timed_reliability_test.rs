@@ -31,9 +31,9 @@ fn timed_recovery_obeys_exact_deadline() {
             for delay in [9, 10, 20, 2_000] {
                 let mut a = timed_fixture(unordered);
                 a.pop_pending_data_chunks_to_send(now);
+                a.outbound_queue.mark_all_to_retransmit();
                 for tsn in 1..=3 {
                     let c = a.outbound_queue.get_mut(tsn).unwrap();
-                    c.retransmit = true;
                     c.miss_indicator = 3;
                 }
                 let later = now + Duration::from_millis(delay);
@@ -61,6 +61,7 @@ fn timed_expiry_is_not_hidden_by_window_or_fast_packet_limit() {
     for fast in [false, true] {
         let mut a = timed_fixture(false);
         a.pop_pending_data_chunks_to_send(now);
+        a.outbound_queue.mark_all_to_retransmit();
         // An earlier reliable message exhausts the available send budget.
         let first = a.outbound_queue.get_mut(1).unwrap();
         first.deadline = None;
@@ -68,7 +69,6 @@ fn timed_expiry_is_not_hidden_by_window_or_fast_packet_limit() {
         first.message_id = u64::MAX;
         for tsn in 1..=3 {
             let c = a.outbound_queue.get_mut(tsn).unwrap();
-            c.retransmit = true;
             c.miss_indicator = 3;
         }
         a.cwnd = 0;
@@ -147,12 +147,12 @@ fn timed_expiry_preserves_reliable_dcep_and_non_negotiated_traffic() {
     for control in 0..3 {
         let mut a = timed_fixture(false);
         a.pop_pending_data_chunks_to_send(now);
+        a.outbound_queue.mark_all_to_retransmit();
         if control == 2 {
             a.use_forward_tsn = false;
         }
         for tsn in 1..=3 {
             let c = a.outbound_queue.get_mut(tsn).unwrap();
-            c.retransmit = true;
             match control {
                 0 => {
                     c.reliability = Some((ReliabilityType::Reliable, 0));

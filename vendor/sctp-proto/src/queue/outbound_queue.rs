@@ -170,6 +170,9 @@ impl OutboundQueue {
     /// messages are excluded. Collect before abandonment mutates the queues so
     /// expiry is independent of send limits.
     pub(crate) fn expired_inflight(&self, now: Instant) -> Vec<u32> {
+        if !self.inflight.has_timed() {
+            return Vec::new();
+        }
         self.inflight
             .sorted
             .iter()
@@ -186,6 +189,14 @@ impl OutboundQueue {
 
     pub(crate) fn mark_all_to_retransmit(&mut self) {
         self.inflight.mark_all_to_retransmit();
+    }
+
+    pub(crate) fn retransmit_marked(&self) -> bool {
+        self.inflight.retransmit_marked()
+    }
+
+    pub(crate) fn retransmit_scanned(&mut self) {
+        self.inflight.retransmit_scanned();
     }
 
     pub(crate) fn pending_contains_stream(&self, stream: u16) -> bool {

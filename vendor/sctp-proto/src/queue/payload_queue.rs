@@ -5,15 +5,20 @@ use crate::util::*;
 use alloc::collections::VecDeque;
 use alloc::string::String;
 use alloc::vec::Vec;
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 
 #[derive(Default, Debug)]
 pub(crate) struct PayloadQueue {
     // length: usize,
-    chunk_map: HashMap<u32, ChunkPayloadData>,
+    chunk_map: FxHashMap<u32, ChunkPayloadData>,
     pub(crate) sorted: VecDeque<u32>,
     dup_tsn: Vec<u32>,
     n_bytes: usize,
+    /// Queued chunks with a deadline (timed partial reliability): while there are none,
+    /// nothing can expire and the expiry scan is skipped.
+    n_timed: usize,
+    /// Set when chunks are marked for retransmission, cleared once a scan has found no more.
+    retransmit_marked: bool,
 }
 
 impl PayloadQueue {
@@ -37,10 +42,33 @@ impl PayloadQueue {
 
     pub(crate) fn push_no_check(&mut self, p: ChunkPayloadData) {
         self.n_bytes += p.user_data.len();
+        self.insert_sorted(p);
+    }
+
+    /// Inserts a chunk whose TSN is not queued yet. TSNs mostly arrive in order: sort only
+    /// when this one is not past the newest, rather than on every push.
+    fn insert_sorted(&mut self, p: ChunkPayloadData) {
+        let in_order = self.sorted.back().is_none_or(|last| sna32lt(*last, p.tsn));
         self.sorted.push_back(p.tsn);
+        if p.deadline.is_some() {
+            self.n_timed += 1;
+        }
         self.chunk_map.insert(p.tsn, p);
-        //self.length += 1;
-        self.update_sorted_keys();
+        if !in_order {
+            self.update_sorted_keys();
+        }
+    }
+
+    fn removed(&mut self, c: &ChunkPayloadData) {
+        self.n_bytes = self.n_bytes.saturating_sub(c.user_data.len());
+        if c.deadline.is_some() {
+            self.n_timed = self.n_timed.saturating_sub(1);
+        }
+    }
+
+    /// Whether any queued chunk has a deadline.
+    pub(crate) fn has_timed(&self) -> bool {
+        self.n_timed > 0
     }
 
     /// push pushes a payload data. If the payload data is already in our queue or
@@ -55,10 +83,7 @@ impl PayloadQueue {
         }
 
         self.n_bytes += p.user_data.len();
-        self.sorted.push_back(p.tsn);
-        self.chunk_map.insert(p.tsn, p);
-        //self.length += 1;
-        self.update_sorted_keys();
+        self.insert_sorted(p);
 
         true
     }
@@ -69,7 +94,7 @@ impl PayloadQueue {
             self.sorted.pop_front();
             if let Some(c) = self.chunk_map.remove(&tsn) {
                 //self.length -= 1;
-                self.n_bytes = self.n_bytes.saturating_sub(c.user_data.len());
+                self.removed(&c);
                 return Some(c);
             }
         }
@@ -84,18 +109,18 @@ impl PayloadQueue {
     /// not to the size of the TSN jump: `cumulative_tsn` comes off the wire and
     /// may be up to 2^31 ahead of the current point.
     pub(crate) fn pop_up_to(&mut self, cumulative_tsn: u32) {
-        let chunk_map = &mut self.chunk_map;
-        let n_bytes = &mut self.n_bytes;
-        self.sorted.retain(|tsn| {
+        let mut sorted = core::mem::take(&mut self.sorted);
+        sorted.retain(|tsn| {
             if sna32lte(*tsn, cumulative_tsn) {
-                if let Some(c) = chunk_map.remove(tsn) {
-                    *n_bytes = n_bytes.saturating_sub(c.user_data.len());
+                if let Some(c) = self.chunk_map.remove(tsn) {
+                    self.removed(&c);
                 }
                 false
             } else {
                 true
             }
         });
+        self.sorted = sorted;
     }
 
     /// get returns reference to chunkPayloadData with the given TSN value.
@@ -126,8 +151,19 @@ impl PayloadQueue {
         for chunk in self.chunk_map.values_mut() {
             if !chunk.acked && !chunk.abandoned {
                 chunk.retransmit = true;
+                self.retransmit_marked = true;
             }
         }
+    }
+
+    /// Whether chunks may be marked for retransmission (see [`Self::retransmit_scanned`]).
+    pub(crate) fn retransmit_marked(&self) -> bool {
+        self.retransmit_marked
+    }
+
+    /// A scan of the whole queue took every chunk marked for retransmission.
+    pub(crate) fn retransmit_scanned(&mut self) {
+        self.retransmit_marked = false;
     }
 
     /// popDuplicates returns an array of TSN values that were found duplicate.
