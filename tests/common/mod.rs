@@ -334,11 +334,16 @@ pub fn upstream<F>(handler: F) -> String
 where
     F: Fn(tiny_http::Request) + Send + Sync + 'static,
 {
-    let server = tiny_http::Server::http("127.0.0.1:0").expect("upstream bind");
-    let url = format!(
-        "http://{}",
-        server.server_addr().to_ip().expect("ip address")
-    );
+    format!("http://{}", upstream_on("127.0.0.1:0", handler))
+}
+
+/// [`upstream`] bound to `addr` (e.g. `0.0.0.0:0`); returns the address it listens on.
+pub fn upstream_on<F>(addr: &str, handler: F) -> SocketAddr
+where
+    F: Fn(tiny_http::Request) + Send + Sync + 'static,
+{
+    let server = tiny_http::Server::http(addr).expect("upstream bind");
+    let bound = server.server_addr().to_ip().expect("ip address");
     let handler = std::sync::Arc::new(handler);
     std::thread::spawn(move || {
         for req in server.incoming_requests() {
@@ -346,7 +351,7 @@ where
             std::thread::spawn(move || handler(req));
         }
     });
-    url
+    bound
 }
 
 /// SHA-256 of `data` as hex, by the system's `sha256sum`.
