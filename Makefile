@@ -43,7 +43,8 @@ test-deps:
 ## test-net: NAT traversal in network namespaces (root): two LANs behind Linux routers
 ## (iptables NAT and firewalls) and a public segment with `tunnel signal` and coturn; cone,
 ## no input firewall, symmetric (relayed), UDP blocked (TURN over TCP), 2 % loss, IPv6, and
-## Chromium through TURN and behind mDNS. Cases run in parallel; NET_TEST_ARGS adds libtest
+## Chromium through TURN and behind mDNS; then tests/wan.rs on an emulated WAN path (a 3 s and
+## a 30 s outage, SSE at 3 % loss). Cases run in parallel; NET_TEST_ARGS adds libtest
 ## arguments (e.g. --include-ignored for the cases that hit a known product bug).
 NET_TEST_ARGS ?=
 test-net:
@@ -54,7 +55,7 @@ test-net:
 	  [ -z "$$need" ] || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need); \
 	fi
 	@start=$$(date +%s); \
-	TUNNEL_NET_TESTS=1 $(CARGO) test --test net -- --nocapture --test-threads=16 $(NET_TEST_ARGS); \
+	TUNNEL_NET_TESTS=1 $(CARGO) test --test net --test wan -- --nocapture --test-threads=16 $(NET_TEST_ARGS); \
 	status=$$?; echo "make test-net: $$(( $$(date +%s) - start )) s"; exit $$status
 
 ## lint: formatting check and clippy with warnings as errors
