@@ -334,15 +334,16 @@ pub fn upstream<F>(handler: F) -> String
 where
     F: Fn(tiny_http::Request) + Send + Sync + 'static,
 {
-    format!("http://{}", upstream_on("127.0.0.1:0", handler))
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("upstream bind");
+    format!("http://{}", upstream_on(listener, handler))
 }
 
-/// [`upstream`] bound to `addr` (e.g. `0.0.0.0:0`); returns the address it listens on.
-pub fn upstream_on<F>(addr: &str, handler: F) -> SocketAddr
+/// [`upstream`] on a listener of the caller's; returns the address it listens on.
+pub fn upstream_on<F>(listener: std::net::TcpListener, handler: F) -> SocketAddr
 where
     F: Fn(tiny_http::Request) + Send + Sync + 'static,
 {
-    let server = tiny_http::Server::http(addr).expect("upstream bind");
+    let server = tiny_http::Server::from_listener(listener, None).expect("upstream listener");
     let bound = server.server_addr().to_ip().expect("ip address");
     let handler = std::sync::Arc::new(handler);
     std::thread::spawn(move || {

@@ -10,7 +10,8 @@
 //! chunked), `GET /small` (`ok`).
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -67,7 +68,23 @@ pub fn upstream(ns: &str) -> Upstream {
     let received = Arc::new(AtomicU64::new(0));
     let counter = Arc::clone(&received);
     let addr = in_netns(ns, move || {
-        crate::common::upstream_on("0.0.0.0:0", move |req| answer(req, &counter))
+        let listener = TcpListener::bind("0.0.0.0:0").expect("upstream bind");
+        // As real servers do (Go's net/http, uvicorn): no Nagle delay, which would hold each
+        // SSE event back until the previous one is acknowledged, one RTT apart. Linux hands
+        // the option on to the accepted connections.
+        let on: libc::c_int = 1;
+        // SAFETY: setsockopt reads one c_int from a valid pointer for the given length.
+        let rc = unsafe {
+            libc::setsockopt(
+                listener.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_NODELAY,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "TCP_NODELAY: {}", std::io::Error::last_os_error());
+        crate::common::upstream_on(listener, move |req| answer(req, &counter))
     });
     Upstream {
         port: addr.port(),
