@@ -260,9 +260,9 @@ pub fn download(
     let mut s = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
     let start = Instant::now();
     let deadline = start + cap;
-    write!(
-        s,
-        "GET /bytes/{len} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    s.write_all(
+        format!("GET /bytes/{len} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
     )
     .map_err(|e| format!("send: {e}"))?;
     let (status, head, first) = read_head(&mut s, deadline)?;
@@ -314,10 +314,12 @@ pub fn upload(
     let before = received.load(Ordering::Relaxed);
     let start = Instant::now();
     let deadline = start + cap;
-    write!(
-        s,
-        "POST /upload HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/octet-stream\r\n\
+    s.write_all(
+        format!(
+            "POST /upload HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/octet-stream\r\n\
          Content-Length: {len}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
     )
     .map_err(|e| format!("send: {e}"))?;
     s.set_write_timeout(Some(Duration::from_millis(100)))
@@ -403,11 +405,13 @@ pub fn sse(
     s.set_nodelay(true).map_err(|e| e.to_string())?;
     let start = Instant::now();
     let deadline = start + timeout;
-    write!(
-        s,
-        "GET /sse/{tokens}/{} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\
+    s.write_all(
+        format!(
+            "GET /sse/{tokens}/{} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\
          Connection: close\r\n\r\n",
-        gap.as_millis()
+            gap.as_millis()
+        )
+        .as_bytes(),
     )
     .map_err(|e| format!("send: {e}"))?;
     let (status, _, mut raw) = read_head(&mut s, deadline)?;
@@ -480,9 +484,8 @@ pub fn get_head(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16,
     let deadline = Instant::now() + timeout;
     let mut s =
         TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect {addr}: {e}"))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
     )
     .map_err(|e| format!("send: {e}"))?;
     let (status, head, _) = read_head(&mut s, deadline)?;
