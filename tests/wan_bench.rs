@@ -52,8 +52,13 @@ fn main() -> ExitCode {
     }
     let started = Instant::now();
     let mut rows = Vec::new();
+    // WAN_BENCH_PATHS=50:0,200:1 measures only those (RTT ms:loss %) paths.
+    let only = std::env::var("WAN_BENCH_PATHS").unwrap_or_default();
     for rtt in RTTS_MS {
         for loss in LOSSES_PCT {
+            if !only.is_empty() && !only.split(',').any(|p| p == format!("{rtt}:{loss}")) {
+                continue;
+            }
             let path = Path::new(rtt, loss, MBIT);
             eprintln!("wan_bench: RTT {rtt} ms, loss {loss} % …");
             rows.push(measure(path));
@@ -122,6 +127,7 @@ fn measure(path: Path) -> Row {
         });
     }
     drop(tunnel);
+    eprintln!("wan_bench: forwarder: {}", wan.counters());
     let [tunnel, tcp] = sides;
     Row {
         path,

@@ -1603,8 +1603,8 @@ fn streamed_tokens_arrive_whole_in_order_and_soon_at_3_percent_loss() {
     gaps.sort();
     let (p99, worst) = (gaps[gaps.len() * 99 / 100], gaps[gaps.len() - 1]);
     println!("50 ms round trip, 3 % loss: inter-token gap p99 {p99:?}, worst {worst:?}");
-    // A lost token costs a retransmission timeout (120 ms floor) or three later tokens' SACKs,
-    // not RFC 4960's 1 s floor; a lost retransmission doubles the timeout once.
-    assert!(p99 <= Duration::from_millis(250), "p99 gap {p99:?}");
-    assert!(worst < Duration::from_millis(1000), "worst gap {worst:?}");
+    // A lost token is resent after three later tokens' SACKs (fast retransmit), or after the
+    // retransmission timeout (1 s floor) when the stream pauses; a lost resend doubles it.
+    assert!(p99 <= Duration::from_millis(300), "p99 gap {p99:?}");
+    assert!(worst <= Duration::from_millis(2200), "worst gap {worst:?}");
 }

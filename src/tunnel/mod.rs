@@ -82,6 +82,10 @@ const WINDOW_RATE: f64 = 64.0 * 1024.0 * 1024.0;
 /// sample delayed by a busy CPU does not size the window.
 const QUICK_PINGS: u32 = 3;
 const QUICK_PING_GAP: Duration = Duration::from_millis(100);
+/// PINGs remembered while their PONGs are outstanding (a PONG may take longer than the next
+/// PING's interval when the path queues): past that many, the round trips of those PINGs are
+/// not sampled.
+const PINGS_TIMED: usize = 8;
 /// Largest per-stream window a receiver grants (see [`Chan::stream_window`]): what one stream
 /// may have in flight toward us, so also what it may queue here for a slow socket.
 pub const MAX_STREAM_WINDOW: i64 = 1024 * 1024;
@@ -101,8 +105,11 @@ struct ChanState {
     /// How this channel's header fields travel (`headers` agreed: a list of pairs).
     form: HeaderForm,
     next_ping: Option<Instant>,
-    /// When the PING now awaiting its PONG was sent.
-    ping_sent: Option<Instant>,
+    /// When the PINGs still awaiting their PONGs were sent, oldest first (PONGs come back in
+    /// order on the channel, so each PONG times the oldest). At most [`PINGS_TIMED`]; PINGs
+    /// beyond that are counted in `untimed` and their PONGs, which come first, are not timed.
+    ping_sent: VecDeque<Instant>,
+    untimed: usize,
     /// Shortest PING round trip, and how many were measured.
     min_rtt: Option<Duration>,
     rtt_samples: u32,
@@ -235,7 +242,12 @@ impl Net {
             let mut ch = self.chan(peer);
             if let Some(st) = ch.net.chans.get_mut(&peer) {
                 st.next_ping = Some(now + if st.liveness { LIVE_PING } else { PING_EVERY });
-                st.ping_sent = Some(now);
+                if st.ping_sent.len() == PINGS_TIMED {
+                    st.untimed += st.ping_sent.len() + 1;
+                    st.ping_sent.clear();
+                } else {
+                    st.ping_sent.push_back(now);
+                }
             }
             ch.send(&Message::Ping);
         }
@@ -376,7 +388,11 @@ impl Chan<'_> {
         let Some(st) = self.net.chans.get_mut(&peer) else {
             return;
         };
-        let Some(sent) = st.ping_sent.take() else {
+        if st.untimed > 0 {
+            st.untimed -= 1;
+            return;
+        }
+        let Some(sent) = st.ping_sent.pop_front() else {
             return;
         };
         let rtt = now.saturating_duration_since(sent);

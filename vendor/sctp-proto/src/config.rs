@@ -16,7 +16,7 @@ pub(crate) const DEFAULT_MAX_MESSAGE_SIZE: u32 = 65536;
 
 // Default RTO values in milliseconds (RFC 4960)
 pub(crate) const RTO_INITIAL: u64 = 1000;
-pub(crate) const RTO_MIN: u64 = 120;
+pub(crate) const RTO_MIN: u64 = 1000;
 pub(crate) const RTO_MAX: u64 = 60000;
 
 // Default max retransmit value (RFC 4960 Section 15)
