@@ -117,7 +117,7 @@ fn tls_config(roots: Option<RootCertStore>) -> Result<Arc<ClientConfig>, String>
     let roots = roots.unwrap_or_else(|| RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
     });
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS set-up failed: {e}"))?
@@ -482,7 +482,7 @@ mod tests {
             .self_signed(&key)
             .expect("certificate");
         let der = cert.der().clone();
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .expect("versions")
