@@ -64,7 +64,8 @@ pub struct SignalOpts {
     #[argh(option)]
     pub ice_server: Vec<String>,
 
-    /// shared secret for per-session TURN credentials (coturn use-auth-secret)
+    /// shared secret for per-session TURN credentials (coturn use-auth-secret); the built-in
+    /// relay checks credentials with it too (default: a random one)
     #[argh(option)]
     pub turn_secret: Option<String>,
 
@@ -88,14 +89,112 @@ pub struct SignalOpts {
     #[argh(option, default = "65536")]
     pub max_message: usize,
 
-    /// most simultaneous connections; more are refused (default 50000)
-    #[argh(option, default = "50000")]
-    pub max_connections: usize,
+    /// most simultaneous connections; more are refused with a 503 (default: the file-descriptor
+    /// limit, raised to its hard limit at start, less a reserve)
+    #[argh(option)]
+    pub max_connections: Option<usize>,
 
     /// messages per second one WebSocket may send, sustained; bursts of twice that pass
     /// (default 1000)
     #[argh(option, default = "1000")]
     pub rate_limit: u32,
+
+    /// connections one address (IPv4, or IPv6 /64) may hold; more are refused with a 503
+    /// (default 256; 0: no limit)
+    #[argh(option, default = "256")]
+    pub max_connections_per_addr: usize,
+
+    /// joins (tunnel join, webllm and chronoflux join-room, agent connect) per second per
+    /// address, bursts of twice that (default 10; 0: no limit)
+    #[argh(option, default = "10")]
+    pub join_rate: u32,
+
+    /// STUN answers per second per source address, bursts of twice that; the rest are dropped
+    /// (default 10; 0: no limit)
+    #[argh(option, default = "10")]
+    pub stun_rate: u32,
+
+    /// rooms held at once, in the WebSocket dialect and in the agent API each (default 100000)
+    #[argh(option, default = "100000")]
+    pub max_rooms: usize,
+
+    /// longest room name in bytes, in every dialect and the agent API (default 256)
+    #[argh(option, default = "256")]
+    pub max_room_name: usize,
+
+    /// members per room in the webllm and chronoflux dialects and the agent API (default 100;
+    /// the tunnel dialect has --max-peers and --max-consumers)
+    #[argh(option, default = "100")]
+    pub max_members: usize,
+
+    /// agent API sessions held at once, with or without a stream (default 100000)
+    #[argh(option, default = "100000")]
+    pub max_sessions: usize,
+
+    /// seconds of silence after which a WebSocket is pinged (default 30)
+    #[argh(option, default = "30")]
+    pub ping_interval: u64,
+
+    /// seconds after which a silent WebSocket, or a connection whose output is not read, is
+    /// closed (default 60)
+    #[argh(option, default = "60")]
+    pub idle_timeout: u64,
+
+    /// webllm dialect: a register of a deviceId that another live connection holds takes it
+    /// at once, as the original did (default: refused while the holder answers a ping)
+    #[argh(switch)]
+    pub webllm_takeover: bool,
+
+    /// webllm dialect: seconds the holder of a claimed deviceId has to answer its ping
+    /// (default 5)
+    #[argh(option, default = "5")]
+    pub webllm_probe_timeout: u64,
+
+    /// who gets TURN credentials from --turn-secret: joined (default: sessions whose room holds
+    /// another member) or any (every session, at connect)
+    #[argh(option, default = "String::from(\"joined\")")]
+    pub turn_credentials: String,
+
+    /// do not run the built-in TURN relay (on by default, on the STUN UDP port and the TCP
+    /// port)
+    #[argh(switch)]
+    pub no_relay: bool,
+
+    /// UDP ports of relayed addresses, LO-HI (default 49152-65535)
+    #[argh(option)]
+    pub relay_ports: Option<String>,
+
+    /// TURN allocations held at once (default 500); more get 508
+    #[argh(option, default = "500")]
+    pub relay_max_allocations: usize,
+
+    /// TURN allocations per credential, i.e. per member or session (default 10); more get 486
+    #[argh(option, default = "10")]
+    pub relay_user_allocations: usize,
+
+    /// bytes per second relayed per allocation and direction, the excess dropped (default
+    /// 1048576; 0: no limit)
+    #[argh(option, default = "1048576")]
+    pub relay_rate: u64,
+
+    /// longest TURN allocation lifetime in seconds (default 3600)
+    #[argh(option, default = "3600")]
+    pub relay_lifetime: u64,
+
+    /// address range the relay may reach although it is private, loopback or this host's own
+    /// (repeatable), e.g. 127.0.0.0/8 for tests and single-host set-ups; never this server's
+    /// own ports
+    #[argh(option)]
+    pub relay_allow: Vec<String>,
+
+    /// address range the relay must not reach (repeatable)
+    #[argh(option)]
+    pub relay_deny: Vec<String>,
+
+    /// address announced as the relayed address (default: the listen address, or the source
+    /// address of the default route)
+    #[argh(option)]
+    pub relay_ip: Option<String>,
 }
 
 /// Expose an upstream HTTP service (an LLM server, any HTTP API) through the tunnel: the provider.
@@ -132,11 +231,13 @@ pub struct ServeOpts {
     #[argh(option)]
     pub ice_addr: Vec<String>,
 
-    /// TURN server URL (env TUNNEL_TURN); accepted for compatibility, relaying is not supported
+    /// TURN server for a relayed candidate, turn:HOST:PORT[?transport=udp|tcp] (env TUNNEL_TURN);
+    /// the signal server may hand out its own
     #[argh(option)]
     pub turn: Option<String>,
 
-    /// tunnel extensions to offer or accept, comma-separated (default sse,window,cancel);
+    /// tunnel extensions to offer or accept, comma-separated (default
+    /// sse,window,cancel,headers,liveness);
     /// "sse" alone behaves exactly like a version-1 peer
     #[argh(option)]
     pub features: Option<String>,
@@ -148,6 +249,16 @@ pub struct ServeOpts {
     /// TURN password (env TUNNEL_TURN_PASS)
     #[argh(option)]
     pub turn_pass: Option<String>,
+
+    /// offer relayed (TURN) candidates only: every packet goes through the relay and the peer
+    /// never learns this machine's addresses
+    #[argh(switch)]
+    pub relay_only: bool,
+
+    /// seconds requests in flight wait for a lost path to come back before they end (default
+    /// 15; needs the peer's `liveness` feature)
+    #[argh(option, default = "15")]
+    pub grace: u64,
 
     /// consumers (tunnel proxy, browsers) served at once (default 32); more are refused
     #[argh(option, default = "32")]
@@ -164,6 +275,17 @@ pub struct ServeOpts {
     /// file of `name secret` lines, one per consumer (re-read on SIGHUP); instead of --secret
     #[argh(option)]
     pub secret_file: Option<String>,
+
+    /// what consumers may call, "METHOD /prefix" (repeatable; METHOD * for any), e.g.
+    /// --allow "GET /v1/models" --allow "POST /v1/chat/completions"; anything else gets 403.
+    /// Default: everything inside the upstream's base path
+    #[argh(option)]
+    pub allow: Vec<String>,
+
+    /// seconds a request may go without a frame from its consumer and without upstream
+    /// progress before it is ended: 504, or an error mid-body (default 300)
+    #[argh(option, default = "300")]
+    pub stream_idle: u64,
 }
 
 /// Listen locally and carry every HTTP request through the tunnel to the provider: the consumer.
@@ -191,11 +313,13 @@ pub struct ProxyOpts {
     #[argh(option)]
     pub ice_addr: Vec<String>,
 
-    /// TURN server URL (env TUNNEL_TURN); accepted for compatibility, relaying is not supported
+    /// TURN server for a relayed candidate, turn:HOST:PORT[?transport=udp|tcp] (env TUNNEL_TURN);
+    /// the signal server may hand out its own
     #[argh(option)]
     pub turn: Option<String>,
 
-    /// tunnel extensions to offer or accept, comma-separated (default sse,window,cancel);
+    /// tunnel extensions to offer or accept, comma-separated (default
+    /// sse,window,cancel,headers,liveness);
     /// "sse" alone behaves exactly like a version-1 peer
     #[argh(option)]
     pub features: Option<String>,
@@ -208,6 +332,16 @@ pub struct ProxyOpts {
     #[argh(option)]
     pub turn_pass: Option<String>,
 
+    /// offer relayed (TURN) candidates only: every packet goes through the relay and the peer
+    /// never learns this machine's addresses
+    #[argh(switch)]
+    pub relay_only: bool,
+
+    /// seconds requests in flight wait for a lost path to come back before they end (default
+    /// 15; needs the peer's `liveness` feature)
+    #[argh(option, default = "15")]
+    pub grace: u64,
+
     /// secret shared with the provider (env TUNNEL_SECRET): the provider must prove it knows it
     #[argh(option)]
     pub secret: Option<String>,
@@ -216,6 +350,12 @@ pub struct ProxyOpts {
     /// TUNNEL_NAME; default: this machine's host name)
     #[argh(option)]
     pub name: Option<String>,
+
+    /// another Host name (or address) the proxy answers to, besides localhost, loopback and
+    /// this machine's own addresses (repeatable); other Host values get 421, as a protection
+    /// against DNS rebinding
+    #[argh(option)]
+    pub allow_host: Vec<String>,
 }
 
 /// Try it on this machine: starts a signal server, a small OpenAI-style demo upstream, serve and
@@ -234,7 +374,7 @@ pub struct DemoOpts {
 }
 
 /// What `tunnel --version` prints: `tunnel VERSION (TARGET-TRIPLE, commit HASH)`, the commit
-/// being 12 hex digits or `unknown` (embedded by build.rs).
+/// being 12 hex digits or `unknown` (embedded by src/build.rs).
 pub fn version() -> String {
     format!(
         "tunnel {} ({}, commit {})",

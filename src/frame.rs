@@ -7,6 +7,10 @@
 //! in any key order, ignoring unknown keys. Header maps carry one value per name: names that occur
 //! more than once (compared case-insensitively) are merged into the first occurrence's spelling,
 //! their values joined with `", "`. Decoded header maps keep the order they had on the wire.
+//! With the negotiated feature `headers` ([`HeaderForm::List`]) REQ_HEADERS / RES_HEADERS carry
+//! an ordered list of `[name, value]` pairs instead, so repeated fields (two `Set-Cookie`) stay
+//! apart; [`Message::decode_as`] and [`Message::encode_as`] take the channel's form, and the
+//! plain [`Message::decode`] / [`Message::encode`] are the version-1 (map) form.
 
 use serde_json::{Map, Value};
 use std::fmt;
@@ -64,6 +68,18 @@ impl TryFrom<u8> for FrameType {
             other => return Err(other),
         })
     }
+}
+
+/// How REQ_HEADERS / RES_HEADERS carry header fields on a channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HeaderForm {
+    /// Version 1: a JSON object with one value per name (repeated names joined with `", "`).
+    /// Decoding accepts only this form.
+    #[default]
+    Map,
+    /// Feature `headers`: an ordered JSON array of `[name, value]` pairs, repeated names kept
+    /// apart and in order. Decoding accepts this form and the map.
+    List,
 }
 
 /// HELLO, sent by the consumer (proxy) once the data channel is open.
@@ -185,9 +201,16 @@ impl fmt::Display for FrameError {
 impl std::error::Error for FrameError {}
 
 impl<'a> Message<'a> {
-    /// Decodes one data-channel message. Control frames (HELLO, AGREE, PING, PONG) ignore the
-    /// header's stream id, and frames with empty payloads ignore any payload bytes.
+    /// Decodes one data-channel message in the version-1 form (header maps only); see
+    /// [`Message::decode_as`].
     pub fn decode(buf: &'a [u8]) -> Result<Message<'a>, FrameError> {
+        Message::decode_as(buf, HeaderForm::Map)
+    }
+
+    /// Decodes one data-channel message of a channel whose headers travel in `form`. Control
+    /// frames (HELLO, AGREE, PING, PONG) ignore the header's stream id, and frames with empty
+    /// payloads ignore any payload bytes.
+    pub fn decode_as(buf: &'a [u8], form: HeaderForm) -> Result<Message<'a>, FrameError> {
         let (head, payload) = buf.split_at_checked(HEADER_LEN).ok_or(FrameError::Short)?;
         let [kind, s0, s1, s2, s3] = *head else {
             return Err(FrameError::Short);
@@ -243,7 +266,7 @@ impl<'a> Message<'a> {
                     stream_id: stream_id_field(&obj, stream)?,
                     method: string_field(&obj, "method")?,
                     path: string_field(&obj, "path")?,
-                    headers: headers_field(&obj)?,
+                    headers: headers_field(&obj, form)?,
                 })
             }
             FrameType::ReqBody => Message::ReqBody(stream, payload),
@@ -254,7 +277,7 @@ impl<'a> Message<'a> {
                 Message::ResHeaders(ResHeaders {
                     stream_id: stream_id_field(&obj, stream)?,
                     status: u16::try_from(status).map_err(|_| FrameError::Field("status"))?,
-                    headers: headers_field(&obj)?,
+                    headers: headers_field(&obj, form)?,
                 })
             }
             FrameType::ResBody => Message::ResBody(stream, payload),
@@ -316,9 +339,15 @@ impl<'a> Message<'a> {
         }
     }
 
-    /// Appends this message as one frame. Body payloads are written whole: callers split bodies
-    /// with [`body_chunks`] first.
+    /// Appends this message as one frame in the version-1 form (header maps); see
+    /// [`Message::encode_as`].
     pub fn encode(&self, out: &mut Vec<u8>) {
+        self.encode_as(out, HeaderForm::Map)
+    }
+
+    /// Appends this message as one frame, headers in `form`. Body payloads are written whole:
+    /// callers split bodies with [`body_chunks`] first.
+    pub fn encode_as(&self, out: &mut Vec<u8>, form: HeaderForm) {
         out.push(self.kind());
         out.extend_from_slice(&self.stream().to_be_bytes());
         match self {
@@ -362,7 +391,7 @@ impl<'a> Message<'a> {
                 out.extend_from_slice(b",\"path\":");
                 push_json_str(out, &h.path);
                 out.extend_from_slice(b",\"headers\":");
-                push_json_headers(out, &h.headers);
+                push_json_headers(out, &h.headers, form);
                 out.push(b'}');
             }
             Message::ResHeaders(h) => {
@@ -371,7 +400,7 @@ impl<'a> Message<'a> {
                 out.extend_from_slice(b",\"status\":");
                 out.extend_from_slice(h.status.to_string().as_bytes());
                 out.extend_from_slice(b",\"headers\":");
-                push_json_headers(out, &h.headers);
+                push_json_headers(out, &h.headers, form);
                 out.push(b'}');
             }
             Message::ReqBody(_, data) | Message::ResBody(_, data) | Message::Auth(data) => {
@@ -388,10 +417,15 @@ impl<'a> Message<'a> {
         }
     }
 
-    /// This message as one frame in a new buffer.
+    /// This message as one frame (version-1 form) in a new buffer.
     pub fn to_vec(&self) -> Vec<u8> {
+        self.to_vec_as(HeaderForm::Map)
+    }
+
+    /// This message as one frame, headers in `form`, in a new buffer.
+    pub fn to_vec_as(&self, form: HeaderForm) -> Vec<u8> {
         let mut out = Vec::new();
-        self.encode(&mut out);
+        self.encode_as(&mut out, form);
         out
     }
 }
@@ -432,16 +466,28 @@ pub fn negotiate(
     })
 }
 
-/// The fuzz entry point: decodes arbitrary bytes and never panics on them; whatever decodes must
-/// encode to a frame that decodes to the same message.
+/// The fuzz entry point: decodes arbitrary bytes in both header forms and never panics on them;
+/// whatever decodes must encode (in the same form) to a frame that decodes to the same message,
+/// and what the version-1 form accepts the list form accepts too, as the same message.
 pub fn fuzz_one(data: &[u8]) {
-    let Ok(message) = Message::decode(data) else {
-        return;
-    };
-    let encoded = message.to_vec();
-    match Message::decode(&encoded) {
-        Ok(again) => assert_eq!(message, again, "re-encoded frame decodes differently"),
-        Err(e) => panic!("re-encoded frame does not decode: {e}: {message:?}"),
+    let v1 = Message::decode_as(data, HeaderForm::Map);
+    let list = Message::decode_as(data, HeaderForm::List);
+    if let Ok(m) = &v1 {
+        assert_eq!(
+            Ok(m),
+            list.as_ref(),
+            "the list form decodes a v1 frame differently"
+        );
+    }
+    for (form, decoded) in [(HeaderForm::Map, v1), (HeaderForm::List, list)] {
+        let Ok(message) = decoded else {
+            continue;
+        };
+        let encoded = message.to_vec_as(form);
+        match Message::decode_as(&encoded, form) {
+            Ok(again) => assert_eq!(message, again, "re-encoded frame decodes differently"),
+            Err(e) => panic!("re-encoded frame does not decode: {e}: {message:?}"),
+        }
     }
 }
 
@@ -523,11 +569,26 @@ fn stream_id_field(obj: &Map<String, Value>, header_stream: u32) -> Result<u32, 
     }
 }
 
-/// `headers`: an object of string values; missing or `null` means none.
-fn headers_field(obj: &Map<String, Value>) -> Result<Vec<(String, String)>, FrameError> {
+/// `headers`: an object of string values; missing or `null` means none. With
+/// [`HeaderForm::List`] also an array of `[name, value]` string pairs, kept as they are.
+fn headers_field(
+    obj: &Map<String, Value>,
+    form: HeaderForm,
+) -> Result<Vec<(String, String)>, FrameError> {
     let map = match obj.get("headers") {
         None | Some(Value::Null) => return Ok(Vec::new()),
         Some(Value::Object(map)) => map,
+        Some(Value::Array(items)) if form == HeaderForm::List => {
+            return items
+                .iter()
+                .map(|item| match item.as_array().map(Vec::as_slice) {
+                    Some([Value::String(name), Value::String(value)]) => {
+                        Ok((name.clone(), value.clone()))
+                    }
+                    _ => Err(FrameError::Field("headers")),
+                })
+                .collect();
+        }
         Some(_) => return Err(FrameError::Field("headers")),
     };
     let mut pairs = Vec::with_capacity(map.len());
@@ -553,7 +614,22 @@ fn push_json_str_array(out: &mut Vec<u8>, items: &[String]) {
     out.push(b']');
 }
 
-fn push_json_headers(out: &mut Vec<u8>, headers: &[(String, String)]) {
+fn push_json_headers(out: &mut Vec<u8>, headers: &[(String, String)], form: HeaderForm) {
+    if form == HeaderForm::List {
+        out.push(b'[');
+        for (i, (name, value)) in headers.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.push(b'[');
+            push_json_str(out, name);
+            out.push(b',');
+            push_json_str(out, value);
+            out.push(b']');
+        }
+        out.push(b']');
+        return;
+    }
     out.push(b'{');
     let merged = merge_headers(headers.iter().map(|(n, v)| (n.as_str(), v.as_str())));
     for (i, (name, value)) in merged.iter().enumerate() {
@@ -729,6 +805,93 @@ mod tests {
         };
         assert_eq!(res.headers, h(&[("a", "2, 1")]), "wire order is kept");
         assert_eq!(res.status, 204);
+    }
+
+    #[test]
+    fn header_list_form_keeps_repeats_and_order() {
+        let msg = Message::ResHeaders(ResHeaders {
+            stream_id: 3,
+            status: 200,
+            headers: h(&[
+                ("set-cookie", "a=1; Path=/"),
+                ("content-type", "text/plain"),
+                ("set-cookie", "b=2, c=3"),
+            ]),
+        });
+        let wire = frame(
+            20,
+            3,
+            br#"{"stream_id":3,"status":200,"headers":[["set-cookie","a=1; Path=/"],["content-type","text/plain"],["set-cookie","b=2, c=3"]]}"#,
+        );
+        assert_eq!(msg.to_vec_as(HeaderForm::List), wire);
+        assert_eq!(Message::decode_as(&wire, HeaderForm::List), Ok(msg.clone()));
+        // A channel without `headers` refuses the list, and encodes the same head as v1 did.
+        assert_eq!(
+            Message::decode(&wire),
+            Err(FrameError::Field("headers")),
+            "the list form only where negotiated"
+        );
+        assert_eq!(
+            msg.to_vec(),
+            frame(
+                20,
+                3,
+                br#"{"stream_id":3,"status":200,"headers":{"set-cookie":"a=1; Path=/, b=2, c=3","content-type":"text/plain"}}"#
+            )
+        );
+        // The list form also reads a map (a peer may still send one), merged as in v1.
+        let map = frame(
+            10,
+            2,
+            br#"{"method":"GET","path":"/","headers":{"a":"1","A":"2"}}"#,
+        );
+        let Ok(Message::ReqHeaders(req)) = Message::decode_as(&map, HeaderForm::List) else {
+            panic!("map under the list form");
+        };
+        assert_eq!(req.headers, h(&[("a", "1, 2")]));
+        // Empty lists, and REQ_HEADERS in the list form.
+        let req = Message::ReqHeaders(ReqHeaders {
+            stream_id: 9,
+            method: "GET".into(),
+            path: "/x".into(),
+            headers: h(&[("x-a", "1"), ("X-A", "2")]),
+        });
+        assert_eq!(
+            req.to_vec_as(HeaderForm::List),
+            frame(
+                10,
+                9,
+                br#"{"stream_id":9,"method":"GET","path":"/x","headers":[["x-a","1"],["X-A","2"]]}"#
+            )
+        );
+        let empty = frame(20, 1, br#"{"status":204,"headers":[]}"#);
+        assert!(matches!(
+            Message::decode_as(&empty, HeaderForm::List),
+            Ok(Message::ResHeaders(ResHeaders { headers, .. })) if headers.is_empty()
+        ));
+    }
+
+    #[test]
+    fn malformed_header_lists_are_refused() {
+        for bad in [
+            &br#"[["a"]]"#[..],
+            br#"[["a","1","2"]]"#,
+            br#"[["a",1]]"#,
+            br#"[[null,"1"]]"#,
+            br#"["a","1"]"#,
+            br#"[{"a":"1"}]"#,
+            br#""a: 1""#,
+        ] {
+            let mut payload = br#"{"stream_id":1,"status":200,"headers":"#.to_vec();
+            payload.extend_from_slice(bad);
+            payload.push(b'}');
+            assert_eq!(
+                Message::decode_as(&frame(20, 1, &payload), HeaderForm::List),
+                Err(FrameError::Field("headers")),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[test]
@@ -976,6 +1139,11 @@ mod tests {
                 br#"{"method":"GET","path":"/","headers":{"A":"1","a":"2"}}"#,
             ),
             frame(99, 1, b"\xc3"),
+            frame(
+                20,
+                1,
+                br#"{"status":200,"headers":[["set-cookie","a"],["Set-Cookie","b"]]}"#,
+            ),
             frame(200, 1, b""),
             vec![1, 2],
         ] {

@@ -188,7 +188,7 @@ fn transfer_chunked(headers: &[(String, String)]) -> Result<Option<bool>, HeadEr
 }
 
 /// The `Content-Length`, if any; every value (and list element) must be the same decimal number.
-fn content_length(headers: &[(String, String)]) -> Result<Option<u64>, HeadError> {
+pub fn content_length(headers: &[(String, String)]) -> Result<Option<u64>, HeadError> {
     let mut found: Option<u64> = None;
     for (name, value) in headers {
         if !name.eq_ignore_ascii_case("content-length") {

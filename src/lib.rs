@@ -15,4 +15,5 @@ mod sim;
 pub mod stop;
 pub mod stun;
 pub mod tunnel;
+pub mod turn;
 pub mod util;

@@ -85,3 +85,27 @@ pub fn set_buffer_size(socket: &impl AsRawFd, option: libc::c_int, bytes: usize)
         Err(io::Error::last_os_error())
     }
 }
+
+/// Makes closing `socket` abortive (`SO_LINGER` on, 0 s): the kernel drops what is still unsent
+/// and sends RST, instead of holding the connection until a peer that stopped reading reads.
+pub fn set_linger_zero(socket: &impl AsRawFd) -> io::Result<()> {
+    let value = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid descriptor, and a pointer to a linger that outlives the call, with its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&value as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

@@ -343,13 +343,13 @@ impl Writer {
     }
 }
 
-fn padded(len: usize) -> usize {
+pub(crate) fn padded(len: usize) -> usize {
     (len + 3) & !3
 }
 
 /// The value of (XOR-)MAPPED-ADDRESS: 0, family, port, address; XORed with the cookie (and the
 /// transaction id for IPv6) when `xor` holds the transaction id.
-fn encode_address(addr: SocketAddr, xor: Option<&TransactionId>) -> Vec<u8> {
+pub(crate) fn encode_address(addr: SocketAddr, xor: Option<&TransactionId>) -> Vec<u8> {
     let mut mask = [0u8; 16];
     if let Some(tid) = xor {
         mask[..4].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());
@@ -366,7 +366,7 @@ fn encode_address(addr: SocketAddr, xor: Option<&TransactionId>) -> Vec<u8> {
     out
 }
 
-fn decode_address(value: &[u8], xor: Option<&TransactionId>) -> Option<SocketAddr> {
+pub(crate) fn decode_address(value: &[u8], xor: Option<&TransactionId>) -> Option<SocketAddr> {
     let mut mask = [0u8; 16];
     if let Some(tid) = xor {
         mask[..4].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());
@@ -395,7 +395,7 @@ fn decode_address(value: &[u8], xor: Option<&TransactionId>) -> Option<SocketAdd
 }
 
 /// CRC-32 (ISO HDLC, as in zlib) of `data`, XORed with 0x5354554e.
-fn fingerprint(data: &[u8]) -> u32 {
+pub(crate) fn fingerprint(data: &[u8]) -> u32 {
     let mut crc = !0u32;
     for &byte in data {
         crc = CRC_TABLE[usize::from((crc as u8) ^ byte)] ^ (crc >> 8);

@@ -1,5 +1,6 @@
-//! Small helpers shared by the signal server and the tunnel: random ids (UUID v4), base64, and
-//! HMAC-SHA1 for TURN REST credentials. Called by `signal::*` and `peer::*`.
+//! Small helpers shared by the signal server and the tunnel: random ids (UUID v4), base64,
+//! HMAC-SHA1 for TURN REST credentials, and raising the file-descriptor limit. Called by
+//! `signal::*` and `peer::*`.
 
 use sha1::{Digest, Sha1};
 
@@ -71,6 +72,42 @@ pub fn host_name() -> Option<String> {
     let end = buf.iter().position(|&b| b == 0)?;
     let name = String::from_utf8_lossy(&buf[..end]).trim().to_string();
     (!name.is_empty()).then_some(name)
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (or, when that is unlimited, to the
+/// kernel's `fs.nr_open`); returns the soft limit before and after.
+pub fn raise_fd_limit() -> Result<(u64, u64), String> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid pointer to an rlimit that outlives the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(format!(
+            "cannot read the limit: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let before: u64 = lim.rlim_cur;
+    let mut target = lim.rlim_max;
+    if target == libc::RLIM_INFINITY {
+        target = std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(1 << 20);
+    }
+    if target <= lim.rlim_cur {
+        return Ok((before, before));
+    }
+    lim.rlim_cur = target;
+    // SAFETY: as above; only the soft limit changes, within the hard one.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        return Err(format!(
+            "cannot raise the limit from {before} to {target}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok((before, target))
 }
 
 /// Standard base64 with padding (RFC 4648 §4).

@@ -210,6 +210,9 @@ fn ice_servers_from_flags_and_turn_secret() {
         "turn:turn.example.org:3478?transport=udp",
         "--turn-ttl",
         "600",
+        // Credentials at connect, even alone (the default waits for a peer: signal_limits.rs).
+        "--turn-credentials",
+        "any",
     ]);
     let mut a = Sse::open(addr, "room=ice");
     let j = a.expect("joined");
@@ -227,12 +230,37 @@ fn ice_servers_from_flags_and_turn_secret() {
     let want = tunnel::util::base64(&tunnel::util::hmac_sha1(b"s3cret", user.as_bytes()));
     assert_eq!(servers[1]["credential"], want.as_str());
 
-    // Without configuration, clients are pointed at this server's own STUN responder.
-    let (_plain, addr) = signal(&[]);
+    // Without configuration, clients are pointed at this server's own STUN responder…
+    let (_plain, addr) = signal(&["--no-relay"]);
     let mut b = Sse::open(addr, "room=ice");
     let j = b.expect("joined");
     assert_eq!(
         j["iceServers"],
         json!([{"urls": [format!("stun:127.0.0.1:{}", addr.port())]}])
+    );
+    // …and, by default, at its built-in TURN relay, with credentials for the session (here
+    // at connect: by default they go only to sessions whose room holds another member).
+    let (_relay, addr) = signal(&["--turn-credentials", "any"]);
+    let mut c = Sse::open(addr, "room=ice");
+    let j = c.expect("joined");
+    let port = addr.port();
+    assert_eq!(
+        j["iceServers"][0],
+        json!({"urls": [format!("stun:127.0.0.1:{port}")]})
+    );
+    let turn = &j["iceServers"][1];
+    assert_eq!(
+        turn["urls"],
+        json!([
+            format!("turn:127.0.0.1:{port}?transport=udp"),
+            format!("turn:127.0.0.1:{port}?transport=tcp")
+        ])
+    );
+    let user = turn["username"].as_str().unwrap();
+    assert_eq!(user.split_once(':').unwrap().1, j["id"]);
+    assert_eq!(
+        turn["credential"].as_str().unwrap().len(),
+        28,
+        "base64 of 20 bytes"
     );
 }

@@ -191,12 +191,11 @@ fn max_connections_refuses_the_extra_ones() {
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
     let _ = extra.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    let (status, _, body) = read_response(&mut extra);
+    assert_eq!(status, 503, "the fourth connection is refused: {body}");
+    assert!(body.contains("--max-connections"), "{body}");
     let mut buf = [0u8; 16];
-    assert_eq!(
-        extra.read(&mut buf).unwrap_or(0),
-        0,
-        "the fourth connection is closed"
-    );
+    assert_eq!(extra.read(&mut buf).unwrap_or(0), 0, "and closed");
     pair.check(1);
 }
 

@@ -28,6 +28,8 @@ fn text(ws: &mut Ws) -> String {
 
 #[test]
 fn golden_transcript() {
+    // Default flags: the built-in relay is on, and role-less (version-1) joins still get
+    // exactly the original's `joined`, without `iceServers`.
     let (_server, addr) = signal(&[]);
     let mut a = ws(addr, "/");
     let err = |m: &str| format!(r#"{{"type":"error","message":"{m}"}}"#);
@@ -208,7 +210,33 @@ fn listen_forms_port_env_and_ipv6() {
 }
 
 /// Joins `room` (with `role`, if not empty) and returns the new peer id and the `joined` text.
+/// A join with a role gets the built-in relay's `iceServers` (checked here) as the last field;
+/// the text returned is without it, byte for byte what the server sent before it.
 fn join_as(s: &mut Ws, room: &str, role: &str) -> (String, String) {
+    let (id, joined) = join_as_raw(s, room, role);
+    let Some(at) = joined.find(r#","iceServers":"#) else {
+        assert!(
+            role.is_empty(),
+            "no iceServers for a join with a role: {joined}"
+        );
+        return (id, joined);
+    };
+    assert!(
+        !role.is_empty(),
+        "iceServers for a version-1 join: {joined}"
+    );
+    let servers: Value = serde_json::from_str(&joined[at + 14..joined.len() - 1]).unwrap();
+    assert_eq!(servers[0]["urls"][0].as_str().unwrap()[..5], *"stun:");
+    let user = servers[1]["username"].as_str().unwrap();
+    assert_eq!(
+        user.split_once(':').unwrap().1,
+        id,
+        "credentials for this member"
+    );
+    (id, format!("{}}}", &joined[..at]))
+}
+
+fn join_as_raw(s: &mut Ws, room: &str, role: &str) -> (String, String) {
     if role.is_empty() {
         send(s, &format!(r#"{{"type":"join","room":"{room}"}}"#));
     } else {

@@ -39,7 +39,7 @@ fn expect_continue_and_bodiless_statuses() {
     let mut s = TcpStream::connect(t.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(
-        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+        b"POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
     )
     .unwrap();
     let mut interim = [0u8; 25];
@@ -49,7 +49,7 @@ fn expect_continue_and_bodiless_statuses() {
     let (status, _, body) = read_full_response(&mut s);
     assert_eq!((status, body.as_slice()), (200, &b"got 5 bytes"[..]));
     for (path, code) in [("/204", 204), ("/304", 304)] {
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
         let (status, head, body) = read_full_response(&mut s);
         assert_eq!(status, code);
         assert!(body.is_empty());
@@ -61,7 +61,7 @@ fn expect_continue_and_bodiless_statuses() {
     // The connection is still in step after the bodiless answers.
     write!(
         s,
-        "POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok"
+        "POST /x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\nok"
     )
     .unwrap();
     let (status, _, body) = read_full_response(&mut s);
@@ -106,7 +106,7 @@ fn base_path_advertise_and_headers() {
     ] {
         write!(
             s,
-            "GET {path} HTTP/1.1\r\nHost: proxy.local\r\nX-Custom: kept\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nX-Custom: kept\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n\r\n"
         )
         .unwrap();
         let (status, head, body) = read_full_response(&mut s);
@@ -142,7 +142,7 @@ fn a_client_that_stops_reading_does_not_grow_memory() {
     let t = Tunnel::start(&up);
     let mut s = TcpStream::connect(t.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    s.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .unwrap();
     let mut first = [0u8; 4096];
     let n = s.read(&mut first).unwrap();
@@ -201,7 +201,7 @@ fn a_client_that_goes_away_stops_the_upstream() {
     let t = Tunnel::start(&up);
     let mut s = TcpStream::connect(t.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET /generate HTTP/1.1\r\nHost: x\r\n\r\n")
+    s.write_all(b"GET /generate HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .unwrap();
     let mut buf = [0u8; 1024];
     assert!(s.read(&mut buf).unwrap() > 0);
@@ -251,7 +251,7 @@ fn a_body_already_waiting_in_the_socket_is_read_to_the_end() {
             let mut s = TcpStream::connect(t.addr).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
             let mut req = format!(
-                "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+                "POST /echo HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n",
                 body.len()
             )
             .into_bytes();

@@ -36,8 +36,9 @@ use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
 
 use super::candidate;
-use super::signaling::{RoomRole, SignalEvent, Signaling};
+use super::signaling::{IceServer, RoomRole, SignalEvent, Signaling};
 use super::stun_client::{self, Response, StunClient};
+use crate::turn::client::{self as turn, Inbound, Transport, TurnClient, TurnServer};
 
 /// Label of the one data channel.
 pub const LABEL: &str = "tunnel";
@@ -54,6 +55,8 @@ const MAX_WINDOW: usize = 256 * 1024;
 const SCTP_BUFFER: usize = MAX_WINDOW + 128 * 1024;
 /// The offerer waits this long before offering again after losing a member still in the room.
 pub const REOFFER_DELAY: Duration = Duration::from_secs(1);
+/// Fresh sockets at most this often (see [`PeerCore::take_regather`]).
+const REGATHER_EVERY: Duration = Duration::from_secs(10);
 /// Remote candidates kept per member while waiting for its description.
 const MAX_EARLY_CANDIDATES: usize = 64;
 /// Mutations (received datagrams, channel writes) a session takes before its output is drained.
@@ -116,7 +119,35 @@ pub struct CoreConfig {
     pub stun_servers: Vec<SocketAddr>,
     /// Sessions held at once (a provider's consumers; 1 for a consumer).
     pub max_peers: usize,
+    /// TURN servers to allocate a relayed candidate on (`--turn`); the signal server may add
+    /// more (`iceServers` in `joined`).
+    pub turn: Vec<TurnServer>,
+    /// Offer relayed candidates only (like a browser's `iceTransportPolicy: "relay"`): the
+    /// peer never learns our addresses, and every packet goes through the TURN server.
+    pub relay_only: bool,
+    /// Use the TURN servers the signal server hands out (off when serve hosts the signal
+    /// server, and so its relay, itself: its own addresses are as reachable as the relay's).
+    pub turn_from_signal: bool,
 }
+
+/// TURN allocations held at most (configured and handed out by the signal server).
+pub const MAX_TURN: usize = 8;
+
+/// One TURN allocation and how the core reaches its server.
+struct Turn {
+    client: TurnClient,
+    /// UDP: the local socket the allocation lives on. TCP: any local address of the family.
+    local: SocketAddr,
+    /// The relayed candidate, once allocated.
+    candidate: Option<Candidate>,
+    /// After a failure: when to allocate again, and the delay after that.
+    retry_at: Option<Instant>,
+    retry_delay: Duration,
+}
+
+/// First delay before a failed allocation is tried again; it doubles up to the maximum.
+const TURN_RETRY: Duration = Duration::from_secs(5);
+const TURN_RETRY_MAX: Duration = Duration::from_secs(300);
 
 struct Session {
     id: PeerId,
@@ -139,6 +170,15 @@ struct Session {
     deadline: Instant,
     /// Mutations since str0m's output was last drained.
     undrained: usize,
+    /// Remote candidates added, to name the path in use.
+    remote_candidates: Vec<Candidate>,
+    /// When a datagram of this session last arrived.
+    last_rx: Instant,
+    /// Kept through ICE disconnection (the driver decides when it is lost: feature liveness).
+    held: bool,
+    /// The last (source, destination) DTLS/SCTP went by, and the one last logged.
+    route: Option<(SocketAddr, SocketAddr)>,
+    logged_route: Option<(SocketAddr, SocketAddr)>,
 }
 
 /// The room membership and the WebRTC sessions of one `tunnel serve` or `tunnel proxy`.
@@ -160,6 +200,15 @@ pub struct PeerCore {
     next_id: u64,
     transmits: VecDeque<Transmit>,
     events: VecDeque<PeerEvent>,
+    turns: Vec<Turn>,
+    relay_only: bool,
+    turn_from_signal: bool,
+    stun_servers: Vec<SocketAddr>,
+    /// An attempt failed in ICE with nothing open: the shell should bind fresh sockets.
+    regather_due: bool,
+    last_regather: Option<Instant>,
+    /// Messages for TURN servers reached over TCP: (turn index, server, bytes).
+    stream_out: VecDeque<(usize, SocketAddr, Vec<u8>)>,
     /// The server refused our `join`, with its message: for the shell (taken) and for the
     /// role's answers while not joined (kept until the next `joined`).
     refusal: Option<String>,
@@ -193,9 +242,210 @@ impl PeerCore {
             refusal: None,
             refused_with: None,
             closed: false,
+            turns: Vec::new(),
+            relay_only: cfg.relay_only,
+            turn_from_signal: cfg.turn_from_signal,
+            stun_servers: cfg.stun_servers.clone(),
+            regather_due: false,
+            last_regather: None,
+            stream_out: VecDeque::new(),
         };
         core.send_stun(now);
+        for server in cfg.turn {
+            core.add_turn(server, now);
+        }
         core
+    }
+
+    /// Whether the shell should bind fresh sockets now (and call [`PeerCore::regathered`]).
+    pub fn take_regather(&mut self) -> bool {
+        std::mem::take(&mut self.regather_due)
+    }
+
+    /// The shell bound fresh sockets `locals` in place of the old ones: pending attempts end
+    /// (they are offered again), and server-reflexive and relayed candidates are gathered anew.
+    pub fn regathered(&mut self, locals: Vec<SocketAddr>, now: Instant) {
+        log::info!(
+            "re-gathering candidates on fresh sockets ({})",
+            locals
+                .iter()
+                .map(SocketAddr::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        self.last_regather = Some(now);
+        self.locals = locals;
+        let pending: Vec<PeerId> = self
+            .sessions
+            .iter()
+            .filter(|s| !s.open)
+            .map(|s| s.id)
+            .collect();
+        for id in pending {
+            self.lose(id, "re-gathering".into(), now);
+        }
+        self.regather_due = false;
+        self.srflx.clear();
+        self.stun = StunClient::new(stun_client::targets(&self.locals, &self.stun_servers), now);
+        self.send_stun(now);
+        let servers: Vec<TurnServer> = self.turns.drain(..).map(|t| t.client.server).collect();
+        for server in servers {
+            self.add_turn(server, now);
+        }
+    }
+
+    // ---- TURN -----------------------------------------------------------------------------
+
+    /// Starts an allocation on `server` unless a live one exists for it.
+    fn add_turn(&mut self, server: TurnServer, now: Instant) {
+        let (addr, transport) = (server.addr, server.transport);
+        let same =
+            move |t: &Turn| t.client.server.addr == addr && t.client.server.transport == transport;
+        if self
+            .turns
+            .iter()
+            .any(|t| same(t) && t.client.failed().is_none())
+        {
+            return;
+        }
+        if self.turns.iter().filter(|t| !same(t)).count() >= MAX_TURN {
+            return log::debug!(
+                "TURN: {MAX_TURN} allocations already; {} skipped",
+                server.addr
+            );
+        }
+        // UDP goes out of a local socket of the server's family (loopback only to loopback);
+        // over TCP the shell's stream carries it and any local address names the candidate.
+        let udp_local = stun_client::targets(&self.locals, &[server.addr])
+            .first()
+            .map(|(_, local, _)| *local);
+        let any_local = self
+            .locals
+            .iter()
+            .find(|l| l.is_ipv4() == server.addr.is_ipv4())
+            .copied();
+        let local = match server.transport {
+            Transport::Udp => udp_local,
+            Transport::Tcp => udp_local.or(any_local),
+        };
+        let Some(local) = local else {
+            return log::debug!("TURN: no local address can reach {}", server.addr);
+        };
+        log::debug!(
+            "TURN: allocating on {} ({}) as '{}'",
+            server.addr,
+            server.transport.name(),
+            server.username
+        );
+        let turn = Turn {
+            client: TurnClient::new(server, now),
+            local,
+            candidate: None,
+            retry_at: None,
+            retry_delay: TURN_RETRY,
+        };
+        // A failed allocation on the same server is replaced in place (its index names the
+        // shell's TCP stream); otherwise it is a new one.
+        match self.turns.iter().position(same) {
+            Some(k) => self.turns[k] = turn,
+            None => self.turns.push(turn),
+        }
+        self.flush_turns();
+    }
+
+    /// The signal server's `iceServers`: its TURN entries become allocations.
+    fn on_ice_servers(&mut self, servers: Vec<IceServer>, now: Instant) {
+        if !self.turn_from_signal {
+            return log::debug!("TURN: not using the built-in signal server's relay ourselves");
+        }
+        for server in servers {
+            let (Some(username), Some(password)) = (server.username, server.credential) else {
+                continue;
+            };
+            for url in server.urls.iter().filter(|u| u.starts_with("turn:")) {
+                match turn::parse_url(url) {
+                    Ok((addr, transport)) => self.add_turn(
+                        TurnServer {
+                            addr,
+                            transport,
+                            username: username.clone(),
+                            password: password.clone(),
+                        },
+                        now,
+                    ),
+                    Err(e) => log::debug!("TURN: skipping {e}"),
+                }
+            }
+        }
+    }
+
+    /// Moves what the TURN clients want sent into the transmit queues.
+    fn flush_turns(&mut self) {
+        for (k, t) in self.turns.iter_mut().enumerate() {
+            while let Some(msg) = t.client.poll_transmit() {
+                match t.client.server.transport {
+                    Transport::Udp => self.transmits.push_back(Transmit {
+                        source: t.local,
+                        destination: t.client.server.addr,
+                        contents: msg,
+                    }),
+                    Transport::Tcp => self.stream_out.push_back((k, t.client.server.addr, msg)),
+                }
+            }
+        }
+    }
+
+    /// One message from TURN server `k`.
+    fn on_turn_message(&mut self, k: usize, msg: &[u8], now: Instant) {
+        let Some(t) = self.turns.get_mut(k) else {
+            return;
+        };
+        match t.client.handle(msg, now) {
+            Inbound::Data { peer, data } => {
+                if let Some(relayed) = t.client.relayed() {
+                    self.flush_turns();
+                    self.receive(relayed, peer, &data, now);
+                }
+            }
+            Inbound::Allocated { relayed, mapped } => {
+                log::info!(
+                    "TURN: relayed address {relayed} via {} ({}){}",
+                    t.client.server.addr,
+                    t.client.server.transport.name(),
+                    mapped.map(|m| format!(", seen as {m}")).unwrap_or_default()
+                );
+                match Candidate::relayed(relayed, t.local, "udp") {
+                    Ok(c) => {
+                        t.candidate = Some(c.clone());
+                        self.flush_turns();
+                        self.add_local_everywhere(c, now);
+                    }
+                    Err(e) => log::debug!("no relayed candidate for {relayed}: {e}"),
+                }
+            }
+            Inbound::Failed(why) => log::warn!("TURN: allocation failed: {why}"),
+            Inbound::Nothing => {}
+        }
+        self.flush_turns();
+    }
+
+    /// Next message for a TURN server over TCP: (turn index, server address, bytes). The shell
+    /// keeps one stream per index, connecting on first use.
+    pub fn poll_stream(&mut self) -> Option<(usize, SocketAddr, Vec<u8>)> {
+        self.stream_out.pop_front()
+    }
+
+    /// One whole message (framed by the shell) from the TCP stream of TURN index `k`.
+    pub fn handle_stream(&mut self, k: usize, msg: &[u8], now: Instant) {
+        self.on_turn_message(k, msg, now);
+    }
+
+    /// The TCP stream of TURN index `k` failed or closed: that allocation is gone.
+    pub fn stream_closed(&mut self, k: usize, why: &str) {
+        if let Some(t) = self.turns.get_mut(k) {
+            log::warn!("TURN: connection to {} lost: {why}", t.client.server.addr);
+            t.client.abandon(why);
+        }
     }
 
     // ---- signaling ----------------------------------------------------------------------
@@ -261,6 +511,8 @@ impl PeerCore {
         if self.closed {
             return;
         }
+        // Our STUN client's answers first (it takes only its own transactions): the STUN and
+        // the TURN server are often one and the same address.
         if let Some(index) = self.locals.iter().position(|l| *l == local) {
             match self.stun.handle_datagram(index, data) {
                 Some(Response::Mapped {
@@ -272,6 +524,19 @@ impl PeerCore {
                 None => {}
             }
         }
+        if let Some(k) = self.turns.iter().position(|t| {
+            t.client.server.transport == Transport::Udp
+                && t.client.server.addr == source
+                && t.local == local
+        }) {
+            return self.on_turn_message(k, data, now);
+        }
+        self.receive(local, source, data, now);
+    }
+
+    /// Feeds one datagram that arrived at `local` (a socket, or a relayed address) from
+    /// `source` to the session that takes it.
+    fn receive(&mut self, local: SocketAddr, source: SocketAddr, data: &[u8], now: Instant) {
         let receive = match Receive::new(Protocol::Udp, source, local, data) {
             Ok(r) => r,
             Err(e) => return log::trace!("ignoring datagram from {source}: {e}"),
@@ -285,6 +550,7 @@ impl PeerCore {
             let id = session.id;
             return self.lose(id, format!("WebRTC error: {e}"), now);
         }
+        session.last_rx = now;
         session.undrained += 1;
         if session.undrained >= INPUT_BATCH {
             self.drive(i, now);
@@ -312,6 +578,31 @@ impl PeerCore {
             }
         }
         self.send_stun(now);
+        for t in &mut self.turns {
+            if t.client.next_deadline().is_some_and(|d| d <= now) {
+                if let Some(why) = t.client.handle_timeout(now) {
+                    log::warn!("TURN: allocation on {} failed: {why}", t.client.server.addr);
+                }
+            }
+            // A failed allocation (server restarted, allocation lost, no answer) is tried
+            // again, less and less often; its old relayed candidate is useless meanwhile.
+            if t.client.failed().is_some() {
+                match t.retry_at {
+                    None => t.retry_at = Some(now + t.retry_delay),
+                    Some(at) if at <= now => {
+                        log::info!("TURN: allocating again on {}", t.client.server.addr);
+                        t.client = TurnClient::new(t.client.server.clone(), now);
+                        t.candidate = None;
+                        t.retry_at = None;
+                        t.retry_delay = (t.retry_delay * 2).min(TURN_RETRY_MAX);
+                    }
+                    Some(_) => {}
+                }
+            } else if t.client.relayed().is_some() {
+                t.retry_delay = TURN_RETRY;
+            }
+        }
+        self.flush_turns();
         let mut i = 0;
         while i < self.sessions.len() {
             if self.sessions[i].deadline <= now {
@@ -332,8 +623,13 @@ impl PeerCore {
     pub fn next_deadline(&self) -> Option<Instant> {
         let sessions = self.sessions.iter().map(|s| s.deadline);
         let reoffers = self.reoffer.iter().map(|(_, at)| *at);
+        let turns = self
+            .turns
+            .iter()
+            .filter_map(|t| t.client.next_deadline().or(t.retry_at));
         sessions
             .chain(reoffers)
+            .chain(turns)
             .chain(self.stun.next_deadline())
             .min()
     }
@@ -398,9 +694,20 @@ impl PeerCore {
         self.sessions.iter().any(|s| s.id == peer && s.open)
     }
 
-    /// Sessions whose channel is open.
-    pub fn open_count(&self) -> usize {
-        self.sessions.iter().filter(|s| s.open).count()
+    /// How long nothing has arrived on `peer`'s session.
+    pub fn silence(&self, peer: PeerId, now: Instant) -> Option<Duration> {
+        self.sessions
+            .iter()
+            .find(|s| s.id == peer)
+            .map(|s| now.saturating_duration_since(s.last_rx))
+    }
+
+    /// Keeps `peer`'s session through ICE disconnection: the driver watches the path itself
+    /// and ends the session with [`PeerCore::disconnect`] when it gives up.
+    pub fn hold(&mut self, peer: PeerId) {
+        if let Some(s) = self.sessions.iter_mut().find(|s| s.id == peer) {
+            s.held = true;
+        }
     }
 
     /// The room id of `peer`'s member (for logs).
@@ -470,6 +777,12 @@ impl PeerCore {
             self.lose(peer, reason.to_string(), now);
             self.reoffer.retain(|(m, _)| *m != member);
         }
+    }
+
+    /// Ends one session that the driver gave up on (its path stayed down): like a failure the
+    /// core noticed itself, so the member, still in the room, is offered to again.
+    pub fn drop_session(&mut self, peer: PeerId, reason: &str, now: Instant) {
+        self.lose(peer, reason.to_string(), now);
     }
 
     /// Leaves: closes every session, queues `bye`. The core is inert afterwards; the shell
@@ -546,6 +859,7 @@ impl PeerCore {
                     self.lose(id, "peer left the room".into(), now);
                 }
             }
+            SignalEvent::IceServers(servers) => self.on_ice_servers(servers, now),
             SignalEvent::ServerError { message } => {
                 log::warn!("signaling: server error: {message}");
                 if !self.signaling.is_joined() {
@@ -580,7 +894,12 @@ impl PeerCore {
         }
         let mut rtc = config.build(now);
         let mut local_candidates = Vec::new();
-        for local in &self.locals {
+        let hosts = if self.relay_only {
+            &[][..]
+        } else {
+            &self.locals[..]
+        };
+        for local in hosts {
             match Candidate::host(*local, "udp") {
                 Ok(c) => {
                     if let Some(c) = rtc.add_local_candidate(c) {
@@ -590,7 +909,9 @@ impl PeerCore {
                 Err(e) => log::debug!("no host candidate for {local}: {e}"),
             }
         }
-        for c in &self.srflx {
+        let relayed = self.turns.iter().filter_map(|t| t.candidate.as_ref());
+        let srflx = self.srflx.iter().filter(|_| !self.relay_only);
+        for c in srflx.chain(relayed) {
             if let Some(c) = rtc.add_local_candidate(c.clone()) {
                 local_candidates.push(c.clone());
             }
@@ -611,6 +932,11 @@ impl PeerCore {
             window: DEFAULT_WINDOW,
             deadline: now,
             undrained: 0,
+            remote_candidates: Vec::new(),
+            last_rx: now,
+            held: false,
+            route: None,
+            logged_route: None,
         }
     }
 
@@ -697,6 +1023,7 @@ impl PeerCore {
         };
         if let Some(i) = self.session_of(from) {
             if self.sessions[i].remote_described {
+                self.sessions[i].remote_candidates.push(c.clone());
                 self.sessions[i].rtc.add_remote_candidate(c);
                 self.drive(i, now);
                 return;
@@ -726,6 +1053,7 @@ impl PeerCore {
         session.remote_described = true;
         if let Some(slot) = self.early.iter().position(|(m, _)| *m == session.member) {
             for c in self.early.swap_remove(slot).1 {
+                session.remote_candidates.push(c.clone());
                 session.rtc.add_remote_candidate(c);
             }
         }
@@ -772,6 +1100,14 @@ impl PeerCore {
             Err(e) => return log::debug!("no server-reflexive candidate for {mapped}: {e}"),
         };
         self.srflx.push(c.clone());
+        if !self.relay_only {
+            self.add_local_everywhere(c, now);
+        }
+    }
+
+    /// A new local candidate (server-reflexive or relayed) for every session, trickled at once
+    /// where the offer/answer is out.
+    fn add_local_everywhere(&mut self, c: Candidate, now: Instant) {
         let ids: Vec<PeerId> = self.sessions.iter().map(|s| s.id).collect();
         for id in ids {
             let Some(i) = self.sessions.iter().position(|s| s.id == id) else {
@@ -809,11 +1145,24 @@ impl PeerCore {
                     session.deadline = t;
                     break None;
                 }
-                Ok(Output::Transmit(t)) => self.transmits.push_back(Transmit {
-                    source: t.source,
-                    destination: t.destination,
-                    contents: t.contents.into(),
-                }),
+                Ok(Output::Transmit(t)) => {
+                    // DTLS records (first byte 20–63) follow the nominated pair: the path.
+                    if t.contents.first().is_some_and(|b| (20..=63).contains(b)) {
+                        session.route = Some((t.source, t.destination));
+                    }
+                    match self
+                        .turns
+                        .iter_mut()
+                        .find(|r| r.client.relayed() == Some(t.source))
+                    {
+                        Some(r) => r.client.send_to(t.destination, &t.contents, now),
+                        None => self.transmits.push_back(Transmit {
+                            source: t.source,
+                            destination: t.destination,
+                            contents: t.contents.into(),
+                        }),
+                    }
+                }
                 Ok(Output::Event(e)) => {
                     if let Some(reason) = on_rtc_event(session, e, &mut self.events) {
                         break Some(reason);
@@ -822,9 +1171,19 @@ impl PeerCore {
                 Err(e) => break Some(format!("WebRTC error: {e}")),
             }
         };
+        if session.route.is_some() && session.route != session.logged_route {
+            session.logged_route = session.route;
+            let path = describe_path(session, &self.turns);
+            log::info!(
+                "session {} with {}: path: {path}",
+                session.id,
+                short(&session.member)
+            );
+        }
+        let id = session.id;
+        self.flush_turns();
         match lost {
             Some(reason) => {
-                let id = session.id;
                 self.lose(id, reason, now);
                 false
             }
@@ -839,6 +1198,7 @@ impl PeerCore {
             return;
         };
         let session = self.sessions.remove(i);
+        let ice_failed = !session.open && reason.starts_with("ICE");
         if session.open {
             log::debug!("session {peer} with {} lost: {reason}", session.member);
             self.events.push_back(PeerEvent::ChannelLost(peer, reason));
@@ -849,6 +1209,16 @@ impl PeerCore {
             );
         }
         let (offerer, member) = (session.offerer, session.member.clone());
+        // An attempt that ICE could not connect, with nothing else open: the next one goes out
+        // of fresh sockets (new ports, so new NAT mappings and conntrack entries), at most
+        // once per REGATHER_EVERY.
+        let idle = self.sessions.iter().all(|s| !s.open);
+        let recent = self
+            .last_regather
+            .is_some_and(|t| now.saturating_duration_since(t) < REGATHER_EVERY);
+        if ice_failed && idle && !recent {
+            self.regather_due = true;
+        }
         self.close_session(session);
         if offerer && self.signaling.is_joined() && self.signaling.has_member(&member) {
             self.reoffer.retain(|(m, _)| *m != member);
@@ -880,6 +1250,36 @@ impl PeerCore {
     }
 }
 
+/// Names the path a session's DTLS goes by: `direct (host|srflx|prflx)`, `relayed via
+/// HOST:PORT (udp|tcp)` (our TURN allocation), or the peer's relay.
+fn describe_path(session: &Session, turns: &[Turn]) -> String {
+    let Some((source, destination)) = session.route else {
+        return "unknown".into();
+    };
+    if let Some(t) = turns.iter().find(|t| t.client.relayed() == Some(source)) {
+        return format!(
+            "relayed via {} ({})",
+            t.client.server.addr,
+            t.client.server.transport.name()
+        );
+    }
+    let remote = session
+        .remote_candidates
+        .iter()
+        .find(|c| c.addr() == destination)
+        .map(|c| c.kind());
+    match remote {
+        Some(str0m::CandidateKind::Relayed) => {
+            format!("relayed by the peer's TURN server ({destination})")
+        }
+        Some(str0m::CandidateKind::ServerReflexive) => {
+            format!("direct (srflx) {source} → {destination}")
+        }
+        Some(_) => format!("direct (host) {source} → {destination}"),
+        None => format!("direct (prflx) {source} → {destination}"),
+    }
+}
+
 fn on_rtc_event(
     session: &mut Session,
     event: Event,
@@ -889,7 +1289,11 @@ fn on_rtc_event(
         Event::IceConnectionStateChange(state) => {
             log::debug!("session {}: ICE state {state:?}", session.id);
             if state == IceConnectionState::Disconnected {
-                return Some("ICE disconnected".to_string());
+                if session.held {
+                    log::debug!("session {}: ICE disconnected; held", session.id);
+                } else {
+                    return Some("ICE disconnected".to_string());
+                }
             }
         }
         Event::Connected => log::debug!("session {}: WebRTC connected", session.id),

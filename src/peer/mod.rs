@@ -8,7 +8,8 @@
 //! [`Link::handle_event`], calls [`Link::handle_timeout`] at [`Link::next_deadline`], takes
 //! [`core::PeerEvent`]s from the core, and calls [`Link::flush`] before it polls again. A
 //! dropped signal connection is re-established with backoff while open data channels keep
-//! working.
+//! working. TURN servers reached over TCP get one stream each, owned here and framed with the
+//! TURN codec; the core sees whole messages.
 
 pub mod candidate;
 pub mod core;
@@ -34,6 +35,11 @@ use ws::{WsClient, WsEvent, WsUrl};
 const BACKOFF_SECS: [u64; 6] = [1, 2, 4, 8, 16, 30];
 /// Largest datagram read; longer ones are truncated (and then rejected by str0m).
 const DATAGRAM_BUF: usize = 2048;
+/// Token offsets in a link's range: the WebSocket, the UDP sockets, then the TURN streams.
+const UDP_FIRST: usize = 1;
+const TCP_FIRST: usize = Link::TOKENS - core::MAX_TURN;
+/// Unread bytes a TURN stream may hold (a message is at most 64 KiB plus its header).
+const TURN_STREAM_BUF: usize = 70 * 1024;
 
 /// How to reach the room, as whom, and which local addresses to offer.
 #[derive(Debug, Clone)]
@@ -52,11 +58,25 @@ pub struct LinkConfig {
     /// STUN server for the server-reflexive candidates. `None`: the signal server's address and
     /// port (UDP).
     pub stun: Option<SocketAddr>,
+    /// TURN servers for relayed candidates (`--turn`); the signal server may hand out more.
+    pub turn: Vec<crate::turn::client::TurnServer>,
+    /// Relayed candidates only (`--relay-only`).
+    pub relay_only: bool,
+    /// Use the TURN servers the signal server hands out.
+    pub turn_from_signal: bool,
 }
 
 struct UdpSock {
     socket: UdpSocket,
     local: SocketAddr,
+}
+
+/// A TCP connection to a TURN server (RFC 8656 §3.1, framed by `turn::codec`).
+struct TurnStream {
+    stream: mio::net::TcpStream,
+    connected: bool,
+    out: Vec<u8>,
+    inbuf: Vec<u8>,
 }
 
 /// The shell of a [`PeerCore`]: signaling WebSocket and UDP sockets on the caller's mio loop.
@@ -71,6 +91,8 @@ pub struct Link {
     backoff: usize,
     reconnect_at: Option<Instant>,
     sockets: Vec<UdpSock>,
+    /// By TURN index of the core.
+    turn_streams: Vec<Option<TurnStream>>,
     closed: bool,
 }
 
@@ -94,16 +116,16 @@ impl Link {
             default_ice_addrs()
         };
         dedup(&mut ips);
-        if ips.len() > Self::TOKENS - 1 {
+        if ips.len() > TCP_FIRST - UDP_FIRST {
             return Err(format!(
                 "too many ICE addresses ({}, at most {})",
                 ips.len(),
-                Self::TOKENS - 1
+                TCP_FIRST - UDP_FIRST
             ));
         }
         let mut sockets = Vec::new();
         for ip in ips {
-            let token = Token(token_base + 1 + sockets.len());
+            let token = Token(token_base + UDP_FIRST + sockets.len());
             match bind_udp(ip, registry, token) {
                 Ok(sock) => sockets.push(sock),
                 Err(e) if explicit => return Err(format!("cannot bind UDP on {ip}: {e}")),
@@ -127,6 +149,9 @@ impl Link {
                 locals: sockets.iter().map(|s| s.local).collect(),
                 stun_servers,
                 max_peers: cfg.max_peers,
+                turn: cfg.turn,
+                relay_only: cfg.relay_only,
+                turn_from_signal: cfg.turn_from_signal,
             },
             now,
         );
@@ -141,6 +166,7 @@ impl Link {
             backoff: 0,
             reconnect_at: None,
             sockets,
+            turn_streams: Vec::new(),
             closed: false,
         };
         link.connect_ws(registry);
@@ -174,7 +200,8 @@ impl Link {
                     ws.on_ready(&mut self.ws_events);
                 }
             }
-            n if n <= self.sockets.len() => self.read_udp(core, n - 1, now),
+            n if n >= TCP_FIRST => self.on_turn_stream(core, registry, n - TCP_FIRST, now),
+            n if n - UDP_FIRST < self.sockets.len() => self.read_udp(core, n - UDP_FIRST, now),
             _ => {}
         }
         self.pump(core, registry, now);
@@ -205,8 +232,11 @@ impl Link {
 
     /// Sends the datagrams and signaling text the core has queued. Call it after draining the
     /// core's events, before polling again.
-    pub fn flush(&mut self, core: &mut PeerCore) {
+    pub fn flush(&mut self, core: &mut PeerCore, registry: &Registry) {
         self.send_transmits(core);
+        while let Some((k, server, bytes)) = core.poll_stream() {
+            self.send_turn_stream(core, registry, k, server, &bytes);
+        }
         while let Some(text) = core.poll_signal() {
             if let Some(ws) = &mut self.ws {
                 ws.send_text(text, &mut self.ws_events);
@@ -221,7 +251,11 @@ impl Link {
             return;
         }
         core.close();
-        self.flush(core);
+        self.flush(core, registry);
+        for s in self.turn_streams.iter_mut().flatten() {
+            let _ = registry.deregister(&mut s.stream);
+        }
+        self.turn_streams.clear();
         if let Some(mut ws) = self.ws.take() {
             ws.close(registry);
         }
@@ -231,6 +265,110 @@ impl Link {
         self.closed = true;
         self.reconnect_at = None;
         self.ws_events.clear();
+    }
+
+    /// Queues `bytes` on TURN index `k`'s stream, connecting it first if needed.
+    fn send_turn_stream(
+        &mut self,
+        core: &mut PeerCore,
+        registry: &Registry,
+        k: usize,
+        server: SocketAddr,
+        bytes: &[u8],
+    ) {
+        if k >= core::MAX_TURN {
+            return;
+        }
+        if self.turn_streams.len() <= k {
+            self.turn_streams.resize_with(k + 1, || None);
+        }
+        if self.turn_streams[k].is_none() {
+            let token = Token(self.token_base + TCP_FIRST + k);
+            let connected = mio::net::TcpStream::connect(server).and_then(|mut stream| {
+                registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
+                Ok(stream)
+            });
+            match connected {
+                Ok(stream) => {
+                    let _ = stream.set_nodelay(true);
+                    self.turn_streams[k] = Some(TurnStream {
+                        stream,
+                        connected: false,
+                        out: Vec::new(),
+                        inbuf: Vec::new(),
+                    });
+                }
+                Err(e) => return core.stream_closed(k, &format!("cannot connect: {e}")),
+            }
+        }
+        if let Some(s) = self.turn_streams[k].as_mut() {
+            s.out.extend_from_slice(bytes);
+            if s.connected && crate::nbio::write_out(&mut s.stream, &mut s.out, 64 * 1024).is_err()
+            {
+                self.drop_turn_stream(core, registry, k, "write failed");
+            }
+        }
+    }
+
+    fn drop_turn_stream(&mut self, core: &mut PeerCore, registry: &Registry, k: usize, why: &str) {
+        if let Some(mut s) = self.turn_streams.get_mut(k).and_then(Option::take) {
+            let _ = registry.deregister(&mut s.stream);
+        }
+        core.stream_closed(k, why);
+    }
+
+    /// Readiness of TURN index `k`'s stream: finish connecting, write, read whole messages.
+    fn on_turn_stream(&mut self, core: &mut PeerCore, registry: &Registry, k: usize, now: Instant) {
+        let Some(s) = self.turn_streams.get_mut(k).and_then(Option::as_mut) else {
+            return;
+        };
+        if !s.connected {
+            match s.stream.take_error() {
+                Ok(Some(e)) | Err(e) => {
+                    let why = format!("cannot connect: {e}");
+                    return self.drop_turn_stream(core, registry, k, &why);
+                }
+                Ok(None) => match s.stream.peer_addr() {
+                    Ok(_) => s.connected = true,
+                    Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
+                    Err(e) => {
+                        let why = format!("cannot connect: {e}");
+                        return self.drop_turn_stream(core, registry, k, &why);
+                    }
+                },
+            }
+        }
+        if crate::nbio::write_out(&mut s.stream, &mut s.out, 64 * 1024).is_err() {
+            return self.drop_turn_stream(core, registry, k, "write failed");
+        }
+        loop {
+            let room = TURN_STREAM_BUF.saturating_sub(s.inbuf.len());
+            match crate::nbio::read_some(&mut s.stream, &mut s.inbuf, room.max(1)) {
+                Ok(0) => return self.drop_turn_stream(core, registry, k, "closed by the server"),
+                Ok(_) => {}
+                Err(e) if crate::nbio::would_block(&e) => break,
+                Err(e) => {
+                    let why = format!("read failed: {e}");
+                    return self.drop_turn_stream(core, registry, k, &why);
+                }
+            }
+            loop {
+                match crate::turn::codec::stream_frame_len(&s.inbuf) {
+                    Ok(Some(n)) => {
+                        let msg: Vec<u8> = s.inbuf.drain(..n).collect();
+                        core.handle_stream(k, &msg, now);
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        let why = format!("not TURN: {e}");
+                        return self.drop_turn_stream(core, registry, k, &why);
+                    }
+                }
+            }
+            if s.inbuf.len() >= TURN_STREAM_BUF {
+                return self.drop_turn_stream(core, registry, k, "message too large");
+            }
+        }
     }
 
     fn send_transmits(&mut self, core: &mut PeerCore) {
@@ -248,8 +386,30 @@ impl Link {
         }
     }
 
+    /// Binds fresh UDP sockets on the same addresses, in place of the old ones (same tokens),
+    /// when the core asks for them.
+    fn regather(&mut self, core: &mut PeerCore, registry: &Registry, now: Instant) {
+        if !core.take_regather() {
+            return;
+        }
+        let mut fresh = Vec::new();
+        for (i, old) in self.sockets.iter_mut().enumerate() {
+            let token = Token(self.token_base + UDP_FIRST + i);
+            match bind_udp(old.local.ip(), registry, token) {
+                Ok(new) => {
+                    let _ = registry.deregister(&mut old.socket);
+                    *old = new;
+                }
+                Err(e) => log::warn!("re-gathering: cannot bind UDP on {}: {e}", old.local.ip()),
+            }
+            fresh.push(old.local);
+        }
+        core.regathered(fresh, now);
+    }
+
     /// Processes WebSocket events and the core's signaling output until nothing is left.
     fn pump(&mut self, core: &mut PeerCore, registry: &Registry, now: Instant) {
+        self.regather(core, registry, now);
         loop {
             let mut progressed = false;
             while let Some(ev) = self.ws_events.pop_front() {

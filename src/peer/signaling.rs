@@ -45,6 +45,43 @@ pub enum SignalEvent {
     PeerLeft { peer: String },
     /// The server refused something (`{"type":"error"}`), with its message.
     ServerError { message: String },
+    /// `joined` carried `iceServers` (our signal server's extension): STUN and TURN servers with
+    /// short-lived credentials, in the browser's RTCIceServer form.
+    IceServers(Vec<IceServer>),
+}
+
+/// One RTCIceServer entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IceServer {
+    pub urls: Vec<String>,
+    pub username: Option<String>,
+    pub credential: Option<String>,
+}
+
+/// The `iceServers` array of a message, if it has one (malformed entries skipped).
+fn ice_servers(value: &Value) -> Option<Vec<IceServer>> {
+    let list = value.get("iceServers")?.as_array()?;
+    let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(String::from);
+    Some(
+        list.iter()
+            .filter_map(|entry| {
+                let urls = match entry.get("urls")? {
+                    Value::String(u) => vec![u.clone()],
+                    Value::Array(a) => a
+                        .iter()
+                        .filter_map(Value::as_str)
+                        .map(String::from)
+                        .collect(),
+                    _ => return None,
+                };
+                Some(IceServer {
+                    urls,
+                    username: text(entry, "username"),
+                    credential: text(entry, "credential"),
+                })
+            })
+            .collect(),
+    )
 }
 
 /// The client side of one signaling connection.
@@ -149,6 +186,9 @@ impl Signaling {
                 self.my_id = Some(id.clone());
                 self.members = peers.clone();
                 self.events.push_back(SignalEvent::Joined { id, peers });
+                if let Some(servers) = ice_servers(&value) {
+                    self.events.push_back(SignalEvent::IceServers(servers));
+                }
             }
             "error" => {
                 let message = str_field("message").unwrap_or_default();
@@ -439,6 +479,27 @@ mod tests {
         );
         p.handle_text(r#"{"type":"peer-left","peerId":"C1"}"#);
         assert!(!p.has_member("C1") && p.has_member("C2") && p.has_member("C3"));
+    }
+
+    #[test]
+    fn joined_may_carry_ice_servers() {
+        let mut s = Signaling::new("r", RoomRole::Consumer);
+        s.on_connected();
+        s.handle_text(
+            r#"{"type":"joined","peerId":"A","peers":[],"iceServers":[
+                {"urls":"stun:127.0.0.1:8787"},
+                {"urls":["turn:127.0.0.1:8787?transport=udp","turn:127.0.0.1:8787?transport=tcp"],
+                 "username":"1700000000:A","credential":"c2VjcmV0"},
+                {"urls":5}]}"#,
+        );
+        let ev = events(&mut s);
+        assert_eq!(ev.len(), 2);
+        let SignalEvent::IceServers(servers) = &ev[1] else {
+            panic!("{ev:?}");
+        };
+        assert_eq!(servers.len(), 2, "the malformed entry is skipped");
+        assert_eq!(servers[1].urls.len(), 2);
+        assert_eq!(servers[1].username.as_deref(), Some("1700000000:A"));
     }
 
     #[test]

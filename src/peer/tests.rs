@@ -95,6 +95,9 @@ fn config(relay: SocketAddr) -> LinkConfig {
         max_peers: 1,
         ice_addrs: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
         stun: None,
+        turn: Vec::new(),
+        relay_only: false,
+        turn_from_signal: true,
     }
 }
 
@@ -111,6 +114,7 @@ enum LinkEvent {
 struct Peer {
     link: Link,
     core: PeerCore,
+    registry: Registry,
     current: PeerId,
     pending: VecDeque<LinkEvent>,
 }
@@ -121,6 +125,7 @@ impl Peer {
         Ok(Peer {
             link,
             core,
+            registry: registry.try_clone().map_err(|e| e.to_string())?,
             current: PeerId::NONE,
             pending: VecDeque::new(),
         })
@@ -148,7 +153,7 @@ impl Peer {
             };
             self.pending.push_back(ev);
         }
-        self.link.flush(&mut self.core);
+        self.link.flush(&mut self.core, &self.registry);
     }
 
     fn poll_event(&mut self, now: Instant) -> Option<LinkEvent> {
@@ -629,4 +634,52 @@ fn stun_srflx_candidates_are_trickled_while_ice_still_connects() {
         "message",
         |s| data(&s[1]) == b"still connected",
     );
+}
+
+/// A provider (one session per member, `to` on every message) on a signal server that knows
+/// no roles, like the original Node server: a room of two, messages relayed to the other member
+/// whatever `to` says. It serves its one consumer as before, both ways round.
+#[test]
+fn a_provider_works_with_a_server_that_knows_no_roles() {
+    for provider_first in [true, false] {
+        let (relay, _members, relayed) = spawn_recording_relay();
+        let mut poll = Poll::new().expect("poll");
+        let provider = LinkConfig {
+            role: RoomRole::Provider,
+            max_peers: 32,
+            ..config(relay)
+        };
+        let (mut p, mut c);
+        if provider_first {
+            p = Peer::new(provider, poll.registry(), 0).expect("provider");
+            c = Peer::new(config(relay), poll.registry(), Link::TOKENS).expect("consumer");
+        } else {
+            c = Peer::new(config(relay), poll.registry(), Link::TOKENS).expect("consumer");
+            p = Peer::new(provider, poll.registry(), 0).expect("provider");
+        }
+        let mut seen = [Vec::new(), Vec::new()];
+        run_until(
+            &mut poll,
+            &mut [&mut p, &mut c],
+            &mut seen,
+            "ChannelOpen",
+            |s| s.iter().all(|v| v.contains(&LinkEvent::ChannelOpen)),
+        );
+        assert!(p.send(b"from the provider"));
+        run_until(
+            &mut poll,
+            &mut [&mut p, &mut c],
+            &mut seen,
+            "message",
+            |s| data(&s[1]) == b"from the provider",
+        );
+        // The provider named its member in `to`; the role-less relay ignored it.
+        let to_count = relayed
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|v| v.get("to").is_some())
+            .count();
+        assert!(to_count > 0, "the provider addresses its messages");
+    }
 }

@@ -1,12 +1,17 @@
 //! The ChronoFlux Mesh signaling dialect (protocols.md §4, `tunnel signal --dialect chronoflux`):
 //! every socket is a peer named `peer-N` at connect time, announced to all; rooms carry metadata;
 //! signal/broadcast/telemetry are relayed. Sans-IO; driven by `signal::server`.
+//!
+//! Caps (`RoomCaps`): a `join-room` with a room name longer than `max_room_name`, into a new
+//! room past `max_rooms`, into a room with `max_members`, or over the sender's address's join
+//! rate is refused with `{"type":"error","message":…}` (an extension: the original sends no
+//! errors), and the peer stays where it was.
 
 use std::collections::{BTreeMap, HashMap};
 
 use serde_json::{json, Map, Value};
 
-use super::dialect::{msg_type, ConnId, Dialect, Outbox, Page};
+use super::dialect::{msg_type, ConnId, Dialect, Outbox, Page, RoomCaps};
 
 struct Peer {
     conn: ConnId,
@@ -16,10 +21,13 @@ struct Peer {
 }
 
 pub struct ChronoFlux {
+    caps: RoomCaps,
     counter: u64,
     /// Peers in connect order, keyed by their counter.
     peers: BTreeMap<u64, Peer>,
     by_conn: HashMap<ConnId, u64>,
+    /// Room → its members.
+    room_sizes: HashMap<String, usize>,
 }
 
 impl Default for ChronoFlux {
@@ -31,9 +39,48 @@ impl Default for ChronoFlux {
 impl ChronoFlux {
     pub fn new() -> Self {
         ChronoFlux {
+            caps: RoomCaps::default(),
             counter: 0,
             peers: BTreeMap::new(),
             by_conn: HashMap::new(),
+            room_sizes: HashMap::new(),
+        }
+    }
+
+    pub fn with_caps(mut self, caps: RoomCaps) -> Self {
+        self.caps = caps;
+        self
+    }
+
+    /// Moves `conn`'s peer from its room to `room`, keeping `room_sizes`.
+    fn set_room(&mut self, conn: ConnId, room: Option<String>) {
+        let Some(p) = self.peer_mut(conn) else {
+            return;
+        };
+        let old = std::mem::replace(&mut p.room, room.clone());
+        if let Some(old) = old {
+            if let Some(n) = self.room_sizes.get_mut(&old) {
+                *n -= 1;
+                if *n == 0 {
+                    self.room_sizes.remove(&old);
+                }
+            }
+        }
+        if let Some(room) = room {
+            *self.room_sizes.entry(room).or_insert(0) += 1;
+        }
+    }
+
+    /// The refusal of `conn` joining `room`, if any.
+    fn refusal(&self, conn: ConnId, room: &str) -> Option<String> {
+        if let Err(text) = self.caps.check_name(room) {
+            return Some(text);
+        }
+        let mine = self.peer(conn).and_then(|p| p.room.as_deref()) == Some(room);
+        match self.room_sizes.get(room) {
+            None if self.room_sizes.len() >= self.caps.max_rooms => Some(self.caps.rooms_full()),
+            Some(&n) if !mine && n >= self.caps.max_members => Some(self.caps.room_full(room)),
+            _ => None,
         }
     }
 
@@ -47,9 +94,8 @@ impl ChronoFlux {
     }
 
     fn conn_of(&self, id: &str) -> Option<ConnId> {
-        self.peers
-            .values()
-            .find_map(|p| (p.id == id).then_some(p.conn))
+        let n = id.strip_prefix("peer-")?.parse::<u64>().ok()?;
+        self.peers.get(&n).filter(|p| p.id == id).map(|p| p.conn)
     }
 
     /// Other peers in the same room as `conn` (both without a room counts as the same room).
@@ -108,8 +154,16 @@ impl Dialect for ChronoFlux {
                     Some(m) if !m.is_null() => m.clone(),
                     _ => json!({}),
                 };
+                if let Some(room) = &room {
+                    if let Some(text) = self.refusal(conn, room) {
+                        return out.error(conn, &text);
+                    }
+                    if !out.admit_join(conn) {
+                        return;
+                    }
+                }
+                self.set_room(conn, room);
                 if let Some(p) = self.peer_mut(conn) {
-                    p.room = room;
                     p.metadata = metadata.clone();
                 }
                 let mates = self.room_mates(conn);
@@ -168,6 +222,7 @@ impl Dialect for ChronoFlux {
     }
 
     fn on_close(&mut self, conn: ConnId, out: &mut Outbox) {
+        self.set_room(conn, None);
         let Some(p) = self
             .by_conn
             .remove(&conn)
@@ -182,14 +237,7 @@ impl Dialect for ChronoFlux {
     }
 
     fn rooms(&self) -> usize {
-        let mut rooms: Vec<&String> = self
-            .peers
-            .values()
-            .filter_map(|p| p.room.as_ref())
-            .collect();
-        rooms.sort();
-        rooms.dedup();
-        rooms.len()
+        self.room_sizes.len()
     }
 
     fn page(&self, _path: &str, _host: &str) -> Page {
@@ -228,5 +276,58 @@ mod tests {
             json!({"type":"room-peers","peers":[{"id":"peer-2","metadata":{"telemetry":{"H":1}}}]})
         );
         assert_eq!(core.rooms(), 1);
+    }
+
+    #[test]
+    fn room_caps_and_join_rate() {
+        let caps = RoomCaps {
+            max_rooms: 1,
+            max_room_name: 4,
+            max_members: 1,
+        };
+        let mut core = ChronoFlux::new().with_caps(caps);
+        let mut out = Outbox::default();
+        for conn in 1..=3 {
+            core.on_open(conn, &mut out);
+        }
+        let say = |core: &mut ChronoFlux, conn: ConnId, text: &str| {
+            let mut out = Outbox::default();
+            core.on_text(conn, text, &mut out);
+            let first: Value = serde_json::from_str(&out.msgs[0].1).unwrap();
+            first
+        };
+        let error = |message: &str| json!({"type": "error", "message": message});
+        assert_eq!(
+            say(&mut core, 1, r#"{"type":"join-room","room":"12345"}"#),
+            error("room name too long (max 4 bytes)")
+        );
+        say(&mut core, 1, r#"{"type":"join-room","room":"lab"}"#);
+        assert_eq!(
+            say(&mut core, 2, r#"{"type":"join-room","room":"lab"}"#),
+            error("room 'lab' is full (max 1 members)")
+        );
+        assert_eq!(
+            say(&mut core, 2, r#"{"type":"join-room","room":"x"}"#),
+            error("too many rooms on this server (max 1)")
+        );
+        // Joining its own room again, or leaving for no room, is fine.
+        assert_eq!(
+            say(&mut core, 1, r#"{"type":"join-room","room":"lab"}"#)["type"],
+            "room-peers"
+        );
+        say(&mut core, 1, r#"{"type":"join-room"}"#);
+        assert_eq!(core.rooms(), 0);
+        assert_eq!(
+            say(&mut core, 2, r#"{"type":"join-room","room":"x"}"#)["type"],
+            "room-peers"
+        );
+        core.on_close(2, &mut Outbox::default());
+        assert_eq!(core.rooms(), 0);
+        let mut out = Outbox {
+            may_join: false,
+            ..Outbox::default()
+        };
+        core.on_text(3, r#"{"type":"join-room","room":"x"}"#, &mut out);
+        assert!(out.msgs[0].1.contains("too many joins"), "{:?}", out.msgs);
     }
 }

@@ -1,8 +1,19 @@
 //! The signal server's driver: one mio loop, one thread. It owns the TCP listener, every client
 //! socket and the STUN UDP socket; parses HTTP heads (`http1`), upgrades WebSockets
 //! (tungstenite over the non-blocking stream), keeps SSE streams, and feeds the sans-IO cores
-//! (`Dialect`, `Agent`, `stun`). Called by `signal::run` and by `tunnel serve` when it hosts
-//! the signal server itself.
+//! (`Dialect`, `Agent`, `stun`, and the TURN relay's through `signal::relay`: TURN datagrams on
+//! the STUN socket, TURN-over-TCP connections and relay ports, hooked in from `turn_tcp.rs`).
+//! Called by `signal::run` and by `tunnel serve` when it hosts the signal server itself.
+//!
+//! Every resource a client can make it hold is capped (README "Hardening"): connections in all
+//! and per address (refused with a `503` at accept), joins per second per address (asked of
+//! `limits::AddrRates` and granted to the cores through `Outbox::may_join`), STUN answers per
+//! source address, output held for a client (a connection whose unwritten output passes
+//! `MAX_UNREAD_OUTPUT`, or a WebSocket whose output waits on a full socket, is not read until
+//! it drains, and is closed if it stays stuck for the idle timeout; messages from others past
+//! `MAX_QUEUED` close it at once), and silence (WebSockets are pinged after the ping interval
+//! and closed after the idle timeout; the kernel drops a connection whose bytes stay
+//! unacknowledged that long, `TCP_USER_TIMEOUT`).
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -17,8 +28,10 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
-use super::agent::{Agent, IceConfig, SseOut, KEEPALIVE_EVERY, PRUNE_EVERY};
+use super::agent::{Agent, AgentCaps, IceConfig, Reply, SseOut, KEEPALIVE_EVERY, PRUNE_EVERY};
 use super::dialect::{ConnId, Dialect, Outbox};
+use super::limits::{AddrConns, AddrKey, AddrRates};
+use super::relay::{self, Relay, RelayConfig};
 use crate::http1::{self, BodyDecoder, BodyFraming, HeadError, Request};
 use crate::nbio::{accept, would_block, write_out};
 use crate::stun;
@@ -32,6 +45,11 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 const LINGER: Duration = Duration::from_secs(2);
 /// Bytes a slow SSE or WebSocket reader may have queued before it is cut off.
 const MAX_QUEUED: usize = 1 << 20;
+/// A plain-HTTP connection whose unwritten answers pass this is not read (its pipelined
+/// requests wait in the kernel) until they drain below it.
+pub const MAX_UNREAD_OUTPUT: usize = 64 * 1024;
+/// WebSocket messages read from one connection before what they caused is written out.
+const WS_BATCH: usize = 64;
 /// Socket reads go through one shared buffer of this size.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -46,6 +64,42 @@ pub struct Config {
     pub max_connections: usize,
     /// Sustained messages per second per WebSocket; bursts of twice that pass.
     pub rate_limit: u32,
+    /// The built-in TURN relay (on the STUN UDP socket and the TCP listener), or None.
+    pub relay: Option<RelayConfig>,
+    /// Agent API caps (sessions, rooms, names, members, TURN credentials).
+    pub agent: AgentCaps,
+    pub limits: Limits,
+}
+
+/// Per-address limits and timeouts of the driver (README "Hardening").
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Connections one address may hold (`--max-connections-per-addr`); 0: no limit.
+    pub max_connections_per_addr: usize,
+    /// Joins per second per address, bursts of twice that (`--join-rate`); 0: no limit.
+    pub join_rate: u32,
+    /// STUN answers per second per source address, bursts of twice that (`--stun-rate`).
+    pub stun_rate: u32,
+    /// A WebSocket silent this long is pinged (`--ping-interval`).
+    pub ping_interval: Duration,
+    /// A WebSocket silent this long, or any connection whose output stays stuck this long, is
+    /// closed (`--idle-timeout`).
+    pub idle_timeout: Duration,
+    /// How long a probed connection (webllm's deviceId claims) has to answer its ping.
+    pub probe_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections_per_addr: 256,
+            join_rate: 10,
+            stun_rate: 10,
+            ping_interval: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            probe_timeout: Duration::from_secs(5),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -53,6 +107,19 @@ struct Metrics {
     relayed: u64,
     errors: u64,
     rate_limited: u64,
+    /// Refusals by cap: `--max-connections`, `--max-connections-per-addr`, `--join-rate`,
+    /// `--stun-rate`.
+    refused_full: u64,
+    refused_addr: u64,
+    refused_joins: u64,
+    refused_stun: u64,
+    stun_answered: u64,
+    /// Closes: silent WebSockets, output stuck past the idle timeout, readers too slow for
+    /// what others send them, probes not answered.
+    closed_idle: u64,
+    closed_stalled: u64,
+    closed_slow: u64,
+    closed_probe: u64,
 }
 
 /// What a plain-HTTP connection is doing.
@@ -64,11 +131,14 @@ struct HttpConn {
     /// After `out` is written: close (Some(None)) or become a WebSocket with these leftover
     /// bytes (Some(Some(bytes))).
     after_write: Option<AfterWrite>,
+    /// `out` is over `MAX_UNREAD_OUTPUT` and the socket takes no more: reading has stopped.
+    stalled: bool,
 }
 
 enum AfterWrite {
     Close,
-    Upgrade(Vec<u8>),
+    /// The bytes read past the handshake, and the host the client addressed.
+    Upgrade(Vec<u8>, String),
 }
 
 /// A WebSocket's socket as tungstenite sees it. After a short read it answers the next read
@@ -108,17 +178,29 @@ struct WsConn {
     ws: WebSocket<WsStream>,
     tokens: f64,
     refilled: Instant,
+    /// When the last frame (of any kind) arrived.
+    last_heard: Instant,
+    /// A ping went out since then.
+    pinged: bool,
+    /// A probe's deadline: the connection must say something before it.
+    probe: Option<Instant>,
+    /// Since when our output to it waits on a full socket.
+    blocked_since: Option<Instant>,
 }
 
 struct SseConn {
     stream: TcpStream,
     out: Vec<u8>,
+    /// Since when `out` waits on a full socket.
+    stalled_since: Option<Instant>,
 }
 
 enum State {
     Http(HttpConn),
     Ws(Box<WsConn>),
     Sse(SseConn),
+    /// TURN over TCP (the first byte was 0x00 or 0x01): `turn_tcp.rs`.
+    Turn(turn_tcp::TurnConn),
     /// Our side is done; reading until the peer closes or the linger deadline passes.
     Linger(TcpStream),
     /// Only while the state is being replaced.
@@ -128,7 +210,12 @@ enum State {
 struct Conn {
     state: State,
     generation: u64,
+    /// The client's address, as `limits` counts it.
+    addr: AddrKey,
+    /// When `conn_deadline` must look at this connection.
     deadline: Option<Instant>,
+    /// The earliest entry this connection has in the timer heap.
+    armed: Option<Instant>,
 }
 
 pub struct Server {
@@ -143,12 +230,16 @@ pub struct Server {
     generation: u64,
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     agent: Agent,
+    addr_conns: AddrConns,
+    join_rates: AddrRates,
+    stun_rates: AddrRates,
     doomed: Vec<ConnId>,
     metrics: Metrics,
     started: Instant,
     next_keepalive: Instant,
     next_prune: Instant,
     scratch: Vec<u8>,
+    relay: Option<Relay>,
 }
 
 impl Server {
@@ -192,8 +283,17 @@ impl Server {
             .max_write_buffer_size(MAX_QUEUED)
             .max_message_size(Some(cfg.max_message))
             .max_frame_size(Some(cfg.max_message));
+        let relay = cfg.relay.clone().map(|r| Relay::new(r, local, cfg.stun));
+        if let Some(relay) = &relay {
+            cfg.ice.relay = Some(relay.ice());
+            cfg.dialect.set_relay(relay.ice());
+            udp.iter().for_each(relay::size_buffers);
+        }
         let now = Instant::now();
-        let agent = Agent::new(cfg.ice.clone());
+        let agent = Agent::new(cfg.ice.clone(), cfg.agent.clone());
+        let addr_conns = AddrConns::new(cfg.limits.max_connections_per_addr);
+        let join_rates = AddrRates::new(cfg.limits.join_rate);
+        let stun_rates = AddrRates::new(cfg.limits.stun_rate);
         Ok(Server {
             poll,
             listener,
@@ -206,13 +306,25 @@ impl Server {
             generation: 0,
             timers: BinaryHeap::new(),
             agent,
+            addr_conns,
+            join_rates,
+            stun_rates,
             doomed: Vec::new(),
             metrics: Metrics::default(),
             started: now,
             next_keepalive: now + KEEPALIVE_EVERY,
             next_prune: now + PRUNE_EVERY,
             scratch: vec![0; READ_CHUNK],
+            relay,
         })
+    }
+
+    /// Exact peer addresses the relay may always reach (the provider's own ICE sockets when
+    /// `tunnel serve` hosts this server).
+    pub fn relay_always_allowed(&mut self, addrs: Vec<SocketAddr>) {
+        if let Some(relay) = &mut self.relay {
+            relay.set_always_allowed(addrs);
+        }
     }
 
     /// The TCP address actually bound.
@@ -252,8 +364,9 @@ impl Server {
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept(now),
-                    STUN => self.stun_readable(),
+                    STUN => self.stun_readable(now),
                     crate::stop::TOKEN => {}
+                    t if Relay::port_of(t).is_some() => self.relay_readable(t, now),
                     Token(t) => self.conn_ready(t - FIRST_CONN, event.is_read_closed(), now),
                 }
                 self.reap(now);
@@ -268,20 +381,39 @@ impl Server {
         if let Some(Reverse((t, _, _))) = self.timers.peek() {
             next = next.min(*t);
         }
+        if let Some(t) = self.relay.as_ref().and_then(Relay::next_deadline) {
+            next = next.min(t);
+        }
         Some(next)
     }
 
     fn on_timers(&mut self, now: Instant) {
+        self.relay_timeout(now);
         while let Some(Reverse((t, id, generation))) = self.timers.peek().copied() {
             if t > now {
                 break;
             }
             self.timers.pop();
-            let expired = matches!(self.conns.get(id), Some(Some(c))
-                if c.generation == generation && c.deadline.is_some_and(|d| d <= now));
-            if expired {
-                log::debug!("connection {id}: timed out");
-                self.doomed.push(id);
+            let Some(Some(c)) = self.conns.get_mut(id) else {
+                continue;
+            };
+            if c.generation != generation {
+                continue;
+            }
+            if c.armed == Some(t) {
+                c.armed = None;
+            }
+            match c.deadline {
+                Some(d) if d <= now => {
+                    c.deadline = None;
+                    self.conn_deadline(id, now);
+                }
+                // Moved later since this entry was pushed: wait for it.
+                Some(d) if c.armed.is_none() => {
+                    c.armed = Some(d);
+                    self.timers.push(Reverse((d, id, generation)));
+                }
+                _ => {}
             }
         }
         if now >= self.next_keepalive {
@@ -295,23 +427,80 @@ impl Server {
             let mut out = SseOut::default();
             self.agent.prune(now, &mut out);
             self.deliver_sse(out, now);
+            self.join_rates.sweep(now);
+            self.stun_rates.sweep(now);
         }
     }
 
+    /// Sets when `conn_deadline` must look at `id`. A later deadline than the one in the heap
+    /// pushes nothing: the earlier entry re-arms when it fires.
     fn set_deadline(&mut self, id: ConnId, deadline: Option<Instant>) {
         if let Some(Some(c)) = self.conns.get_mut(id) {
             c.deadline = deadline;
             if let Some(d) = deadline {
-                self.timers.push(Reverse((d, id, c.generation)));
+                if c.armed.is_none_or(|a| d < a) {
+                    c.armed = Some(d);
+                    self.timers.push(Reverse((d, id, c.generation)));
+                }
             }
+        }
+    }
+
+    /// A connection's deadline passed: a head or keep-alive timeout, lingering over, output
+    /// stuck for the idle timeout, or a WebSocket's ping, idle or probe time.
+    fn conn_deadline(&mut self, id: ConnId, now: Instant) {
+        let idle = self.cfg.limits.idle_timeout;
+        let Some(Some(conn)) = self.conns.get_mut(id) else {
+            return;
+        };
+        match &mut conn.state {
+            State::Http(h) => {
+                if h.stalled {
+                    log::info!("connection {id}: answers not read for {idle:?}, closing");
+                    self.metrics.closed_stalled += 1;
+                } else {
+                    log::debug!("connection {id}: timed out");
+                }
+                self.doomed.push(id);
+            }
+            State::Sse(s) => {
+                if s.stalled_since
+                    .is_some_and(|t| now.saturating_duration_since(t) >= idle)
+                {
+                    log::info!("connection {id}: SSE stream not read for {idle:?}, closing");
+                    self.metrics.closed_stalled += 1;
+                    self.doomed.push(id);
+                }
+            }
+            State::Ws(_) => self.ws_timer(id, now),
+            State::Linger(_) | State::Turn(_) => self.doomed.push(id),
+            State::Moving => {}
         }
     }
 
     fn accept(&mut self, now: Instant) {
         while let Some((mut stream, peer)) = accept(&self.listener) {
+            let addr = AddrKey::from(peer.ip());
             if self.live >= self.cfg.max_connections {
                 self.metrics.errors += 1;
+                self.metrics.refused_full += 1;
                 log::debug!("refusing {peer}: {} connections open", self.live);
+                let text = format!(
+                    "server full: {} connections open (--max-connections)",
+                    self.live
+                );
+                refuse(stream, &text);
+                continue;
+            }
+            if !self.addr_conns.open(addr) {
+                self.metrics.errors += 1;
+                self.metrics.refused_addr += 1;
+                let max = self.cfg.limits.max_connections_per_addr;
+                log::debug!("refusing {peer}: {max} connections from its address");
+                refuse(
+                    stream,
+                    &format!("too many connections from your address (max {max})"),
+                );
                 continue;
             }
             let id = match self.free.pop() {
@@ -328,7 +517,11 @@ impl Server {
             ) {
                 log::warn!("cannot register {peer}: {e}");
                 self.free.push(id);
+                self.addr_conns.close(addr);
                 continue;
+            }
+            if let Err(e) = set_user_timeout(&stream, self.cfg.limits.idle_timeout) {
+                log::debug!("connection {id}: cannot set TCP_USER_TIMEOUT: {e}");
             }
             self.generation += 1;
             self.conns[id] = Some(Conn {
@@ -338,9 +531,12 @@ impl Server {
                     out: Vec::new(),
                     sent_continue: false,
                     after_write: None,
+                    stalled: false,
                 }),
                 generation: self.generation,
+                addr,
                 deadline: None,
+                armed: None,
             });
             self.live += 1;
             self.set_deadline(id, Some(now + HEAD_TIMEOUT));
@@ -348,14 +544,26 @@ impl Server {
         }
     }
 
-    fn stun_readable(&mut self) {
+    /// Answers Binding requests, at most `--stun-rate` a second (bursts of twice that) per
+    /// source address: the answer is larger than the request, and the source may be forged,
+    /// so unlimited answers would make this server an amplifier aimed at that address.
+    fn stun_readable(&mut self, now: Instant) {
         let Some(udp) = &self.udp else { return };
-        let mut buf = [0u8; 1500];
+        let mut buf = [0u8; turn_tcp::DATAGRAM];
         loop {
             match udp.recv_from(&mut buf) {
+                Ok((n, from)) if turn_tcp::claims(&self.relay, &buf[..n]) => {
+                    turn_tcp::datagram(&mut self.relay, &self.poll, udp, from, &buf[..n]);
+                }
                 Ok((n, from)) => match stun::binding_response(&buf[..n], from) {
                     Ok(Some(resp)) => {
-                        let _ = udp.send_to(&resp, from);
+                        if self.stun_rates.take(AddrKey::from(from.ip()), now) {
+                            self.metrics.stun_answered += 1;
+                            let _ = udp.send_to(&resp, from);
+                        } else {
+                            self.metrics.refused_stun += 1;
+                            log::trace!("stun: {from} over its rate, not answered");
+                        }
                     }
                     Ok(None) => {}
                     Err(e) => log::debug!("stun: bad packet from {from}: {e}"),
@@ -376,6 +584,7 @@ impl Server {
                 State::Ws(_) => 1,
                 State::Sse(_) => 2,
                 State::Linger(_) => 3,
+                State::Turn(_) => 4,
                 State::Moving => return,
             },
             _ => return,
@@ -384,47 +593,98 @@ impl Server {
             0 => self.http_ready(id, now),
             1 => self.ws_ready(id, hup, now),
             2 => self.sse_ready(id),
+            4 => self.turn_ready(id, now),
             _ => self.linger_ready(id),
         }
     }
 
     // ---- plain HTTP -------------------------------------------------------------------------
 
+    /// Reads, answers and writes until the socket would block either way, or the client stops
+    /// reading its answers: past `MAX_UNREAD_OUTPUT` of them nothing more is read (pipelined
+    /// requests stay in the kernel) until the socket takes them. Stuck there for the idle
+    /// timeout, the connection is closed.
     fn http_ready(&mut self, id: ConnId, now: Instant) {
         let limit = http1::MAX_HEAD + self.cfg.max_message + 64;
-        let Some(Some(conn)) = self.conns.get_mut(id) else {
-            return;
-        };
-        let State::Http(h) = &mut conn.state else {
-            return;
-        };
-        let mut eof = false;
         loop {
-            match h.stream.read(&mut self.scratch) {
-                Ok(0) => {
-                    eof = true;
-                    break;
-                }
-                Ok(n) => {
-                    h.inbuf.extend_from_slice(&self.scratch[..n]);
-                    if h.inbuf.len() > limit {
+            self.flush(id, now);
+            if self.doomed.contains(&id) {
+                return;
+            }
+            let Some(Some(Conn {
+                state: State::Http(h),
+                ..
+            })) = self.conns.get_mut(id)
+            else {
+                return;
+            };
+            if h.out.len() >= MAX_UNREAD_OUTPUT || h.after_write.is_some() {
+                break;
+            }
+            let mut eof = false;
+            let mut read = 0;
+            while h.inbuf.len() <= limit {
+                match h.stream.read(&mut self.scratch) {
+                    Ok(0) => {
+                        eof = true;
+                        break;
+                    }
+                    Ok(n) => {
+                        h.inbuf.extend_from_slice(&self.scratch[..n]);
+                        read += n;
+                    }
+                    Err(e) if would_block(&e) => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => {
+                        eof = true;
                         break;
                     }
                 }
-                Err(e) if would_block(&e) => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => {
-                    eof = true;
-                    break;
-                }
+            }
+            if eof && h.out.is_empty() {
+                self.doomed.push(id);
+                return;
+            }
+            if self.relay.is_some() && matches!(h.inbuf.first(), Some(0x00 | 0x01)) {
+                return self.turn_upgrade(id, now);
+            }
+            let pending = h.inbuf.len();
+            self.process_http(id, now);
+            let answered = match self.conns.get(id) {
+                Some(Some(Conn {
+                    state: State::Http(h),
+                    ..
+                })) => h.inbuf.len() != pending,
+                _ => true,
+            };
+            if eof || (read == 0 && !answered) {
+                self.flush(id, now);
+                break;
             }
         }
-        if eof && h.out.is_empty() {
-            self.doomed.push(id);
+        self.note_http_stall(id, now);
+    }
+
+    /// Starts or ends the idle-timeout clock of a connection whose answers are not read.
+    fn note_http_stall(&mut self, id: ConnId, now: Instant) {
+        let Some(Some(Conn {
+            state: State::Http(h),
+            ..
+        })) = self.conns.get_mut(id)
+        else {
+            return;
+        };
+        let over = h.out.len() >= MAX_UNREAD_OUTPUT;
+        if over == h.stalled {
             return;
         }
-        self.process_http(id, now);
-        self.flush(id, now);
+        h.stalled = over;
+        if over {
+            log::debug!("connection {id}: answers not read, reading paused");
+            self.set_deadline(id, Some(now + self.cfg.limits.idle_timeout));
+        } else {
+            self.set_deadline(id, Some(now + HEAD_TIMEOUT));
+        }
     }
 
     /// Parses and answers every complete request in the connection's input buffer.
@@ -436,7 +696,7 @@ impl Server {
             let State::Http(h) = &mut conn.state else {
                 return;
             };
-            if h.after_write.is_some() {
+            if h.after_write.is_some() || h.out.len() >= MAX_UNREAD_OUTPUT {
                 return;
             }
             let (req, head_len) = match http1::parse_request(&h.inbuf) {
@@ -517,6 +777,14 @@ impl Server {
                 h.sent_continue = true;
                 h.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
             }
+        }
+    }
+
+    /// The address `id` is counted under.
+    fn conn_addr(&self, id: ConnId) -> Option<AddrKey> {
+        match self.conns.get(id) {
+            Some(Some(c)) => Some(c.addr),
+            _ => None,
         }
     }
 
@@ -673,6 +941,40 @@ impl Server {
             "Seconds since start.",
             self.started.elapsed().as_secs(),
         );
+        metric(
+            "stun_answered_total",
+            "counter",
+            "STUN Binding requests answered.",
+            self.metrics.stun_answered,
+        );
+        let m = &self.metrics;
+        labelled(
+            &mut s,
+            "refused_total",
+            "Connections, joins and STUN answers refused by a cap.",
+            "cap",
+            &[
+                ("max_connections", m.refused_full),
+                ("max_connections_per_addr", m.refused_addr),
+                ("join_rate", m.refused_joins),
+                ("stun_rate", m.refused_stun),
+            ],
+        );
+        labelled(
+            &mut s,
+            "closed_total",
+            "Connections closed by the server, by reason.",
+            "reason",
+            &[
+                ("idle", m.closed_idle),
+                ("stalled", m.closed_stalled),
+                ("slow_reader", m.closed_slow),
+                ("probe", m.closed_probe),
+            ],
+        );
+        if let Some(relay) = &self.relay {
+            s.push_str(&relay.metrics_text());
+        }
         s
     }
 
@@ -693,23 +995,44 @@ impl Server {
             if let State::Http(h) = &mut conn.state {
                 h.out.extend_from_slice(resp.as_bytes());
                 let rest = std::mem::take(&mut h.inbuf);
-                h.after_write = Some(AfterWrite::Upgrade(rest));
+                // The host the client addressed, for the relay's URLs in `iceServers`.
+                let host = match http1::header(&req.headers, "host") {
+                    Some(host) if !host.trim().is_empty() => host.trim().to_string(),
+                    _ => h
+                        .stream
+                        .local_addr()
+                        .map(|a| a.ip().to_string())
+                        .unwrap_or_default(),
+                };
+                h.after_write = Some(AfterWrite::Upgrade(rest, host));
             }
         }
     }
 
     fn sse_connect(&mut self, id: ConnId, req: &Request, host: &str, now: Instant) {
         let mut out = SseOut::default();
-        let result = self.agent.connect(
-            id,
-            req.query_param("room").as_deref(),
-            req.query_param("session_id").as_deref(),
-            req.query_param("token").as_deref(),
-            host,
-            now,
-            SystemTime::now(),
-            &mut out,
-        );
+        let addr = self.conn_addr(id);
+        let result = if addr.is_some_and(|a| !self.join_rates.peek(a, now)) {
+            self.metrics.refused_joins += 1;
+            Err(Reply {
+                status: 429,
+                body: json!({"error": "Too Many Requests: join rate limit exceeded"}),
+            })
+        } else {
+            self.agent.connect(
+                id,
+                req.query_param("room").as_deref(),
+                req.query_param("session_id").as_deref(),
+                req.query_param("token").as_deref(),
+                host,
+                now,
+                SystemTime::now(),
+                &mut out,
+            )
+        };
+        if let (Ok(()), Some(addr)) = (&result, addr) {
+            self.join_rates.take(addr, now);
+        }
         if let Err(reply) = result {
             let resp = http1::simple_response(
                 reply.status,
@@ -734,6 +1057,7 @@ impl Server {
                 State::Sse(SseConn {
                     stream: h.stream,
                     out: head,
+                    stalled_since: None,
                 })
             }
             other => other,
@@ -759,6 +1083,7 @@ impl Server {
             {
                 if s.out.len() + text.len() > MAX_QUEUED {
                     log::info!("connection {id}: SSE reader too slow, closing");
+                    self.metrics.closed_slow += 1;
                     self.doomed.push(id);
                     continue;
                 }
@@ -789,10 +1114,7 @@ impl Server {
                 Ok(_) => {}
                 Err(e) if would_block(&e) => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    self.doomed.push(id);
-                    return;
-                }
+                Err(e) => return self.lost(id, &e),
             }
         }
         self.flush(id, Instant::now());
@@ -800,80 +1122,152 @@ impl Server {
 
     // ---- WebSocket ------------------------------------------------------------------------
 
+    /// Reads and dispatches messages in batches of `WS_BATCH`, writing out what each batch
+    /// caused before reading on; while output to this client waits on a full socket, its
+    /// messages are not read.
     fn ws_ready(&mut self, id: ConnId, hup: bool, now: Instant) {
-        let rate = f64::from(self.cfg.rate_limit.max(1));
-        let mut texts = Vec::new();
-        let mut binary = 0;
-        let mut limited = 0;
-        let mut close: Option<(CloseCode, &'static str)> = None;
-        let mut gone = false;
+        if let Some(Some(Conn {
+            state: State::Ws(w),
+            ..
+        })) = self.conns.get_mut(id)
         {
-            let Some(Some(Conn {
-                state: State::Ws(w),
-                ..
-            })) = self.conns.get_mut(id)
-            else {
-                return;
-            };
             let sock = w.ws.get_mut();
             sock.drained = false;
             sock.hup |= hup;
-            loop {
-                match w.ws.read() {
-                    Ok(Message::Text(t)) => {
-                        let elapsed = now.saturating_duration_since(w.refilled).as_secs_f64();
-                        w.tokens = (w.tokens + elapsed * rate).min(2.0 * rate);
-                        w.refilled = now;
-                        if w.tokens < 1.0 {
-                            limited += 1;
-                            continue;
-                        }
-                        w.tokens -= 1.0;
-                        texts.push(t);
-                    }
-                    Ok(Message::Binary(_)) => binary += 1,
-                    Ok(_) => {}
-                    Err(tungstenite::Error::Io(e)) if would_block(&e) => break,
-                    Err(tungstenite::Error::Utf8(_)) => {
-                        close = Some((CloseCode::Invalid, "invalid UTF-8"));
-                        break;
-                    }
-                    Err(tungstenite::Error::Capacity(_)) => {
-                        close = Some((CloseCode::Size, "message too big"));
-                        break;
-                    }
-                    Err(tungstenite::Error::Protocol(e)) => {
-                        log::debug!("connection {id}: websocket protocol error: {e}");
-                        close = Some((CloseCode::Protocol, "protocol error"));
-                        break;
-                    }
-                    Err(e) => {
-                        log::trace!("connection {id}: websocket closed: {e}");
-                        gone = true;
-                        break;
-                    }
+        }
+        loop {
+            self.flush(id, now);
+            if self.doomed.contains(&id) {
+                return;
+            }
+            let Some(Some(conn)) = self.conns.get_mut(id) else {
+                return;
+            };
+            let addr = conn.addr;
+            let State::Ws(w) = &mut conn.state else {
+                return;
+            };
+            if w.blocked_since.is_some() {
+                return;
+            }
+            let batch = read_ws_batch(id, w, self.cfg.rate_limit, now);
+            let mut out = Outbox::default();
+            if batch.heard && w.probe.take().is_some() {
+                self.cfg.dialect.on_alive(id, &mut out);
+            }
+            let unix = relay::unix_now();
+            for t in batch.texts {
+                out.may_join = self.join_rates.peek(addr, now);
+                out.joined = false;
+                self.cfg.dialect.on_text_at(id, t.as_str(), unix, &mut out);
+                if out.joined {
+                    self.join_rates.take(addr, now);
                 }
             }
+            for _ in 0..batch.binary {
+                out.error(id, "binary frames are not supported; send JSON text");
+            }
+            for _ in 0..batch.limited {
+                out.error(id, "rate limit exceeded");
+            }
+            self.metrics.rate_limited += batch.limited;
+            self.metrics.refused_joins += out.join_refused;
+            self.deliver(out, now);
+            match batch.end {
+                BatchEnd::Full => continue,
+                BatchEnd::Drained => {}
+                BatchEnd::Gone(Some(e)) => self.lost(id, &e),
+                BatchEnd::Gone(None) => self.doomed.push(id),
+                BatchEnd::Close(code, reason) => {
+                    self.metrics.errors += 1;
+                    self.ws_close(id, code, reason, now);
+                }
+            }
+            self.flush(id, now);
+            return;
         }
-        let mut out = Outbox::default();
-        for t in texts {
-            self.cfg.dialect.on_text(id, t.as_str(), &mut out);
+    }
+
+    /// A WebSocket's timer: closes it when a probe went unanswered, when it was silent for the
+    /// idle timeout or its output stayed stuck that long; pings it after the ping interval of
+    /// silence; then sets its next deadline.
+    fn ws_timer(&mut self, id: ConnId, now: Instant) {
+        let limits = &self.cfg.limits;
+        let (idle, ping_every) = (limits.idle_timeout, limits.ping_interval);
+        let Some(Some(Conn {
+            state: State::Ws(w),
+            ..
+        })) = self.conns.get_mut(id)
+        else {
+            return;
+        };
+        let silent = now.saturating_duration_since(w.last_heard);
+        if w.probe.is_some_and(|d| d <= now) {
+            log::info!("connection {id}: no answer to a ping, closing");
+            self.metrics.closed_probe += 1;
+            return self.ws_close(id, CloseCode::Away, "no answer to ping", now);
         }
-        for _ in 0..binary {
-            out.error(id, "binary frames are not supported; send JSON text");
+        if silent >= idle {
+            log::info!("connection {id}: silent for {idle:?}, closing");
+            self.metrics.closed_idle += 1;
+            return self.ws_close(id, CloseCode::Away, "idle timeout", now);
         }
-        for _ in 0..limited {
-            out.error(id, "rate limit exceeded");
-        }
-        self.metrics.rate_limited += limited;
-        self.deliver(out, now);
-        if gone {
+        if w.blocked_since
+            .is_some_and(|t| now.saturating_duration_since(t) >= idle)
+        {
+            log::info!("connection {id}: WebSocket not read for {idle:?}, closing");
+            self.metrics.closed_stalled += 1;
             self.doomed.push(id);
-        } else if let Some((code, reason)) = close {
-            self.metrics.errors += 1;
-            self.ws_close(id, code, reason, now);
+            return;
+        }
+        if silent >= ping_every && !w.pinged {
+            w.pinged = true;
+            let _ = w.ws.write(Message::Ping(Default::default()));
+            self.flush(id, now);
+        }
+        self.ws_arm(id, now);
+    }
+
+    /// Sets a WebSocket's next deadline from its state.
+    fn ws_arm(&mut self, id: ConnId, now: Instant) {
+        let limits = &self.cfg.limits;
+        let Some(Some(Conn {
+            state: State::Ws(w),
+            ..
+        })) = self.conns.get(id)
+        else {
+            return;
+        };
+        let mut next = w.last_heard + limits.idle_timeout;
+        if !w.pinged {
+            next = next.min(w.last_heard + limits.ping_interval);
+        }
+        if let Some(p) = w.probe {
+            next = next.min(p);
+        }
+        if let Some(b) = w.blocked_since {
+            next = next.min(b + limits.idle_timeout);
+        }
+        let next = next.max(now + Duration::from_millis(1));
+        self.set_deadline(id, Some(next));
+    }
+
+    /// Pings `id` at once for a core that needs to know it is alive (`Outbox::probes`).
+    fn probe(&mut self, id: ConnId, now: Instant) {
+        let timeout = self.cfg.limits.probe_timeout;
+        let Some(Some(Conn {
+            state: State::Ws(w),
+            ..
+        })) = self.conns.get_mut(id)
+        else {
+            return;
+        };
+        if w.probe.is_none() {
+            w.probe = Some(now + timeout);
+            let _ = w.ws.write(Message::Ping(Default::default()));
         }
         self.flush(id, now);
+        self.ws_arm(id, now);
     }
 
     /// Sends a close frame with `code` and stops reading WebSocket frames: after a protocol
@@ -900,9 +1294,13 @@ impl Server {
         self.set_deadline(id, Some(now + LINGER));
     }
 
-    /// Sends the dialect's messages; connections that cannot take them are closed.
+    /// Sends the dialect's messages (connections that cannot take them are closed) and
+    /// probes the connections it asks about.
     fn deliver(&mut self, out: Outbox, now: Instant) {
         self.metrics.errors += out.errors;
+        for id in out.probes {
+            self.probe(id, now);
+        }
         let mut touched = Vec::new();
         for (id, text) in out.msgs {
             let Some(Some(Conn {
@@ -918,6 +1316,7 @@ impl Server {
                 Err(tungstenite::Error::Io(e)) if would_block(&e) => {}
                 Err(tungstenite::Error::WriteBufferFull(_)) => {
                     log::info!("connection {id}: reader too slow, closing");
+                    self.metrics.closed_slow += 1;
                     self.doomed.push(id);
                 }
                 Err(_) => self.doomed.push(id),
@@ -937,20 +1336,48 @@ impl Server {
         let Some(Some(conn)) = self.conns.get_mut(id) else {
             return;
         };
+        // Output to this connection newly waiting on a full socket: its idle clock starts.
+        let mut stuck = None;
         let failed = match &mut conn.state {
-            State::Http(h) => write_out(&mut h.stream, &mut h.out, 0).is_err(),
-            State::Sse(s) => write_out(&mut s.stream, &mut s.out, 0).is_err(),
+            State::Http(h) => write_out(&mut h.stream, &mut h.out, 0).err(),
+            State::Sse(s) => {
+                let failed = write_out(&mut s.stream, &mut s.out, 0).err();
+                if s.out.is_empty() {
+                    s.stalled_since = None;
+                } else if s.stalled_since.is_none() {
+                    log::debug!("connection {id}: SSE output waits on a full socket");
+                    s.stalled_since = Some(now);
+                    stuck = Some(false);
+                }
+                failed
+            }
             State::Ws(w) => match w.ws.flush() {
-                Ok(()) => false,
-                Err(tungstenite::Error::Io(e)) if would_block(&e) => false,
-                Err(tungstenite::Error::ConnectionClosed) => true,
-                Err(_) => true,
+                Ok(()) => {
+                    w.blocked_since = None;
+                    None
+                }
+                Err(tungstenite::Error::Io(e)) if would_block(&e) => {
+                    if w.blocked_since.is_none() {
+                        w.blocked_since = Some(now);
+                        stuck = Some(true);
+                    }
+                    None
+                }
+                Err(tungstenite::Error::Io(e)) => Some(e),
+                Err(e) => Some(io::Error::other(e.to_string())),
             },
-            State::Linger(_) | State::Moving => false,
+            State::Turn(t) => write_out(&mut t.stream, &mut t.out, 0).err(),
+            State::Linger(_) | State::Moving => None,
         };
-        if failed {
-            self.doomed.push(id);
-            return;
+        if let Some(e) = failed {
+            return self.lost(id, &e);
+        }
+        match stuck {
+            Some(true) => return self.ws_arm(id, now),
+            Some(false) => {
+                return self.set_deadline(id, Some(now + self.cfg.limits.idle_timeout));
+            }
+            None => {}
         }
         let State::Http(h) = &mut conn.state else {
             return;
@@ -963,7 +1390,7 @@ impl Server {
             return;
         };
         match h.after_write {
-            Some(AfterWrite::Upgrade(rest)) => {
+            Some(AfterWrite::Upgrade(rest, host)) => {
                 let stream = WsStream {
                     sock: h.stream,
                     drained: false,
@@ -979,10 +1406,14 @@ impl Server {
                     ws,
                     tokens: 2.0 * f64::from(self.cfg.rate_limit.max(1)),
                     refilled: now,
+                    last_heard: now,
+                    pinged: false,
+                    probe: None,
+                    blocked_since: None,
                 }));
-                conn.deadline = None;
+                self.ws_arm(id, now);
                 let mut out = Outbox::default();
-                self.cfg.dialect.on_open(id, &mut out);
+                self.cfg.dialect.on_open_at(id, &host, &mut out);
                 self.deliver(out, now);
                 // Frames that arrived with the handshake are waiting in the buffer.
                 self.ws_ready(id, false, now);
@@ -993,6 +1424,22 @@ impl Server {
                 self.set_deadline(id, Some(now + LINGER));
             }
         }
+    }
+
+    /// `id` failed with `e`. A connection whose peer acknowledged nothing for the idle timeout
+    /// (the kernel's `TCP_USER_TIMEOUT`: it vanished, or stopped reading) counts as stalled.
+    fn lost(&mut self, id: ConnId, e: &io::Error) {
+        if self.doomed.contains(&id) {
+            return;
+        }
+        if e.kind() == io::ErrorKind::TimedOut {
+            let idle = self.cfg.limits.idle_timeout;
+            log::info!("connection {id}: nothing acknowledged for {idle:?}, closing");
+            self.metrics.closed_stalled += 1;
+        } else {
+            log::debug!("connection {id}: {e}");
+        }
+        self.doomed.push(id);
     }
 
     fn linger_ready(&mut self, id: ConnId) {
@@ -1028,6 +1475,7 @@ impl Server {
             };
             self.live -= 1;
             self.free.push(id);
+            self.addr_conns.close(conn.addr);
             let mut out = Outbox::default();
             match conn.state {
                 State::Ws(mut w) => {
@@ -1044,11 +1492,158 @@ impl Server {
                 State::Linger(mut s) => {
                     let _ = self.poll.registry().deregister(&mut s);
                 }
+                State::Turn(mut t) => {
+                    let _ = self.poll.registry().deregister(&mut t.stream);
+                    self.turn_closed(t.client, now);
+                }
                 State::Moving => {}
             }
             self.deliver(out, now);
         }
     }
+}
+
+/// Appends a Prometheus counter family with one label.
+fn labelled(s: &mut String, name: &str, help: &str, label: &str, values: &[(&str, u64)]) {
+    s.push_str(&format!(
+        "# HELP tunnel_signal_{name} {help}\n# TYPE tunnel_signal_{name} counter\n"
+    ));
+    for (value, n) in values {
+        s.push_str(&format!(
+            "tunnel_signal_{name}{{{label}=\"{value}\"}} {n}\n"
+        ));
+    }
+}
+
+/// Why a batch of WebSocket reads ended.
+enum BatchEnd {
+    /// `WS_BATCH` messages read; there may be more.
+    Full,
+    /// The socket has nothing more for now.
+    Drained,
+    /// The connection is gone (with the socket's error, if it failed).
+    Gone(Option<io::Error>),
+    /// Close it with this code: the frame decoder cannot go on.
+    Close(CloseCode, &'static str),
+}
+
+/// What one batch of reads from a WebSocket brought.
+struct Batch {
+    texts: Vec<tungstenite::Utf8Bytes>,
+    binary: u64,
+    /// Text messages over the connection's rate limit.
+    limited: u64,
+    /// Any frame arrived, pongs included.
+    heard: bool,
+    end: BatchEnd,
+}
+
+/// Reads up to `WS_BATCH` messages from `w`, applying its rate limit of `rate_limit` messages a
+/// second (bursts of twice that).
+fn read_ws_batch(id: ConnId, w: &mut WsConn, rate_limit: u32, now: Instant) -> Batch {
+    let rate = f64::from(rate_limit.max(1));
+    let mut batch = Batch {
+        texts: Vec::new(),
+        binary: 0,
+        limited: 0,
+        heard: false,
+        end: BatchEnd::Drained,
+    };
+    let mut read = 0;
+    batch.end = loop {
+        if read >= WS_BATCH {
+            break BatchEnd::Full;
+        }
+        match w.ws.read() {
+            Ok(msg) => {
+                read += 1;
+                batch.heard = true;
+                w.last_heard = now;
+                w.pinged = false;
+                match msg {
+                    Message::Text(t) => {
+                        let elapsed = now.saturating_duration_since(w.refilled).as_secs_f64();
+                        w.tokens = (w.tokens + elapsed * rate).min(2.0 * rate);
+                        w.refilled = now;
+                        if w.tokens < 1.0 {
+                            batch.limited += 1;
+                            continue;
+                        }
+                        w.tokens -= 1.0;
+                        batch.texts.push(t);
+                    }
+                    Message::Binary(_) => batch.binary += 1,
+                    _ => {}
+                }
+            }
+            Err(tungstenite::Error::Io(e)) if would_block(&e) => break BatchEnd::Drained,
+            Err(tungstenite::Error::Utf8(_)) => {
+                break BatchEnd::Close(CloseCode::Invalid, "invalid UTF-8")
+            }
+            Err(tungstenite::Error::Capacity(_)) => {
+                break BatchEnd::Close(CloseCode::Size, "message too big")
+            }
+            Err(tungstenite::Error::Protocol(e)) => {
+                log::debug!("connection {id}: websocket protocol error: {e}");
+                break BatchEnd::Close(CloseCode::Protocol, "protocol error");
+            }
+            Err(tungstenite::Error::Io(e)) => break BatchEnd::Gone(Some(e)),
+            Err(e) => {
+                log::trace!("connection {id}: websocket closed: {e}");
+                break BatchEnd::Gone(None);
+            }
+        }
+    };
+    batch
+}
+
+/// Answers a connection refused at accept with a `503` naming the cap, and closes it. What the
+/// client already sent is read first, so that closing does not reset the connection before it
+/// reads the answer.
+fn refuse(stream: TcpStream, text: &str) {
+    let mut buf = [0u8; 4096];
+    for _ in 0..4 {
+        match (&stream).read(&mut buf) {
+            Ok(n) if n > 0 => {}
+            _ => break,
+        }
+    }
+    let resp = http1::simple_response(
+        503,
+        "text/plain",
+        text.as_bytes(),
+        &[("Connection", "close"), ("Retry-After", "1")],
+    );
+    let _ = (&stream).write(&resp);
+    let _ = stream.shutdown(Shutdown::Write);
+}
+
+/// Makes the kernel drop `stream` when bytes it sent stay unacknowledged for `timeout` (a
+/// client that vanished without a FIN): `TCP_USER_TIMEOUT`.
+#[cfg(target_os = "linux")]
+fn set_user_timeout(stream: &TcpStream, timeout: Duration) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let ms = libc::c_uint::try_from(timeout.as_millis()).unwrap_or(libc::c_uint::MAX);
+    // SAFETY: a valid descriptor, and a pointer to a c_uint that outlives the call, with its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            (&ms as *const libc::c_uint).cast(),
+            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_user_timeout(_stream: &TcpStream, _timeout: Duration) -> io::Result<()> {
+    Ok(())
 }
 
 /// The head of a complete response, without its body (for HEAD requests).
@@ -1058,3 +1653,5 @@ fn head_only(mut resp: Vec<u8>) -> Vec<u8> {
     }
     resp
 }
+
+mod turn_tcp;

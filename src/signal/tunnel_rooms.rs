@@ -13,13 +13,23 @@
 //! Provider if the room has none, else a Consumer. The Provider sees every member and addresses
 //! them with `to` (the first consumer without it); a Consumer sees only the Provider, and all its
 //! messages go to the Provider. Consumers are never introduced to each other.
+//!
+//! Beyond the room sizes, a join is refused when the room name is longer than
+//! `RoomCaps::max_room_name`, when it would open a room past `RoomCaps::max_rooms`, and when
+//! the driver says the sender's address is over its join rate (`Outbox::may_join`).
+//!
+//! With the built-in TURN relay on, a member that joined with a `role` gets an `iceServers`
+//! field in its `joined` (our extension): this server's STUN entry and its TURN URLs with
+//! credentials for that member, valid for an hour. Role-less (version-1) joins never get it, so
+//! the original's transcripts stay byte for byte.
 
 use std::collections::{BTreeMap, HashMap};
 
 use serde_json::json;
 use serde_json::value::RawValue;
 
-use super::dialect::{ConnId, Dialect, Outbox, Page};
+use super::dialect::{ConnId, Dialect, Outbox, Page, RoomCaps};
+use super::relay::RelayIce;
 use crate::util::uuid_v4;
 
 /// A message's top-level fields, values unparsed (the last of repeated keys wins, as in
@@ -83,8 +93,15 @@ impl Room {
 pub struct TunnelRooms {
     max_peers: usize,
     max_consumers: usize,
+    caps: RoomCaps,
     members: HashMap<ConnId, Member>,
     rooms: HashMap<String, Room>,
+    /// The relay's `iceServers`, when it runs.
+    ice: Option<RelayIce>,
+    /// With `ice`: the host each connection addressed.
+    hosts: HashMap<ConnId, String>,
+    /// The Unix time of the message being handled.
+    unix: u64,
 }
 
 impl TunnelRooms {
@@ -92,9 +109,28 @@ impl TunnelRooms {
         TunnelRooms {
             max_peers: max_peers.max(1),
             max_consumers: max_consumers.max(1),
+            caps: RoomCaps::default(),
             members: HashMap::new(),
             rooms: HashMap::new(),
+            ice: None,
+            hosts: HashMap::new(),
+            unix: 0,
         }
+    }
+
+    /// The same core with `caps` (only `max_rooms` and `max_room_name` apply: room sizes are
+    /// `max_peers` and `max_consumers`).
+    pub fn with_caps(mut self, caps: RoomCaps) -> Self {
+        self.caps = caps;
+        self
+    }
+
+    /// The `iceServers` for `conn`, joining as `peer_id` (with the relay on).
+    fn ice_servers(&self, conn: ConnId, peer_id: &str) -> Option<serde_json::Value> {
+        let ice = self.ice.as_ref()?;
+        let host = self.hosts.get(&conn).map_or("", String::as_str);
+        let servers = ice.servers(host, peer_id, self.unix);
+        (!servers.is_empty()).then(|| serde_json::Value::Array(servers))
     }
 
     fn peer_id(&self, conn: ConnId) -> Option<&str> {
@@ -109,6 +145,12 @@ impl TunnelRooms {
             Some(r) if !r.is_empty() => r,
             _ => return out.error(conn, "room name required"),
         };
+        if let Err(text) = self.caps.check_name(&room_name) {
+            return out.error(conn, &text);
+        }
+        if !self.rooms.contains_key(&room_name) && self.rooms.len() >= self.caps.max_rooms {
+            return out.error(conn, &self.caps.rooms_full());
+        }
         let Some(requested) = requested_kind(msg) else {
             return out.error(conn, "role must be \"provider\" or \"consumer\"");
         };
@@ -144,6 +186,9 @@ impl TunnelRooms {
             );
             return out.error(conn, &text);
         }
+        if !out.admit_join(conn) {
+            return;
+        }
 
         let peer_id = uuid_v4();
         // Whom the joiner sees, and who hears of it: the Provider sees everyone, a Consumer only
@@ -153,10 +198,13 @@ impl TunnelRooms {
             _ => provider.into_iter().collect(),
         };
         let peers: Vec<&str> = seen.iter().filter_map(|&c| self.peer_id(c)).collect();
-        out.send(
-            conn,
-            &json!({"type": "joined", "peerId": peer_id, "peers": peers}),
-        );
+        let mut joined = json!({"type": "joined", "peerId": peer_id, "peers": peers});
+        if requested != Kind::Legacy {
+            if let Some(servers) = self.ice_servers(conn, &peer_id) {
+                joined["iceServers"] = servers;
+            }
+        }
+        out.send(conn, &joined);
         let joined = json!({"type": "peer-joined", "peerId": peer_id});
         for &other in &seen {
             out.send(other, &joined);
@@ -188,6 +236,9 @@ impl TunnelRooms {
         if existing.len() >= self.max_peers {
             let text = format!("room '{room_name}' is full (max {})", self.max_peers);
             return out.error(conn, &text);
+        }
+        if !out.admit_join(conn) {
+            return;
         }
         let peer_id = uuid_v4();
         let peers: Vec<&str> = existing.iter().filter_map(|&c| self.peer_id(c)).collect();
@@ -322,6 +373,23 @@ impl Dialect for TunnelRooms {
 
     fn on_close(&mut self, conn: ConnId, out: &mut Outbox) {
         self.leave(conn, out);
+        self.hosts.remove(&conn);
+    }
+
+    fn set_relay(&mut self, ice: RelayIce) {
+        self.ice = Some(ice);
+    }
+
+    fn on_open_at(&mut self, conn: ConnId, host: &str, out: &mut Outbox) {
+        if self.ice.is_some() {
+            self.hosts.insert(conn, host.to_string());
+        }
+        self.on_open(conn, out);
+    }
+
+    fn on_text_at(&mut self, conn: ConnId, text: &str, unix: u64, out: &mut Outbox) {
+        self.unix = unix;
+        self.on_text(conn, text, out);
     }
 
     fn rooms(&self) -> usize {
@@ -664,6 +732,51 @@ mod tests {
     }
 
     #[test]
+    fn with_the_relay_role_joins_get_ice_servers_and_v1_joins_do_not() {
+        let mut core = TunnelRooms::new(2, 32);
+        core.set_relay(RelayIce::new(b"s3cret", Some(3478), 8787));
+        let mut out = Outbox::default();
+        for conn in 1..=4 {
+            core.on_open_at(conn, "relay.example.org:8787", &mut out);
+        }
+        let at = |core: &mut TunnelRooms, conn: ConnId, text: &str| {
+            let mut out = Outbox::default();
+            core.on_text_at(conn, text, 1_000, &mut out);
+            parsed(out)
+        };
+        // Version-1 joins: the original's `joined`, byte for byte.
+        let out = at(&mut core, 1, r#"{"type":"join","room":"v1"}"#);
+        assert_eq!(out[0].1.as_object().unwrap().len(), 3, "{out:?}");
+        let out = at(&mut core, 2, r#"{"type":"join","room":"v1"}"#);
+        assert!(out[0].1.get("iceServers").is_none());
+        // With a role: the STUN entry and TURN credentials for this member, valid for an hour.
+        let out = at(
+            &mut core,
+            3,
+            r#"{"type":"join","room":"r","role":"provider"}"#,
+        );
+        let joined = &out[0].1;
+        let id = joined["peerId"].as_str().unwrap();
+        let servers = joined["iceServers"].as_array().unwrap();
+        assert_eq!(servers[0], json!({"urls": ["stun:relay.example.org:3478"]}));
+        assert_eq!(
+            servers[1]["urls"],
+            json!([
+                "turn:relay.example.org:3478?transport=udp",
+                "turn:relay.example.org:8787?transport=tcp"
+            ])
+        );
+        let user = format!("4600:{id}");
+        assert_eq!(servers[1]["username"], user.as_str());
+        let want = crate::util::base64(&crate::util::hmac_sha1(b"s3cret", user.as_bytes()));
+        assert_eq!(servers[1]["credential"], want.as_str());
+        // A role-less joiner into a provider room is a version-1 client too.
+        let out = at(&mut core, 4, r#"{"type":"join","room":"r"}"#);
+        assert_eq!(out[0].1["type"], "joined");
+        assert!(out[0].1.get("iceServers").is_none());
+    }
+
+    #[test]
     fn a_bad_role_is_refused_and_leaves_the_socket_unjoined() {
         let mut core = TunnelRooms::new(2, 32);
         let bad = r#"role must be "provider" or "consumer""#;
@@ -686,5 +799,48 @@ mod tests {
             join(&mut core, 2, "provider"),
             error(2, "room 'r' already has a provider")
         );
+    }
+
+    #[test]
+    fn room_names_rooms_and_the_join_rate_are_capped() {
+        let caps = RoomCaps {
+            max_rooms: 2,
+            max_room_name: 8,
+            max_members: 100,
+        };
+        let mut core = TunnelRooms::new(2, 32).with_caps(caps);
+        let long = r#"{"type":"join","room":"123456789"}"#;
+        assert_eq!(
+            say(&mut core, 1, long),
+            error(1, "room name too long (max 8 bytes)")
+        );
+        say(&mut core, 1, r#"{"type":"join","room":"12345678"}"#);
+        say(
+            &mut core,
+            2,
+            r#"{"type":"join","room":"b","role":"provider"}"#,
+        );
+        assert_eq!(
+            say(&mut core, 3, r#"{"type":"join","room":"c"}"#),
+            error(3, "too many rooms on this server (max 2)")
+        );
+        // An existing room still takes members.
+        let out = say(&mut core, 3, r#"{"type":"join","room":"b"}"#);
+        assert_eq!(out[0].1["type"], "joined");
+
+        // Over the join rate: refused, nothing joined, and the driver is told of no join.
+        let mut out = Outbox {
+            may_join: false,
+            ..Outbox::default()
+        };
+        core.on_text(4, r#"{"type":"join","room":"b"}"#, &mut out);
+        assert!(!out.joined);
+        assert_eq!(
+            parsed(out),
+            error(4, crate::signal::dialect::JOIN_RATE_EXCEEDED)
+        );
+        let mut out = Outbox::default();
+        core.on_text(4, r#"{"type":"join","room":"b"}"#, &mut out);
+        assert!(out.joined);
     }
 }

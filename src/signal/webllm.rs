@@ -1,14 +1,24 @@
 //! The WebLLM Chat signaling dialect (protocols.md §3, `tunnel signal --dialect webllm`): devices
 //! register an id, join rooms by code, and exchange signal/broadcast/direct messages. Sans-IO;
-//! driven by `signal::server`. Two deliberate fixes over the original: `signal` and `direct`
-//! reach only the sender's room unless `global_signal` is set, and a socket that lost its device
-//! id to a newer registration cannot remove that newer registration when it closes.
+//! driven by `signal::server`. Deliberate fixes over the original: `signal` and `direct` reach
+//! only the sender's room unless `global_signal` is set; a socket that lost its device id to a
+//! newer registration cannot remove that newer registration when it closes; and a `register`
+//! of an id that another connection holds is a *claim*: the holder is probed (the driver pings
+//! it at once, `Outbox::probes`). If it answers (`on_alive`) the claim is refused with an
+//! error; if it is closed first (it did not answer, or it went away) the claimant gets the id.
+//! So a device back from a network drop takes its id back from its dead socket, and nobody
+//! takes a live device's id. With `takeover` the newer socket wins at once, as in the original.
+//!
+//! Caps (`RoomCaps`): room codes longer than `max_room_name`, a new room past `max_rooms`, a
+//! room with `max_members`, and a join over the sender's address's join rate are refused with
+//! `{"type":"error","message":…}` (an extension: the original sends no errors), and the device
+//! stays where it was.
 
 use std::collections::HashMap;
 
 use serde_json::{json, Value};
 
-use super::dialect::{msg_type, ConnId, Dialect, Outbox, Page};
+use super::dialect::{msg_type, ConnId, Dialect, Outbox, Page, RoomCaps};
 
 struct Device {
     conn: ConnId,
@@ -16,25 +26,49 @@ struct Device {
     room: Option<String>,
 }
 
+/// A `register` of a held id, waiting for the holder's answer to its probe.
+struct Claim {
+    conn: ConnId,
+    name: String,
+}
+
 pub struct WebLlm {
     global_signal: bool,
+    takeover: bool,
+    caps: RoomCaps,
     port: u16,
     devices: HashMap<String, Device>,
     /// Connection → the device id it registered (only while it still owns it).
     by_conn: HashMap<ConnId, String>,
     /// Room code → device ids in join order.
     rooms: HashMap<String, Vec<String>>,
+    /// Device id → the one claim on it waiting for its holder's answer.
+    claims: HashMap<String, Claim>,
 }
 
 impl WebLlm {
     pub fn new(global_signal: bool, port: u16) -> Self {
         WebLlm {
             global_signal,
+            takeover: false,
+            caps: RoomCaps::default(),
             port,
             devices: HashMap::new(),
             by_conn: HashMap::new(),
             rooms: HashMap::new(),
+            claims: HashMap::new(),
         }
+    }
+
+    /// With `takeover`, a `register` of a held id takes it at once, as the original did.
+    pub fn with_takeover(mut self, takeover: bool) -> Self {
+        self.takeover = takeover;
+        self
+    }
+
+    pub fn with_caps(mut self, caps: RoomCaps) -> Self {
+        self.caps = caps;
+        self
     }
 
     /// Registered devices (the `clients` count of `/health`).
@@ -52,6 +86,24 @@ impl WebLlm {
             .and_then(Value::as_str)
             .unwrap_or("Unknown")
             .to_string();
+        // A newer register from the same socket replaces its pending claim.
+        self.claims.retain(|_, c| c.conn != conn);
+        let holder = self.devices.get(id).map(|d| d.conn).filter(|&c| c != conn);
+        if let (Some(holder), false) = (holder, self.takeover) {
+            if self.claims.contains_key(id) {
+                return out.error(conn, &in_use(id));
+            }
+            log::debug!("webllm: '{id}' claimed by connection {conn}; probing {holder}");
+            self.claims.insert(id.to_string(), Claim { conn, name });
+            out.probes.push(holder);
+            return;
+        }
+        self.complete_register(conn, id, name, out);
+        self.settle_claims(out);
+    }
+
+    /// Gives `id` to `conn` and answers `registered`.
+    fn complete_register(&mut self, conn: ConnId, id: &str, name: String, out: &mut Outbox) {
         // A socket that registers again under another id gives up its old one.
         if let Some(old) = self.by_conn.get(&conn).cloned() {
             if old != id {
@@ -73,6 +125,22 @@ impl WebLlm {
             .insert(id.to_string(), Device { conn, name, room });
         self.by_conn.insert(conn, id.to_string());
         out.send(conn, &json!({"type": "registered", "deviceId": id}));
+    }
+
+    /// Claims on ids nobody holds any more are granted.
+    fn settle_claims(&mut self, out: &mut Outbox) {
+        let free: Vec<String> = self
+            .claims
+            .keys()
+            .filter(|id| !self.devices.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in free {
+            if let Some(claim) = self.claims.remove(&id) {
+                log::debug!("webllm: '{id}' goes to connection {}", claim.conn);
+                self.complete_register(claim.conn, &id, claim.name, out);
+            }
+        }
     }
 
     fn leave_room(&mut self, id: &str, out: &mut Outbox) {
@@ -101,11 +169,30 @@ impl WebLlm {
             log::debug!("webllm: join-room without token ignored");
             return;
         };
+        let Some(conn) = self.devices.get(id).map(|d| d.conn) else {
+            return;
+        };
+        if let Err(text) = self.caps.check_name(code) {
+            return out.error(conn, &text);
+        }
+        match self.rooms.get(code) {
+            None if self.rooms.len() >= self.caps.max_rooms => {
+                return out.error(conn, &self.caps.rooms_full());
+            }
+            Some(members)
+                if members.iter().filter(|m| *m != id).count() >= self.caps.max_members =>
+            {
+                return out.error(conn, &self.caps.room_full(code));
+            }
+            _ => {}
+        }
+        if !out.admit_join(conn) {
+            return;
+        }
         self.leave_room(id, out);
         let members = self.rooms.entry(code.to_string()).or_default();
-        let (conn, name) = match self.devices.get(id) {
-            Some(d) => (d.conn, d.name.clone()),
-            None => return,
+        let Some(name) = self.devices.get(id).map(|d| d.name.clone()) else {
+            return;
         };
         let peers: Vec<Value> = members
             .iter()
@@ -206,9 +293,21 @@ impl Dialect for WebLlm {
     }
 
     fn on_close(&mut self, conn: ConnId, out: &mut Outbox) {
+        self.claims.retain(|_, c| c.conn != conn);
         if let Some(id) = self.by_conn.remove(&conn) {
             self.leave_room(&id, out);
             self.devices.remove(&id);
+        }
+        self.settle_claims(out);
+    }
+
+    fn on_alive(&mut self, conn: ConnId, out: &mut Outbox) {
+        let Some(id) = self.by_conn.get(&conn) else {
+            return;
+        };
+        if let Some(claim) = self.claims.remove(id) {
+            log::debug!("webllm: '{id}' is still held by connection {conn}; claim refused");
+            out.error(claim.conn, &in_use(id));
         }
     }
 
@@ -242,6 +341,10 @@ impl Dialect for WebLlm {
             body,
         }
     }
+}
+
+fn in_use(id: &str) -> String {
+    format!("deviceId '{id}' is in use by another connection")
 }
 
 fn html_escape(s: &str) -> String {
@@ -314,5 +417,114 @@ mod tests {
             );
             assert_eq!(out.len(), usize::from(global));
         }
+    }
+
+    fn register(core: &mut WebLlm, conn: ConnId, id: &str) -> Outbox {
+        let mut out = Outbox::default();
+        let text = format!(r#"{{"type":"register","deviceId":"{id}","deviceName":"n"}}"#);
+        core.on_text(conn, &text, &mut out);
+        out
+    }
+
+    #[test]
+    fn a_claim_on_a_live_device_is_refused() {
+        let mut core = WebLlm::new(false, 8080);
+        register(&mut core, 1, "d");
+        let out = register(&mut core, 2, "d");
+        assert_eq!(out.probes, vec![1], "the holder is probed");
+        assert!(out.msgs.is_empty(), "no answer before the holder's");
+        let mut out = Outbox::default();
+        core.on_alive(1, &mut out);
+        let msg: Value = serde_json::from_str(&out.msgs[0].1).unwrap();
+        assert_eq!(out.msgs[0].0, 2);
+        assert_eq!(
+            msg,
+            json!({"type": "error", "message": "deviceId 'd' is in use by another connection"})
+        );
+        // The holder keeps the id: closing the claimant changes nothing.
+        core.on_close(2, &mut Outbox::default());
+        assert_eq!(core.devices.get("d").map(|d| d.conn), Some(1));
+    }
+
+    #[test]
+    fn a_claim_on_a_dead_device_takes_the_id_when_it_is_closed() {
+        let mut core = WebLlm::new(false, 8080);
+        register(&mut core, 1, "d");
+        say(&mut core, 1, r#"{"type":"join-room","token":"R"}"#);
+        register(&mut core, 3, "e");
+        say(&mut core, 3, r#"{"type":"join-room","token":"R"}"#);
+        assert_eq!(register(&mut core, 2, "d").probes, vec![1]);
+        let second = register(&mut core, 4, "d");
+        assert_eq!(
+            second.msgs.len(),
+            1,
+            "one claim at a time: {:?}",
+            second.msgs
+        );
+        // The driver closes the silent holder.
+        let mut out = Outbox::default();
+        core.on_close(1, &mut out);
+        let sent: Vec<(ConnId, Value)> = out
+            .msgs
+            .iter()
+            .map(|(c, m)| (*c, serde_json::from_str(m).unwrap()))
+            .collect();
+        assert_eq!(
+            sent,
+            vec![
+                (
+                    3,
+                    json!({"type": "peer-left", "peerId": "d", "peerName": "n"})
+                ),
+                (2, json!({"type": "registered", "deviceId": "d"})),
+            ]
+        );
+        assert_eq!(core.devices.get("d").map(|d| d.conn), Some(2));
+    }
+
+    #[test]
+    fn takeover_gives_the_id_at_once() {
+        let mut core = WebLlm::new(false, 8080).with_takeover(true);
+        register(&mut core, 1, "d");
+        let out = register(&mut core, 2, "d");
+        assert!(out.probes.is_empty());
+        assert_eq!(out.msgs[0].1, r#"{"type":"registered","deviceId":"d"}"#);
+    }
+
+    #[test]
+    fn room_caps_and_join_rate() {
+        let caps = RoomCaps {
+            max_rooms: 1,
+            max_room_name: 6,
+            max_members: 2,
+        };
+        let mut core = WebLlm::new(false, 8080).with_caps(caps);
+        for (conn, id) in [(1, "a"), (2, "b"), (3, "c")] {
+            register(&mut core, conn, id);
+        }
+        let error = |message: &str| vec![(1, json!({"type": "error", "message": message}))];
+        assert_eq!(
+            say(&mut core, 1, r#"{"type":"join-room","token":"ABCDEFG"}"#),
+            error("room name too long (max 6 bytes)")
+        );
+        say(&mut core, 1, r#"{"type":"join-room","token":"ABC"}"#);
+        say(&mut core, 2, r#"{"type":"join-room","token":"ABC"}"#);
+        let out = say(&mut core, 3, r#"{"type":"join-room","token":"ABC"}"#);
+        assert_eq!(out[0].1["message"], "room 'ABC' is full (max 2 members)");
+        let out = say(&mut core, 3, r#"{"type":"join-room","token":"XYZ"}"#);
+        assert_eq!(out[0].1["message"], "too many rooms on this server (max 1)");
+        // Re-joining its own full room is not refused.
+        let out = say(&mut core, 1, r#"{"type":"join-room","token":"ABC"}"#);
+        assert_eq!(out[0].1["type"], "peer-left");
+        let mut out = Outbox {
+            may_join: false,
+            ..Outbox::default()
+        };
+        core.on_text(1, r#"{"type":"join-room","token":"ABC"}"#, &mut out);
+        assert!(out.msgs[0].1.contains("too many joins"));
+        assert_eq!(
+            core.devices.get("a").and_then(|d| d.room.clone()),
+            Some("ABC".into())
+        );
     }
 }

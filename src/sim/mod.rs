@@ -124,6 +124,9 @@ impl Sim {
                 locals: vec![addr],
                 stun_servers: Vec::new(),
                 max_peers,
+                turn: Vec::new(),
+                relay_only: false,
+                turn_from_signal: true,
             },
             self.now,
         );
@@ -217,6 +220,13 @@ impl Sim {
                 }
             }
         }
+        // The shell's re-gathering: a fresh "socket" on a new port.
+        if self.nodes[i].net.core.take_regather() {
+            let old = self.nodes[i].addr;
+            let fresh = SocketAddr::new(old.ip(), old.port() + 1000);
+            self.nodes[i].addr = fresh;
+            self.nodes[i].net.core.regathered(vec![fresh], now);
+        }
         let mut datagrams = Vec::new();
         while let Some(t) = self.nodes[i].net.core.poll_transmit() {
             datagrams.push(t);
@@ -262,7 +272,13 @@ impl Sim {
         let cores = self
             .nodes
             .iter()
-            .flat_map(|n| [n.net.core.next_deadline(), n.net.next_ping()])
+            .flat_map(|n| {
+                [
+                    n.net.core.next_deadline(),
+                    n.net.next_ping(),
+                    n.net.next_path_check(self.now),
+                ]
+            })
             .flatten();
         let roles = self
             .nodes
@@ -320,6 +336,13 @@ impl Sim {
                 self.nodes[i].net.core.handle_timeout(now);
             }
             self.nodes[i].net.ping_due(now);
+            let changes = self.nodes[i].net.check_paths(now);
+            let node = &mut self.nodes[i];
+            if let Some(role) = node.role.as_mut() {
+                for change in &changes {
+                    role.on_path(&mut node.net, change, now);
+                }
+            }
             self.poll_role(i);
             self.flush(i);
         }

@@ -1,5 +1,7 @@
 //! Tests on the simulated network: the room core, a provider and several consumers on virtual
-//! time, then the tunnel roles' slow paths (the 60 s 504, window credit, cancel) with real
+//! time, then the tunnel roles' slow paths (the 60 s 504, window credit, cancel, the 300 s
+//! `--stream-idle`) and their defences against a misbehaving peer (serve's header caps, body
+//! beyond the `window` credit, a body that does not match its `content-length`), with real
 //! loopback sockets for their clients and upstreams.
 
 use std::collections::VecDeque;
@@ -9,7 +11,8 @@ use std::sync::mpsc;
 use std::thread;
 
 use super::*;
-use crate::frame::{Agree, Hello, Message, ReqHeaders};
+use crate::frame::{Agree, HeaderForm, Hello, Message, ReqHeaders};
+use crate::tunnel::policy::DEFAULT_STREAM_IDLE;
 use crate::tunnel::proxy::Proxy;
 use crate::tunnel::serve::{Limits, Serve, Upstream};
 use crate::tunnel::{WINDOW, WINDOW_ACK};
@@ -241,7 +244,10 @@ fn frames(sim: &Sim, i: usize) -> Vec<Message<'static>> {
         .events
         .iter()
         .filter_map(|e| match e {
-            PeerEvent::Data(_, d) => Message::decode(d).ok().map(without_payload),
+            // The list form reads either form of headers.
+            PeerEvent::Data(_, d) => Message::decode_as(d, HeaderForm::List)
+                .ok()
+                .map(without_payload),
             _ => None,
         })
         .collect()
@@ -314,7 +320,7 @@ fn the_proxy_answers_504_after_60_s_without_a_response_in_milliseconds() {
     thread::spawn(move || {
         let mut s = TcpStream::connect(addr).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        s.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.write_all(b"GET /slow HTTP/1.1\r\nHost: localhost\r\n\r\n")
             .unwrap();
         let mut got = Vec::new();
         let mut buf = [0u8; 1024];
@@ -366,6 +372,7 @@ fn serve_and_script(sim: &mut Sim, upstream: SocketAddr, features: &[&str]) -> (
         Limits {
             consumers: 32,
             streams: 64,
+            stream_idle: DEFAULT_STREAM_IDLE,
         },
     );
     sim.set_role(p, Box::new(serve), Poll::new().expect("poll"));
@@ -396,17 +403,7 @@ fn get(sim: &mut Sim, c: usize, peer: PeerId, sid: u32, path: &str) {
 }
 
 fn body_received(sim: &Sim, c: usize, sid: u32) -> usize {
-    sim.nodes[c]
-        .events
-        .iter()
-        .map(|e| match e {
-            PeerEvent::Data(_, d) => match Message::decode(d) {
-                Ok(Message::ResBody(s, body)) if s == sid => body.len(),
-                _ => 0,
-            },
-            _ => 0,
-        })
-        .sum()
+    body_of(sim, c, sid).len()
 }
 
 /// An upstream on loopback answering one request with `size` bytes, written as fast as the
@@ -600,6 +597,7 @@ fn through_a_man_in_the_middle(secret: Option<&str>) -> (String, usize, Vec<Stri
     let limits = Limits {
         consumers: 32,
         streams: 64,
+        stream_idle: DEFAULT_STREAM_IDLE,
     };
     let mut serve = Serve::new(upstream, "/", limits);
     let poll = Poll::new().expect("poll");
@@ -698,6 +696,7 @@ fn repeated_failures_for_a_name_are_slowed() {
         Limits {
             consumers: 32,
             streams: 64,
+            stream_idle: DEFAULT_STREAM_IDLE,
         },
     )
     .with_secrets(Secrets::Shared("the real one".into()), None);
@@ -748,4 +747,777 @@ fn repeated_failures_for_a_name_are_slowed() {
         "{second:?}"
     );
     assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+#[test]
+fn an_attempt_ice_cannot_connect_regathers_on_fresh_sockets_then_connects() {
+    let mut sim = Sim::new(31);
+    let p = sim.add("regather", RoomRole::Provider, 32);
+    let c = sim.add("regather", RoomRole::Consumer, 1);
+    let first = sim.nodes[c].addr;
+    let cut = LinkCond {
+        partitioned: true,
+        ..LinkCond::default()
+    };
+    sim.set_cond(p, c, cut);
+    // Signaling works, the path does not: ICE gives up and both sides take fresh sockets.
+    let ok = sim.run_until(Duration::from_secs(60), |s| s.nodes[c].addr != first);
+    assert!(ok, "the consumer re-gathers after a failed attempt");
+    assert_eq!(sim.count(c, opened), 0);
+    sim.set_cond(p, c, LinkCond::default());
+    let ok = sim.run_until(Duration::from_secs(60), |s| {
+        open_peers(s, p).len() == 1 && open_peers(s, c).len() == 1
+    });
+    assert!(ok, "the next attempt, on the fresh sockets, connects");
+}
+
+// ---- path outages (feature liveness) ------------------------------------------------------
+
+/// The real `Serve` (upstream on loopback) and `Proxy` (listener on loopback) in one room.
+fn serve_and_proxy(sim: &mut Sim, upstream: SocketAddr) -> (usize, usize, SocketAddr) {
+    let p = sim.add("outage", RoomRole::Provider, 32);
+    let c = sim.add("outage", RoomRole::Consumer, 1);
+    let serve = Serve::new(
+        Upstream::parse(&format!("http://{upstream}")).expect("upstream"),
+        "/",
+        Limits {
+            consumers: 32,
+            streams: 64,
+            stream_idle: DEFAULT_STREAM_IDLE,
+        },
+    );
+    sim.set_role(p, Box::new(serve), Poll::new().expect("poll"));
+    let poll = Poll::new().expect("poll");
+    let proxy = Proxy::bind("127.0.0.1:0".parse().unwrap(), poll.registry()).expect("bind");
+    let addr = proxy.local_addr();
+    sim.set_role(c, Box::new(proxy), poll);
+    (p, c, addr)
+}
+
+/// The proxy's channel to its provider has agreed (any open channel on node `c` is ready).
+fn proxy_ready(sim: &mut Sim, c: usize) -> bool {
+    let peers: Vec<PeerId> = sim.nodes[c].net.open_peers();
+    peers.into_iter().any(|p| sim.nodes[c].net.chan(p).ready())
+}
+
+fn path_lost(sim: &mut Sim, i: usize) -> bool {
+    let peers: Vec<PeerId> = sim.nodes[i].net.open_peers();
+    peers
+        .into_iter()
+        .any(|p| sim.nodes[i].net.chan(p).path_lost())
+}
+
+/// A download of `size` bytes through the proxy on its own thread: (status, body length,
+/// whether the body was exactly the upstream's).
+fn download(addr: SocketAddr, size: usize) -> mpsc::Receiver<(u16, usize, bool)> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut got = Vec::new();
+        if let Ok(mut s) = TcpStream::connect(addr) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
+            let _ =
+                s.write_all(b"GET /big HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+            let _ = s.read_to_end(&mut got);
+        }
+        let head_end = got
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map_or(0, |i| i + 4);
+        let status = String::from_utf8_lossy(got.get(9..12).unwrap_or_default())
+            .parse()
+            .unwrap_or(0);
+        let body = &got[head_end..];
+        let intact = body.len() == size && body.iter().all(|&b| b == b'x');
+        let _ = tx.send((status, body.len(), intact));
+    });
+    rx
+}
+
+#[test]
+fn a_3_s_cut_mid_download_is_noticed_within_5_s_and_the_download_completes_intact() {
+    let mut sim = Sim::new(37);
+    let size = 2 << 20;
+    let (up, _) = big_upstream(size);
+    let (p, c, addr) = serve_and_proxy(&mut sim, up);
+    assert!(
+        sim.run_until(Duration::from_secs(10), |s| proxy_ready(s, c)),
+        "ready"
+    );
+    let result = download(addr, size);
+    // Cut the path once the download runs.
+    let ok = sim.run_until(Duration::from_secs(5), |s| {
+        s.nodes[c].events.is_empty() && s.delivered > 400
+    });
+    assert!(ok, "the download runs");
+    let cut = LinkCond {
+        partitioned: true,
+        ..LinkCond::default()
+    };
+    sim.set_cond(p, c, cut);
+    let t0 = sim.now;
+    let ok = sim.run_until(Duration::from_secs(6), |s| path_lost(s, c));
+    assert!(ok, "the consumer declares the path lost");
+    let noticed = sim.now - t0;
+    assert!(
+        noticed <= Duration::from_secs(5),
+        "noticed after {noticed:?}"
+    );
+    // New requests meanwhile: 503 with Retry-After.
+    let meanwhile = client_get(addr);
+    let mut answer = None;
+    sim.run_until(Duration::from_secs(2), |_| {
+        answer = meanwhile.try_recv().ok();
+        answer.is_some()
+    });
+    let answer = answer.expect("an answer during the outage");
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("Retry-After"), "{answer}");
+    // The path returns after 3 s: the same download carries on and completes intact.
+    sim.run_until(t0 + Duration::from_secs(3) - sim.now, |_| false);
+    sim.set_cond(p, c, LinkCond::default());
+    let mut done = None;
+    let ok = sim.run_until(Duration::from_secs(60), |_| {
+        done = result.try_recv().ok();
+        done.is_some()
+    });
+    assert!(ok, "the download finishes");
+    assert_eq!(done, Some((200, size, true)), "intact after the cut");
+    assert!(!path_lost(&mut sim, c), "path back");
+    assert_eq!(sim.count(c, lost), 0);
+}
+
+#[test]
+fn a_30_s_cut_ends_in_flight_requests_after_the_grace_and_the_tunnel_comes_back() {
+    let mut sim = Sim::new(41);
+    // An upstream that streams forever.
+    let (up, _) = big_upstream(usize::MAX);
+    let (p, c, addr) = serve_and_proxy(&mut sim, up);
+    assert!(
+        sim.run_until(Duration::from_secs(10), |s| proxy_ready(s, c)),
+        "ready"
+    );
+    let result = download(addr, 0);
+    assert!(
+        sim.run_until(Duration::from_secs(5), |s| s.delivered > 400),
+        "flowing"
+    );
+    let cut = LinkCond {
+        partitioned: true,
+        ..LinkCond::default()
+    };
+    sim.set_cond(p, c, cut);
+    let t0 = sim.now;
+    let mut ended = None;
+    let ok = sim.run_until(Duration::from_secs(30), |_| {
+        ended = result.try_recv().ok();
+        ended.is_some()
+    });
+    assert!(ok, "the request in flight ends");
+    let after = sim.now - t0;
+    assert!(
+        after >= crate::tunnel::GRACE && after <= crate::tunnel::GRACE + Duration::from_secs(5),
+        "ended after {after:?}"
+    );
+    let (status, _, intact) = ended.expect("ended");
+    assert!(status == 200 && !intact, "a cut-short body");
+    // Restore at 30 s: a new session within 5 s.
+    sim.run_until(t0 + Duration::from_secs(30) - sim.now, |_| false);
+    sim.set_cond(p, c, LinkCond::default());
+    let back = sim.now;
+    let ok = sim.run_until(Duration::from_secs(30), |s| {
+        proxy_ready(s, c) && !path_lost(s, c)
+    });
+    assert!(ok, "the tunnel comes back");
+    let took = sim.now - back;
+    println!("tunnel back {took:?} after the path was restored");
+    assert!(took <= Duration::from_secs(5), "back after {took:?}");
+}
+
+// ---- the provider's policy and the peers' caps, with the real roles -----------------------
+
+/// The body payloads node `i` received for stream `sid`, concatenated.
+fn body_of(sim: &Sim, i: usize, sid: u32) -> Vec<u8> {
+    let mut body = Vec::new();
+    for e in &sim.nodes[i].events {
+        if let PeerEvent::Data(_, d) = e {
+            if let Ok(Message::ResBody(s, data)) = Message::decode(d) {
+                if s == sid {
+                    body.extend_from_slice(data);
+                }
+            }
+        }
+    }
+    body
+}
+
+fn status_of(sim: &Sim, i: usize, sid: u32) -> Option<u16> {
+    frames(sim, i).iter().find_map(|m| match m {
+        Message::ResHeaders(h) if h.stream_id == sid => Some(h.status),
+        _ => None,
+    })
+}
+
+fn error_of(sim: &Sim, i: usize, sid: u32) -> Option<String> {
+    frames(sim, i).iter().find_map(|m| match m {
+        Message::Error(s, text) if *s == sid => Some(text.clone()),
+        _ => None,
+    })
+}
+
+/// What a scripted upstream saw.
+#[derive(Debug, PartialEq)]
+enum Seen {
+    /// The request head (its first line).
+    Request(String),
+    /// Its connection was closed by serve.
+    Closed,
+}
+
+/// An upstream on loopback that answers every connection's request with `answer` and then
+/// keeps the connection open without reading, until serve closes it; reports what it saw.
+fn scripted_upstream(answer: &'static [u8]) -> (SocketAddr, mpsc::Receiver<Seen>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut s) = conn else {
+                return;
+            };
+            let tx = tx.clone();
+            thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let line = String::from_utf8_lossy(&head);
+                let line = line.lines().next().unwrap_or_default().to_string();
+                let _ = tx.send(Seen::Request(line));
+                let _ = s.write_all(answer);
+                // Wait for serve to hang up, reading nothing more (a request body stays unread).
+                if hung_up(&s, Duration::from_secs(60)) {
+                    let _ = tx.send(Seen::Closed);
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// Whether the other end of `s` closes (or resets) it within `limit`, without reading from it.
+fn hung_up(s: &TcpStream, limit: Duration) -> bool {
+    use std::os::fd::AsRawFd;
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        let mut fds = libc::pollfd {
+            fd: s.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut fds, 1, 5) };
+        if n > 0 && fds.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+            return true;
+        }
+    }
+    false
+}
+
+/// Waits (on the simulation's clock, up to `limit`) for what the upstream reports.
+fn upstream_sees(sim: &mut Sim, rx: &mpsc::Receiver<Seen>, limit: Duration) -> Option<Seen> {
+    let mut seen = None;
+    sim.run_until(limit, |_| {
+        seen = rx.try_recv().ok();
+        seen.is_some()
+    });
+    seen
+}
+
+#[test]
+fn an_idle_stream_ends_after_stream_idle_in_virtual_time() {
+    let wall = Instant::now();
+    let mut sim = Sim::new(23);
+    // Stream 1: the upstream never answers. Stream 3: it sends a head and part of the body.
+    let (silent, silent_seen) = scripted_upstream(b"");
+    let (c, peer) = serve_and_script(&mut sim, silent, &["sse", "window", "cancel"]);
+    get(&mut sim, c, peer, 1, "/think");
+    let seen = upstream_sees(&mut sim, &silent_seen, Duration::from_secs(5));
+    assert_eq!(seen, Some(Seen::Request("GET /think HTTP/1.1".into())));
+    sim.advance(DEFAULT_STREAM_IDLE - Duration::from_secs(2));
+    assert_eq!(status_of(&sim, c, 1), None, "nothing before --stream-idle");
+    assert_eq!(
+        silent_seen.try_recv().ok(),
+        None,
+        "the upstream is still connected"
+    );
+    sim.advance(Duration::from_secs(3));
+    assert_eq!(status_of(&sim, c, 1), Some(504));
+    let body = String::from_utf8_lossy(&body_of(&sim, c, 1)).into_owned();
+    assert!(body.contains("--stream-idle 300"), "{body}");
+    assert!(frames(&sim, c).contains(&Message::ResEnd(1)));
+    let closed = upstream_sees(&mut sim, &silent_seen, Duration::from_secs(5));
+    assert_eq!(
+        closed,
+        Some(Seen::Closed),
+        "the upstream connection is closed"
+    );
+    assert!(
+        wall.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        wall.elapsed()
+    );
+}
+
+#[test]
+fn a_stream_idle_mid_body_ends_with_error_and_res_end() {
+    let mut sim = Sim::new(29);
+    let (up, seen) = scripted_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npart");
+    let (c, peer) = serve_and_script(&mut sim, up, &["sse", "window", "cancel"]);
+    get(&mut sim, c, peer, 1, "/stall");
+    let ok = sim.run_until(Duration::from_secs(5), |s| body_of(s, c, 1) == b"part");
+    assert!(ok, "head and the first bytes arrive");
+    assert_eq!(status_of(&sim, c, 1), Some(200));
+    // The consumer keeps granting credit: a WINDOW frame is activity, and resets the clock.
+    sim.advance(Duration::from_secs(200));
+    send_frame(&mut sim, c, peer, Message::Window(1, 4));
+    sim.advance(Duration::from_secs(200));
+    assert_eq!(
+        error_of(&sim, c, 1),
+        None,
+        "a frame 200 s ago keeps it alive"
+    );
+    sim.advance(Duration::from_secs(101));
+    let err = error_of(&sim, c, 1).expect("ERROR after 300 s idle");
+    assert!(err.contains("stream idle for 300 s"), "{err}");
+    let after_error = frames(&sim, c)
+        .into_iter()
+        .skip_while(|m| !matches!(m, Message::Error(1, _)))
+        .any(|m| m == Message::ResEnd(1));
+    assert!(after_error, "RES_END follows the ERROR");
+    assert_eq!(
+        upstream_sees(&mut sim, &seen, Duration::from_secs(5)),
+        Some(Seen::Request("GET /stall HTTP/1.1".into()))
+    );
+    assert_eq!(
+        upstream_sees(&mut sim, &seen, Duration::from_secs(5)),
+        Some(Seen::Closed)
+    );
+}
+
+#[test]
+fn serve_caps_request_headers_before_the_upstream() {
+    let mut sim = Sim::new(31);
+    let (up, seen) = scripted_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+    let (c, peer) = serve_and_script(&mut sim, up, &["sse", "window", "cancel", "headers"]);
+    let send_head = |sim: &mut Sim, sid: u32, headers: Vec<(String, String)>| {
+        let msg = Message::ReqHeaders(ReqHeaders {
+            stream_id: sid,
+            method: "GET".into(),
+            path: "/capped".into(),
+            headers,
+        });
+        assert!(sim.nodes[c]
+            .net
+            .core
+            .send(peer, &msg.to_vec_as(HeaderForm::List)));
+        sim.flush(c);
+        send_frame(sim, c, peer, Message::ReqEnd(sid));
+    };
+    let many = (0..101)
+        .map(|i| ("x-many".to_string(), i.to_string()))
+        .collect();
+    send_head(&mut sim, 1, many);
+    let big = vec![("x-big".to_string(), "v".repeat(64 * 1024))];
+    send_head(&mut sim, 3, big);
+    let fits = (0..100)
+        .map(|i| ("x-many".to_string(), i.to_string()))
+        .collect();
+    send_head(&mut sim, 5, fits);
+    let ok = sim.run_until(Duration::from_secs(5), |s| {
+        [1, 3, 5].iter().all(|&sid| status_of(s, c, sid).is_some())
+    });
+    assert!(
+        ok,
+        "three answers: {:?}",
+        [1, 3, 5].map(|sid| status_of(&sim, c, sid))
+    );
+    assert_eq!(status_of(&sim, c, 1), Some(431));
+    let text = String::from_utf8_lossy(&body_of(&sim, c, 1)).into_owned();
+    assert!(
+        text.contains("101 header fields") && text.contains("at most 100"),
+        "{text}"
+    );
+    assert_eq!(status_of(&sim, c, 3), Some(431));
+    let text = String::from_utf8_lossy(&body_of(&sim, c, 3)).into_owned();
+    assert!(text.contains("at most 65536"), "{text}");
+    assert_eq!(status_of(&sim, c, 5), Some(200));
+    // Only the request within the caps reached the upstream.
+    assert_eq!(
+        seen.try_recv().ok(),
+        Some(Seen::Request("GET /capped HTTP/1.1".into()))
+    );
+    assert!(matches!(seen.try_recv(), Err(_) | Ok(Seen::Closed)));
+}
+
+/// Sends body frames of `chunk` bytes (made by `frame`) from node `from` to `peer`, ignoring
+/// every WINDOW frame, until `stop` holds or `limit` bytes went out; returns the bytes sent.
+fn flood(
+    sim: &mut Sim,
+    from: usize,
+    peer: PeerId,
+    limit: usize,
+    frame: impl Fn(&[u8]) -> Vec<u8>,
+    stop: impl Fn(&Sim) -> bool,
+) -> usize {
+    let chunk = vec![b'f'; 16 * 1024];
+    let wire = frame(&chunk);
+    let mut sent = 0;
+    while sent < limit && !stop(sim) {
+        if sim.nodes[from].net.core.send(peer, &wire) {
+            sent += chunk.len();
+            sim.flush(from);
+        } else {
+            sim.run_until(Duration::from_millis(5), |_| false);
+        }
+    }
+    sent
+}
+
+#[test]
+fn serve_resets_a_stream_whose_consumer_ignores_its_window() {
+    let mut sim = Sim::new(37);
+    // The upstream reads the head only, so serve stops acknowledging once its socket is full.
+    let (up, seen) = scripted_upstream(b"");
+    let (c, peer) = serve_and_script(&mut sim, up, &["sse", "window", "cancel"]);
+    send_frame(
+        &mut sim,
+        c,
+        peer,
+        Message::ReqHeaders(ReqHeaders {
+            stream_id: 1,
+            method: "POST".into(),
+            path: "/upload".into(),
+            headers: vec![("content-length".into(), (64u64 << 20).to_string())],
+        }),
+    );
+    let sent = flood(
+        &mut sim,
+        c,
+        peer,
+        48 << 20,
+        |chunk| Message::ReqBody(1, chunk).to_vec(),
+        |s| error_of(s, c, 1).is_some(),
+    );
+    let err = error_of(&sim, c, 1).unwrap_or_else(|| panic!("no reset after {sent} bytes"));
+    assert!(err.contains("flow control violation"), "{err}");
+    assert!(
+        sent < 32 << 20,
+        "reset by the window, not the backlog cap: {sent}"
+    );
+    let ok = sim.run_until(Duration::from_secs(2), |s| {
+        frames(s, c).contains(&Message::ResEnd(1))
+    });
+    assert!(ok, "RES_END after the ERROR");
+    assert_eq!(
+        upstream_sees(&mut sim, &seen, Duration::from_secs(5)),
+        Some(Seen::Request("POST /upload HTTP/1.1".into()))
+    );
+    assert_eq!(
+        upstream_sees(&mut sim, &seen, Duration::from_secs(5)),
+        Some(Seen::Closed),
+        "the upstream connection is closed"
+    );
+    // The channel itself carries on.
+    get(&mut sim, c, peer, 3, "http://elsewhere/");
+    let ok = sim.run_until(Duration::from_secs(2), |s| status_of(s, c, 3).is_some());
+    assert!(ok && status_of(&sim, c, 3) == Some(400));
+}
+
+/// A client of the proxy on its own thread: sends `request`, then (once `go` says so, or at
+/// once without it) reads until the proxy closes the connection or 20 s pass; reports the
+/// bytes and whether the proxy closed the connection.
+fn client(
+    addr: SocketAddr,
+    request: &'static [u8],
+    go: Option<mpsc::Receiver<()>>,
+) -> mpsc::Receiver<(Vec<u8>, bool)> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.write_all(request).unwrap();
+        if let Some(go) = go {
+            let _ = go.recv();
+        }
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 65536];
+        let closed = loop {
+            match s.read(&mut buf) {
+                Ok(0) => break true,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => break e.kind() == std::io::ErrorKind::ConnectionReset,
+            }
+        };
+        let _ = tx.send((got, closed));
+    });
+    rx
+}
+
+/// The proxy's provider agreed on `features`; returns its peer id.
+fn agree(sim: &mut Sim, p: usize, features: &[&str]) -> PeerId {
+    let ok = sim.run_until(Duration::from_secs(10), |s| {
+        frames(s, p).iter().any(|m| matches!(m, Message::Hello(_)))
+    });
+    assert!(ok, "HELLO from the proxy");
+    let peer = sim.open_peer(p).expect("open");
+    send_frame(
+        sim,
+        p,
+        peer,
+        Message::Agree(Agree {
+            version: 1,
+            features: features.iter().map(|f| f.to_string()).collect(),
+            auth: None,
+        }),
+    );
+    sim.advance(Duration::from_millis(100));
+    peer
+}
+
+fn request_sid(sim: &mut Sim, p: usize, path: &str) -> u32 {
+    let mut sid = None;
+    let ok = sim.run_until(Duration::from_secs(5), |s| {
+        sid = frames(s, p).iter().find_map(|m| match m {
+            Message::ReqHeaders(h) if h.path == path => Some(h.stream_id),
+            _ => None,
+        });
+        sid.is_some()
+    });
+    assert!(ok, "{path} reaches the provider");
+    sid.unwrap_or_default()
+}
+
+fn wait_client(sim: &mut Sim, rx: &mpsc::Receiver<(Vec<u8>, bool)>) -> (String, bool) {
+    let mut got = None;
+    sim.run_until(Duration::from_secs(30), |_| {
+        got = rx.try_recv().ok();
+        got.is_some()
+    });
+    let (bytes, closed) = got.expect("the client finished");
+    (String::from_utf8_lossy(&bytes).into_owned(), closed)
+}
+
+#[test]
+fn the_proxy_cuts_a_client_off_rather_than_forward_a_wrong_length() {
+    let mut sim = Sim::new(41);
+    let (p, _c, addr) = proxy_and_script(&mut sim);
+    let peer = agree(&mut sim, p, &["sse"]);
+    let head = |sid: u32, length: &str| {
+        Message::ResHeaders(crate::frame::ResHeaders {
+            stream_id: sid,
+            status: 200,
+            headers: vec![("content-length".into(), length.into())],
+        })
+    };
+    // More body than announced: the client gets at most the announced bytes, then the end of
+    // the connection, never the surplus as the start of a next response.
+    let long = client(addr, b"GET /long HTTP/1.1\r\nHost: localhost\r\n\r\n", None);
+    let sid = request_sid(&mut sim, p, "/long");
+    send_frame(&mut sim, p, peer, head(sid, "5"));
+    send_frame(&mut sim, p, peer, Message::ResBody(sid, b"0123456789"));
+    send_frame(&mut sim, p, peer, Message::ResEnd(sid));
+    let (got, closed) = wait_client(&mut sim, &long);
+    assert!(closed, "the connection is cut: {got:?}");
+    assert!(got.contains("content-length: 5"), "{got:?}");
+    assert!(!got.contains("56789"), "{got:?}");
+    // Less body than announced, then RES_END: cut as well (the client sees a short body).
+    let short = client(
+        addr,
+        b"GET /short HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        None,
+    );
+    let sid = request_sid(&mut sim, p, "/short");
+    send_frame(&mut sim, p, peer, head(sid, "10"));
+    send_frame(&mut sim, p, peer, Message::ResBody(sid, b"01234"));
+    send_frame(&mut sim, p, peer, Message::ResEnd(sid));
+    let (got, closed) = wait_client(&mut sim, &short);
+    assert!(closed, "the connection is cut: {got:?}");
+    let body = got.split("\r\n\r\n").nth(1).unwrap_or_default();
+    assert!(body.len() < 10, "{got:?}");
+    // A length the provider wrote badly is not passed on: the body goes chunked.
+    let bad = client(
+        addr,
+        b"GET /bad HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        None,
+    );
+    let sid = request_sid(&mut sim, p, "/bad");
+    send_frame(&mut sim, p, peer, head(sid, "5, 7"));
+    send_frame(&mut sim, p, peer, Message::ResBody(sid, b"abcdefg"));
+    send_frame(&mut sim, p, peer, Message::ResEnd(sid));
+    let (got, _) = wait_client(&mut sim, &bad);
+    assert!(
+        !got.to_ascii_lowercase().contains("content-length"),
+        "{got:?}"
+    );
+    assert!(
+        got.contains("Transfer-Encoding: chunked") && got.ends_with("7\r\nabcdefg\r\n0\r\n\r\n")
+    );
+    // A provider relaying an upstream's Transfer-Encoding with a Content-Length: the length
+    // goes, the body goes chunked.
+    let coded = client(
+        addr,
+        b"GET /coded HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        None,
+    );
+    let sid = request_sid(&mut sim, p, "/coded");
+    let mut both = head(sid, "3");
+    if let Message::ResHeaders(h) = &mut both {
+        h.headers
+            .push(("transfer-encoding".into(), "chunked".into()));
+    }
+    send_frame(&mut sim, p, peer, both);
+    send_frame(&mut sim, p, peer, Message::ResBody(sid, b"abcdefg"));
+    send_frame(&mut sim, p, peer, Message::ResEnd(sid));
+    let (got, _) = wait_client(&mut sim, &coded);
+    assert!(
+        !got.to_ascii_lowercase().contains("content-length"),
+        "{got:?}"
+    );
+    assert!(
+        got.contains("Transfer-Encoding: chunked") && got.ends_with("7\r\nabcdefg\r\n0\r\n\r\n")
+    );
+}
+
+#[test]
+fn the_proxy_resets_a_stream_whose_provider_ignores_its_window() {
+    let mut sim = Sim::new(43);
+    let (p, _c, addr) = proxy_and_script(&mut sim);
+    let peer = agree(&mut sim, p, &["sse", "window", "cancel"]);
+    // The client does not read until told, so the proxy stops acknowledging.
+    let (go, wait) = mpsc::channel();
+    let done = client(
+        addr,
+        b"GET /flood HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        Some(wait),
+    );
+    let sid = request_sid(&mut sim, p, "/flood");
+    send_frame(
+        &mut sim,
+        p,
+        peer,
+        Message::ResHeaders(crate::frame::ResHeaders {
+            stream_id: sid,
+            status: 200,
+            headers: vec![],
+        }),
+    );
+    let sent = flood(
+        &mut sim,
+        p,
+        peer,
+        15 << 20,
+        |chunk| Message::ResBody(sid, chunk).to_vec(),
+        |s| error_of(s, p, sid).is_some(),
+    );
+    let err = error_of(&sim, p, sid).unwrap_or_else(|| panic!("no reset after {sent} bytes"));
+    assert!(err.contains("flow control violation"), "{err}");
+    assert!(
+        frames(&sim, p).contains(&Message::Cancel(sid)),
+        "and CANCEL, with the feature"
+    );
+    let _ = go.send(());
+    let (got, closed) = wait_client(&mut sim, &done);
+    assert!(closed, "the client's connection is cut");
+    assert!(!got.ends_with("0\r\n\r\n"), "no clean end of the body");
+}
+
+#[test]
+fn serve_writes_no_more_request_body_than_its_content_length() {
+    let mut sim = Sim::new(47);
+    // An upstream that reports every byte it got, once serve hangs up.
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let up = listener.local_addr().unwrap();
+    let (tx, got) = mpsc::channel();
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut s) = conn else { return };
+            let tx = tx.clone();
+            thread::spawn(move || {
+                let mut all = Vec::new();
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = s.read(&mut buf) {
+                    all.extend_from_slice(&buf[..n]);
+                }
+                let _ = tx.send(String::from_utf8_lossy(&all).into_owned());
+            });
+        }
+    });
+    let (c, peer) = serve_and_script(&mut sim, up, &["sse", "window", "cancel"]);
+    let post = |sid: u32, length: &str| {
+        Message::ReqHeaders(ReqHeaders {
+            stream_id: sid,
+            method: "POST".into(),
+            path: "/upload".into(),
+            headers: vec![("content-length".into(), length.into())],
+        })
+    };
+    // A body longer than announced, carrying a second request: refused, and the upstream
+    // never sees the second request. (Each head first reaches the upstream on its own.)
+    send_frame(&mut sim, c, peer, post(1, "5"));
+    sim.run_until(Duration::from_millis(300), |_| false);
+    let smuggled = b"helloGET /admin HTTP/1.1\r\nHost: x\r\n\r\n";
+    send_frame(&mut sim, c, peer, Message::ReqBody(1, smuggled));
+    send_frame(&mut sim, c, peer, Message::ReqEnd(1));
+    // A body shorter than announced.
+    send_frame(&mut sim, c, peer, post(3, "10"));
+    sim.run_until(Duration::from_millis(300), |_| false);
+    send_frame(&mut sim, c, peer, Message::ReqBody(3, b"short"));
+    send_frame(&mut sim, c, peer, Message::ReqEnd(3));
+    // A method that would rewrite the request line.
+    send_frame(
+        &mut sim,
+        c,
+        peer,
+        Message::ReqHeaders(ReqHeaders {
+            stream_id: 5,
+            method: "GET /admin HTTP/1.1\r\nX:".into(),
+            path: "/public".into(),
+            headers: vec![],
+        }),
+    );
+    send_frame(&mut sim, c, peer, Message::ReqEnd(5));
+    let ok = sim.run_until(Duration::from_secs(5), |s| {
+        [1, 3, 5].iter().all(|&sid| status_of(s, c, sid).is_some())
+    });
+    assert!(ok, "{:?}", [1, 3, 5].map(|sid| status_of(&sim, c, sid)));
+    for (sid, says) in [
+        (1, "longer than its content-length"),
+        (3, "5 bytes short of its content-length"),
+        (5, "not an HTTP token"),
+    ] {
+        assert_eq!(status_of(&sim, c, sid), Some(400));
+        let text = String::from_utf8_lossy(&body_of(&sim, c, sid)).into_owned();
+        assert!(text.contains(says), "{sid}: {text}");
+    }
+    // Two connections (streams 1 and 3) reached the upstream, and neither carried /admin.
+    let mut seen = Vec::new();
+    sim.run_until(Duration::from_secs(5), |_| {
+        seen.extend(got.try_iter());
+        seen.len() == 2
+    });
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(seen.iter().all(|r| !r.contains("/admin")), "{seen:?}");
+    assert!(
+        seen.iter()
+            .any(|r| r.starts_with("POST /upload HTTP/1.1\r\n") && r.ends_with("\r\n\r\n")),
+        "the first head went alone: {seen:?}"
+    );
+    assert!(
+        seen.iter().any(|r| r.ends_with("\r\n\r\nshort")),
+        "the short body went, and then the connection was reset: {seen:?}"
+    );
 }

@@ -201,6 +201,15 @@ impl Secrets {
         Ok(Secrets::PerName(names))
     }
 
+    /// Reads and parses a secret file (at start and on SIGHUP); errors name `what` and the
+    /// path.
+    pub fn load(path: &std::path::Path, what: &str) -> Result<Secrets, String> {
+        let shown = path.display();
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("cannot read {what}{shown}: {e}"))?;
+        Secrets::parse_file(&text).map_err(|e| format!("{what}{shown}: {e}"))
+    }
+
     pub fn required(&self) -> bool {
         !matches!(self, Secrets::Open)
     }

@@ -3,9 +3,11 @@
 //! session, each with its send queue, HELLO/AGREE state and keep-alive PINGs), and the one mio
 //! loop that drives the peer link and the role's sockets. `serve.rs` (provider, one channel per
 //! consumer) and `proxy.rs` (consumer, one channel) are the two roles, `stream.rs` what their
-//! streams share; `main.rs` calls [`serve`] and [`proxy`].
+//! streams share, `policy.rs` what serve lets through to its upstream; `main.rs` calls [`serve`]
+//! and [`proxy`].
 
 pub mod auth;
+pub mod policy;
 pub mod proxy;
 pub mod serve;
 pub mod stream;
@@ -20,15 +22,24 @@ use mio::event::Event;
 use mio::{Events, Poll, Registry, Token};
 
 use crate::cli::{flag_or_env, ProxyOpts, ServeOpts};
-use crate::frame::Message;
+use crate::frame::{HeaderForm, Message};
 use crate::peer::core::PeerCore;
 use crate::peer::{default_ice_addrs, Link, LinkConfig, PeerEvent, PeerId, RoomRole};
+use crate::turn::client::TurnServer;
 
 /// Both sides PING this often.
 pub const PING_EVERY: Duration = Duration::from_secs(10);
 /// Features this implementation negotiates in HELLO/AGREE: `sse` (streamed responses, as v1),
-/// `window` (per-stream flow-control credit, WINDOW frames) and `cancel` (CANCEL frames).
-pub const FEATURES: &[&str] = &["sse", "window", "cancel"];
+/// `window` (per-stream flow-control credit, WINDOW frames), `cancel` (CANCEL frames) and
+/// `headers` (header fields as an ordered list of pairs, [`HeaderForm::List`]) and
+/// `liveness` (PINGs every second, a lost path detected within 5 s, streams held for the grace
+/// period while it is down).
+pub const FEATURES: &[&str] = &["sse", "window", "cancel", "headers", "liveness"];
+/// With `liveness`: PINGs this often, and the path is lost after this long without a datagram.
+const LIVE_PING: Duration = Duration::from_secs(1);
+pub const PATH_TIMEOUT: Duration = Duration::from_secs(4);
+/// Default of `--grace`: how long streams wait for a lost path to come back.
+pub const GRACE: Duration = Duration::from_secs(15);
 
 /// The features to offer, from `--features` (a subset of [`FEATURES`]).
 fn features(flag: &Option<String>) -> Result<Vec<String>, String> {
@@ -84,12 +95,18 @@ struct ChanState {
     /// Negotiated extensions.
     window: bool,
     cancel: bool,
+    /// How this channel's header fields travel (`headers` agreed: a list of pairs).
+    form: HeaderForm,
     next_ping: Option<Instant>,
     /// When the PING now awaiting its PONG was sent.
     ping_sent: Option<Instant>,
     /// Shortest PING round trip, and how many were measured.
     min_rtt: Option<Duration>,
     rtt_samples: u32,
+    /// Feature `liveness` agreed: fast PINGs and path watching.
+    liveness: bool,
+    /// The path is down since then (liveness).
+    lost_since: Option<Instant>,
 }
 
 /// Every data channel of the process, over the peer core: what the roles send through.
@@ -99,6 +116,15 @@ pub struct Net {
     /// The extensions this side offers (HELLO) or accepts (AGREE).
     pub offered: Vec<String>,
     encode_buf: Vec<u8>,
+    /// `--grace`: how long a lost path may take to come back before its streams end.
+    pub grace: Duration,
+}
+
+/// A change of a channel's path (feature `liveness`), for the role.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PathChange {
+    Lost(PeerId),
+    Back(PeerId),
 }
 
 /// One peer's channel, as a role sees it while handling that peer's work.
@@ -114,7 +140,74 @@ impl Net {
             chans: HashMap::new(),
             offered,
             encode_buf: Vec::new(),
+            grace: GRACE,
         }
+    }
+
+    /// With `liveness`: declares paths lost after [`PATH_TIMEOUT`] of silence and back when
+    /// datagrams flow again; ends sessions whose path stayed lost for the grace period.
+    pub(crate) fn check_paths(&mut self, now: Instant) -> Vec<PathChange> {
+        let mut changes = Vec::new();
+        let watched: Vec<PeerId> = self
+            .chans
+            .iter()
+            .filter(|(_, c)| c.liveness)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in watched {
+            let Some(silence) = self.core.silence(peer, now) else {
+                continue;
+            };
+            let Some(st) = self.chans.get_mut(&peer) else {
+                continue;
+            };
+            match st.lost_since {
+                None if silence >= PATH_TIMEOUT => {
+                    st.lost_since = Some(now - silence);
+                    log::warn!(
+                        "{peer}: path lost: nothing heard for {:.1} s; requests in flight wait up \
+                         to {} s (--grace)",
+                        silence.as_secs_f64(),
+                        self.grace.as_secs()
+                    );
+                    changes.push(PathChange::Lost(peer));
+                }
+                Some(since) if silence < PATH_TIMEOUT => {
+                    st.lost_since = None;
+                    log::info!(
+                        "{peer}: path back after {:.1} s",
+                        now.saturating_duration_since(since).as_secs_f64()
+                    );
+                    changes.push(PathChange::Back(peer));
+                }
+                Some(since) if now.saturating_duration_since(since) >= self.grace => {
+                    let why = format!("path lost for {} s (--grace)", self.grace.as_secs());
+                    self.core.drop_session(peer, &why, now);
+                }
+                _ => {}
+            }
+        }
+        changes
+    }
+
+    /// When [`Net::check_paths`] has something to decide next.
+    pub(crate) fn next_path_check(&self, now: Instant) -> Option<Instant> {
+        self.chans
+            .iter()
+            .filter(|(_, c)| c.liveness)
+            .filter_map(|(p, c)| match c.lost_since {
+                Some(since) => Some(since + self.grace),
+                None => {
+                    let silence = self.core.silence(*p, now)?;
+                    Some(now + PATH_TIMEOUT.saturating_sub(silence))
+                }
+            })
+            .min()
+    }
+
+    /// The peers whose channels are open.
+    pub fn open_peers(&self) -> Vec<PeerId> {
+        self.chans.keys().copied().collect()
     }
 
     /// `peer`'s channel (one that is not open drops what is sent and reads as not ready).
@@ -138,7 +231,7 @@ impl Net {
         for peer in due {
             let mut ch = self.chan(peer);
             if let Some(st) = ch.net.chans.get_mut(&peer) {
-                st.next_ping = Some(now + PING_EVERY);
+                st.next_ping = Some(now + if st.liveness { LIVE_PING } else { PING_EVERY });
                 st.ping_sent = Some(now);
             }
             ch.send(&Message::Ping);
@@ -180,6 +273,21 @@ impl Chan<'_> {
         self.state().is_some_and(|c| c.cancel)
     }
 
+    /// Feature `liveness` agreed.
+    pub fn liveness(&self) -> bool {
+        self.state().is_some_and(|c| c.liveness)
+    }
+
+    /// With `liveness`: the path is down (requests in flight are held).
+    pub fn path_lost(&self) -> bool {
+        self.state().is_some_and(|c| c.lost_since.is_some())
+    }
+
+    /// How this channel's REQ_HEADERS / RES_HEADERS carry header fields (feature `headers`).
+    pub fn header_form(&self) -> HeaderForm {
+        self.state().map_or(HeaderForm::Map, |c| c.form)
+    }
+
     /// The extensions this side offers or accepts.
     pub fn offered(&self) -> &[String] {
         &self.net.offered
@@ -207,7 +315,7 @@ impl Chan<'_> {
             return;
         };
         net.encode_buf.clear();
-        msg.encode(&mut net.encode_buf);
+        msg.encode_as(&mut net.encode_buf, st.form);
         if st.queue.is_empty() && net.core.send(peer, &net.encode_buf) {
             return;
         }
@@ -238,6 +346,15 @@ impl Chan<'_> {
             st.next_ping = Some(now);
             st.window = features.iter().any(|f| f == "window");
             st.cancel = features.iter().any(|f| f == "cancel");
+            st.form = if features.iter().any(|f| f == "headers") {
+                HeaderForm::List
+            } else {
+                HeaderForm::Map
+            };
+            st.liveness = features.iter().any(|f| f == "liveness");
+        }
+        if self.liveness() {
+            self.net.core.hold(self.peer);
         }
     }
 
@@ -319,6 +436,8 @@ pub trait Role {
     fn on_tick(&mut self, net: &mut Net, registry: &Registry, now: Instant);
     /// SIGHUP: re-read what can be re-read (serve's secret file).
     fn on_reload(&mut self, net: &mut Net, now: Instant);
+    /// With `liveness`: a channel's path was lost or came back.
+    fn on_path(&mut self, _net: &mut Net, _change: &PathChange, _now: Instant) {}
     fn next_deadline(&self) -> Option<Instant>;
 }
 
@@ -338,6 +457,7 @@ fn run_loop(
         let deadline = [
             link.next_deadline(&net.core),
             net.next_ping(),
+            net.next_path_check(now),
             role.next_deadline(),
         ]
         .into_iter()
@@ -377,10 +497,13 @@ fn run_loop(
             link.handle_timeout(&mut net.core, poll.registry(), now);
         }
         net.ping_due(now);
+        for change in net.check_paths(now) {
+            role.on_path(net, &change, now);
+        }
         drain(net, role, poll.registry(), now);
         role.on_tick(net, poll.registry(), now);
         drain(net, role, poll.registry(), now);
-        link.flush(&mut net.core);
+        link.flush(&mut net.core, poll.registry());
     }
 }
 
@@ -393,14 +516,16 @@ pub fn drain(net: &mut Net, role: &mut dyn Role, registry: &Registry, now: Insta
                 net.opened(peer, now);
                 role.on_open(net, peer, now);
             }
-            PeerEvent::Data(peer, bytes) => match Message::decode(&bytes) {
-                Ok(msg) => {
-                    if let Some(msg) = net.chan(peer).keepalive(msg, now) {
-                        role.on_message(net, registry, peer, msg, now);
+            PeerEvent::Data(peer, bytes) => {
+                match Message::decode_as(&bytes, net.chan(peer).header_form()) {
+                    Ok(msg) => {
+                        if let Some(msg) = net.chan(peer).keepalive(msg, now) {
+                            role.on_message(net, registry, peer, msg, now);
+                        }
                     }
+                    Err(e) => log::warn!("bad frame from peer {peer} ignored: {e}"),
                 }
-                Err(e) => log::warn!("bad frame from peer {peer} ignored: {e}"),
-            },
+            }
             PeerEvent::Writable(peer) => {
                 let mut ch = net.chan(peer);
                 ch.flush();
@@ -458,15 +583,33 @@ fn stun_addr(flag: &Option<String>) -> Result<Option<SocketAddr>, String> {
         .ok_or_else(|| format!("--stun '{spec}' resolves to no address"))
 }
 
-fn warn_turn(turn: &Option<String>, user: &Option<String>, pass: &Option<String>) {
+/// `--turn URL --turn-user U --turn-pass P` (or `TUNNEL_TURN*`): the TURN server to allocate a
+/// relayed candidate on. A URL without credentials, or credentials without a URL, is an error.
+fn turn_servers(
+    turn: &Option<String>,
+    user: &Option<String>,
+    pass: &Option<String>,
+) -> Result<Vec<TurnServer>, String> {
     let turn = flag_or_env(turn, "TUNNEL_TURN");
     let user = flag_or_env(user, "TUNNEL_TURN_USER");
     let pass = flag_or_env(pass, "TUNNEL_TURN_PASS");
-    if turn.is_some() || user.is_some() || pass.is_some() {
-        log::warn!(
-            "TURN relaying is not supported yet: --turn/--turn-user/--turn-pass are ignored; \
-             peers must reach each other directly (host or STUN candidates)"
-        );
+    match (turn, user, pass) {
+        (None, None, None) => Ok(Vec::new()),
+        (Some(url), Some(username), Some(password)) => {
+            let (addr, transport) =
+                crate::turn::client::parse_url(&url).map_err(|e| format!("invalid --turn: {e}"))?;
+            Ok(vec![TurnServer {
+                addr,
+                transport,
+                username,
+                password,
+            }])
+        }
+        _ => Err(
+            "--turn needs --turn-user and --turn-pass (or TUNNEL_TURN, TUNNEL_TURN_USER, \
+                  TUNNEL_TURN_PASS) together"
+                .into(),
+        ),
     }
 }
 
@@ -475,9 +618,19 @@ fn required(flag: &Option<String>, var: &str, name: &str, what: &str) -> Result<
 }
 
 /// Binds the link's sockets and makes the peer core; returns the shell and the channels.
-fn start_link(poll: &Poll, cfg: LinkConfig, offered: Vec<String>) -> Result<(Link, Net), String> {
+fn start_link(
+    poll: &Poll,
+    cfg: LinkConfig,
+    offered: Vec<String>,
+    grace: u64,
+) -> Result<(Link, Net), String> {
+    if grace == 0 {
+        return Err("--grace must be at least 1 (seconds)".into());
+    }
     let (link, core) = Link::new(cfg, poll.registry(), LINK_BASE, Instant::now())?;
-    Ok((link, Net::new(core, offered)))
+    let mut net = Net::new(core, offered);
+    net.grace = Duration::from_secs(grace);
+    Ok((link, net))
 }
 
 /// `tunnel serve`: the provider.
@@ -495,8 +648,8 @@ pub fn serve(opts: ServeOpts) -> Result<(), String> {
         "the HTTP service to expose, e.g. http://127.0.0.1:11434",
     )?;
     let upstream = serve::Upstream::parse(&upstream)?;
-    if opts.max_consumers == 0 || opts.max_streams == 0 {
-        return Err("--max-consumers and --max-streams must be at least 1".into());
+    if opts.max_consumers == 0 || opts.max_streams == 0 || opts.stream_idle == 0 {
+        return Err("--max-consumers, --max-streams and --stream-idle must be at least 1".into());
     }
     let (secrets, file) = serve_secrets(&opts)?;
     if !secrets.required() {
@@ -506,9 +659,19 @@ pub fn serve(opts: ServeOpts) -> Result<(), String> {
             upstream.url
         );
     }
+    let rules = opts
+        .allow
+        .iter()
+        .map(|spec| policy::Rule::parse(spec))
+        .collect::<Result<Vec<_>, _>>()?;
     let ice = ice_addrs(&opts.ice_addr)?;
     let mut stun = stun_addr(&opts.stun)?;
-    warn_turn(&opts.turn, &opts.turn_user, &opts.turn_pass);
+    let turn = turn_servers(&opts.turn, &opts.turn_user, &opts.turn_pass)?;
+    let hosted = flag_or_env(&opts.signal, "TUNNEL_SIGNAL").is_none();
+    // The built-in signal server is bound first (so its address is known and the link's
+    // connection waits in its backlog) and runs once the link's sockets exist: its relay must
+    // reach them although they are on this very host.
+    let mut builtin = None;
     let signal_url = match flag_or_env(&opts.signal, "TUNNEL_SIGNAL") {
         Some(url) => url,
         None => {
@@ -517,10 +680,12 @@ pub fn serve(opts: ServeOpts) -> Result<(), String> {
             let ip: IpAddr = host
                 .parse()
                 .map_err(|_| format!("invalid --signal-listen '{spec}': expected IP[:PORT]"))?;
-            let (addr, stun_local) = crate::signal::spawn(
+            let server = crate::signal::bind_builtin(
                 SocketAddr::new(ip, port.unwrap_or(8787)),
                 opts.max_consumers,
             )?;
+            let (addr, stun_local) = (server.local_addr(), server.stun_addr());
+            builtin = Some(server);
             let local_ip = if addr.ip().is_unspecified() {
                 IpAddr::from([127, 0, 0, 1])
             } else {
@@ -552,14 +717,27 @@ pub fn serve(opts: ServeOpts) -> Result<(), String> {
         max_peers: opts.max_consumers,
         ice_addrs: ice,
         stun,
+        turn,
+        relay_only: opts.relay_only,
+        turn_from_signal: !hosted,
     };
-    let (mut link, mut net) = start_link(&poll, cfg, features(&opts.features)?)?;
+    let (mut link, mut net) = start_link(&poll, cfg, features(&opts.features)?, opts.grace)?;
+    if let Some(server) = builtin {
+        crate::signal::spawn(server, link.local_addrs())?;
+    }
     log::info!("{announce}");
     let limits = serve::Limits {
         consumers: opts.max_consumers,
         streams: opts.max_streams,
+        stream_idle: Duration::from_secs(opts.stream_idle),
     };
-    let mut role = serve::Serve::new(upstream, &advertise, limits).with_secrets(secrets, file);
+    if !rules.is_empty() {
+        let list: Vec<String> = rules.iter().map(ToString::to_string).collect();
+        log::info!("consumers may call only: {}", list.join(", "));
+    }
+    let mut role = serve::Serve::new(upstream, &advertise, limits)
+        .with_allow(rules)
+        .with_secrets(secrets, file);
     run_loop(&mut poll, &mut link, &mut net, &mut role)
 }
 
@@ -572,11 +750,9 @@ fn serve_secrets(opts: &ServeOpts) -> Result<(auth::Secrets, Option<PathBuf>), S
         }
         (Some(s), None) => Ok((auth::Secrets::Shared(s), None)),
         (None, Some(path)) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read --secret-file {path}: {e}"))?;
-            let secrets = auth::Secrets::parse_file(&text)
-                .map_err(|e| format!("--secret-file {path}: {e}"))?;
-            Ok((secrets, Some(PathBuf::from(path))))
+            let path = PathBuf::from(path);
+            let secrets = auth::Secrets::load(&path, "--secret-file ")?;
+            Ok((secrets, Some(path)))
         }
         (None, None) => Ok((auth::Secrets::Open, None)),
     }
@@ -620,10 +796,11 @@ pub fn proxy(opts: ProxyOpts) -> Result<(), String> {
         .map_err(|_| format!("invalid --listen '{listen}': expected IP:PORT"))?;
     let ice = ice_addrs(&opts.ice_addr)?;
     let stun = stun_addr(&opts.stun)?;
-    warn_turn(&opts.turn, &opts.turn_user, &opts.turn_pass);
+    let turn = turn_servers(&opts.turn, &opts.turn_user, &opts.turn_pass)?;
     let mut poll = Poll::new().map_err(|e| format!("cannot create poll: {e}"))?;
     let credentials = proxy_credentials(&opts)?;
-    let mut role = proxy::Proxy::bind(listen, poll.registry())?;
+    let hosts = proxy::AllowedHosts::new(listen, &opts.allow_host)?;
+    let mut role = proxy::Proxy::bind(listen, poll.registry())?.with_hosts(hosts);
     if let Some((name, secret)) = &credentials {
         role = role.with_secret(name, secret);
     }
@@ -634,8 +811,11 @@ pub fn proxy(opts: ProxyOpts) -> Result<(), String> {
         max_peers: 1,
         ice_addrs: ice,
         stun,
+        turn,
+        relay_only: opts.relay_only,
+        turn_from_signal: true,
     };
-    let (mut link, mut net) = start_link(&poll, cfg, features(&opts.features)?)?;
+    let (mut link, mut net) = start_link(&poll, cfg, features(&opts.features)?, opts.grace)?;
     log::info!("proxy listening on http://{}", role.local_addr());
     run_loop(&mut poll, &mut link, &mut net, &mut role)
 }

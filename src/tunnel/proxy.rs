@@ -3,9 +3,15 @@
 //! back as the RES_* frames arrive (chunked to the client when the provider gives no length), so
 //! an SSE token stream reaches the client token by token. It talks to one provider: the peer
 //! whose channel opened last. Driven by `tunnel::run_loop`.
+//!
+//! It answers only requests addressed to itself ([`AllowedHosts`]: a `Host` naming loopback,
+//! its own addresses or an `--allow-host` name; anything else is 421, so a web page whose name
+//! was rebound to 127.0.0.1 cannot use it). It never lets a provider desynchronise a client: a
+//! response body longer or shorter than its `content-length` cuts the client's connection, and
+//! a provider that sends more than its `window` credit has that stream reset.
 
 use std::collections::HashMap;
-use std::net::{Shutdown, SocketAddr};
+use std::net::{IpAddr, Shutdown, SocketAddr};
 use std::time::{Duration, Instant};
 
 use mio::event::Event;
@@ -41,7 +47,105 @@ enum Resp {
         sid: u32,
         chunked: bool,
         bodyless: bool,
+        /// Body bytes the `content-length` written to the client still promises.
+        remaining: Option<u64>,
     },
+}
+
+/// The `Host` values the proxy answers to: loopback (`localhost`, 127.x, `[::1]`), its listen
+/// address, this machine's own IPv4 addresses and the `--allow-host` names, each with or
+/// without a port. A request without `Host` (HTTP/1.0) passes.
+#[derive(Debug, Clone, Default)]
+pub struct AllowedHosts {
+    /// Lower-case names without a trailing dot.
+    names: Vec<String>,
+    ips: Vec<IpAddr>,
+}
+
+impl AllowedHosts {
+    /// For a proxy listening on `listen`, with the `--allow-host` values `extra`.
+    pub fn new(listen: SocketAddr, extra: &[String]) -> Result<AllowedHosts, String> {
+        let mut hosts = AllowedHosts {
+            names: vec!["localhost".into()],
+            ips: crate::util::local_ipv4_addrs()
+                .into_iter()
+                .map(IpAddr::V4)
+                .collect(),
+        };
+        if !listen.ip().is_unspecified() {
+            hosts.ips.push(listen.ip());
+        }
+        for spec in extra {
+            hosts.add(spec).map_err(|why| {
+                format!("invalid --allow-host '{spec}': {why}; expected a host name or address")
+            })?;
+        }
+        Ok(hosts)
+    }
+
+    /// Allows one more name or address (a port, if given, is ignored).
+    fn add(&mut self, spec: &str) -> Result<(), &'static str> {
+        match split_host(spec.trim()) {
+            Some(Host::Ip(ip)) => self.ips.push(ip),
+            Some(Host::Name(name)) => self.names.push(name),
+            None => return Err("not a host"),
+        }
+        Ok(())
+    }
+
+    /// Whether a `Host` header value names this proxy.
+    pub fn permits(&self, host: &str) -> bool {
+        match split_host(host) {
+            Some(Host::Ip(ip)) => ip.is_loopback() || self.ips.contains(&ip),
+            Some(Host::Name(name)) => self.names.contains(&name),
+            None => false,
+        }
+    }
+}
+
+/// A `Host` value without its port.
+fn without_port(value: &str) -> &str {
+    match value.strip_prefix('[') {
+        Some(_) => value.split_inclusive(']').next().unwrap_or(value),
+        None => value.split(':').next().unwrap_or(value),
+    }
+}
+
+enum Host {
+    Ip(IpAddr),
+    Name(String),
+}
+
+/// `name`, `name:port`, `[v6]` or `[v6]:port` → the host; `None` for anything else.
+fn split_host(value: &str) -> Option<Host> {
+    let port_ok = |p: &str| p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit());
+    if let Some(rest) = value.strip_prefix('[') {
+        let (ip, after) = rest.split_once(']')?;
+        if !(after.is_empty() || after.strip_prefix(':').is_some_and(port_ok)) {
+            return None;
+        }
+        return ip
+            .parse::<std::net::Ipv6Addr>()
+            .ok()
+            .map(|ip| Host::Ip(ip.into()));
+    }
+    let host = match value.split_once(':') {
+        Some((host, port)) if port_ok(port) => host,
+        Some(_) => return None,
+        None => value,
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.is_empty()
+        || !host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+    {
+        return None;
+    }
+    Some(match host.parse::<IpAddr>() {
+        Ok(ip) => Host::Ip(ip),
+        Err(_) => Host::Name(host.to_ascii_lowercase()),
+    })
 }
 
 struct Client {
@@ -80,6 +184,8 @@ pub struct Proxy {
     pending_auth: Option<ConsumerAuth>,
     /// Why the last authentication failed, until one succeeds: requests get 403 meanwhile.
     auth_failed: Option<String>,
+    /// The `Host` values requests may carry.
+    hosts: AllowedHosts,
 }
 
 impl Proxy {
@@ -101,6 +207,10 @@ impl Proxy {
             credentials: None,
             pending_auth: None,
             auth_failed: None,
+            hosts: AllowedHosts {
+                names: vec!["localhost".into()],
+                ips: vec![local.ip()],
+            },
         })
     }
 
@@ -161,6 +271,12 @@ impl Proxy {
         self.auth_failed = Some(why);
         let peer = ch.peer;
         ch.core().disconnect(peer, "authentication failed", now);
+    }
+
+    /// Answers the `Host` values `hosts` allows (by default: loopback and the listen address).
+    pub fn with_hosts(mut self, hosts: AllowedHosts) -> Proxy {
+        self.hosts = hosts;
+        self
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -288,7 +404,13 @@ impl Proxy {
                 Ok(Some(parsed)) => parsed,
                 Ok(None) => return,
                 Err(HeadError::TooLarge) => {
-                    return self.reject(slot, 431, "request head too large")
+                    let text = format!(
+                        "Request Header Fields Too Large: the proxy takes request heads of at \
+                         most {} bytes and {} header fields",
+                        http1::MAX_HEAD,
+                        http1::MAX_HEADERS
+                    );
+                    return self.reject(slot, 431, &text);
                 }
                 Err(HeadError::Invalid(e)) => {
                     return self.reject(slot, 400, &format!("bad request: {e}"))
@@ -298,6 +420,29 @@ impl Proxy {
                 Ok(f) => f,
                 Err(e) => return self.reject(slot, 400, &format!("bad request: {e}")),
             };
+            let hosts: Vec<&str> = req
+                .headers
+                .iter()
+                .filter(|(n, _)| n.eq_ignore_ascii_case("host"))
+                .map(|(_, v)| v.as_str())
+                .collect();
+            match hosts.as_slice() {
+                [] | [""] => {}
+                [host] if self.hosts.permits(host) => {}
+                [host] => {
+                    let text = format!(
+                        "Misdirected Request: this tunnel proxy answers only requests addressed \
+                         to itself (localhost, its own addresses), not to '{host}'. This protects \
+                         it against DNS rebinding: a web page whose name now points to this \
+                         machine must not reach the tunnel. To use this name, start the proxy \
+                         with --allow-host {host}",
+                        host = without_port(host)
+                    );
+                    log::info!("client {}: Host '{host}' refused (421)", c.peer);
+                    return self.reject(slot, 421, &text);
+                }
+                _ => return self.reject(slot, 400, "bad request: more than one Host header"),
+            }
             c.inbuf.drain(..head_len);
             c.method = req.method.clone();
             c.target = req.target.clone();
@@ -317,6 +462,22 @@ impl Proxy {
                     } else {
                         &[]
                     },
+                ));
+                c.closing = close;
+                continue;
+            }
+            if ch.ready() && ch.path_lost() {
+                log::debug!("{} {} → 503 (path lost)", req.method, req.target);
+                let close = !matches!(framing, BodyFraming::None) || !c.keep_alive;
+                let mut headers = vec![("Retry-After", "2")];
+                if close {
+                    headers.push(("Connection", "close"));
+                }
+                c.out.extend_from_slice(&http1::simple_response(
+                    503,
+                    "text/plain",
+                    b"tunnel path lost; reconnecting (requests in flight are held)",
+                    &headers,
                 ));
                 c.closing = close;
                 continue;
@@ -491,15 +652,39 @@ impl Proxy {
             || h.status < 200
             || h.status == 204
             || h.status == 304;
-        let has_length = h
-            .headers
-            .iter()
-            .any(|(n, _)| n.eq_ignore_ascii_case("content-length"));
+        let mut headers = http1::end_to_end(&h.headers);
+        // The client is promised exactly one length, and the body written must match it (see
+        // `on_res_body`, `on_res_end`). A length the provider wrote badly is dropped: the body
+        // goes chunked instead.
+        let mut remaining = None;
+        if !bodyless {
+            // A (version-1) provider that relays an upstream's Transfer-Encoding along with
+            // its Content-Length: the coding framed the body, so the length is not it (RFC
+            // 9112 §6.3).
+            let coded = h
+                .headers
+                .iter()
+                .any(|(n, _)| n.eq_ignore_ascii_case("transfer-encoding"));
+            let length = if coded {
+                Ok(None)
+            } else {
+                http1::content_length(&headers)
+            };
+            headers.retain(|(n, _)| !n.eq_ignore_ascii_case("content-length"));
+            match length {
+                Ok(Some(n)) => {
+                    headers.push(("content-length".into(), n.to_string()));
+                    remaining = Some(n);
+                }
+                Ok(None) => {}
+                Err(e) => log::warn!("stream {}: provider's {e}; sending it chunked", h.stream_id),
+            }
+        }
+        let has_length = remaining.is_some();
         let chunked = !bodyless && !has_length && !c.http10;
         if !bodyless && !has_length && c.http10 {
             c.keep_alive = false;
         }
-        let mut headers = http1::end_to_end(&h.headers);
         if chunked {
             headers.push(("Transfer-Encoding".into(), "chunked".into()));
         }
@@ -518,6 +703,7 @@ impl Proxy {
             sid: h.stream_id,
             chunked,
             bodyless,
+            remaining,
         };
     }
 
@@ -529,20 +715,44 @@ impl Proxy {
             return;
         };
         let Resp::Streaming {
-            chunked, bodyless, ..
+            chunked,
+            bodyless,
+            ref mut remaining,
+            ..
         } = c.resp
         else {
             return;
         };
+        if c.flow.received(data.len()) && ch.window() {
+            log::warn!(
+                "stream {sid}: the provider sent {} response body bytes beyond its window \
+                 credit; resetting the stream",
+                c.flow.overdraft()
+            );
+            ch.send(&Message::Error(
+                sid,
+                "flow control violation: response body beyond the window credit".into(),
+            ));
+            return self.abort(slot, ch);
+        }
         if bodyless {
             return;
+        }
+        if let Some(left) = remaining {
+            let Some(rest) = left.checked_sub(data.len() as u64) else {
+                log::warn!(
+                    "stream {sid}: the provider sent more body than its content-length; cutting \
+                     the client's connection"
+                );
+                return self.abort(slot, ch);
+            };
+            *left = rest;
         }
         if chunked {
             http1::encode_chunk(&mut c.out, data);
         } else {
             c.out.extend_from_slice(data);
         }
-        c.flow.received(data.len());
         if c.out.len() > MAX_CLIENT_BACKLOG {
             log::warn!(
                 "client {} does not read its response; cutting it off",
@@ -552,7 +762,7 @@ impl Proxy {
         }
     }
 
-    fn on_res_end(&mut self, sid: u32) {
+    fn on_res_end(&mut self, sid: u32, ch: &mut Chan) {
         let Some(slot) = self.streams.remove(&sid) else {
             return;
         };
@@ -560,6 +770,17 @@ impl Proxy {
             return;
         };
         match c.resp {
+            Resp::Streaming {
+                remaining: Some(left @ 1..),
+                bodyless: false,
+                ..
+            } => {
+                log::warn!(
+                    "stream {sid}: the provider ended the body {left} bytes short of its \
+                     content-length; cutting the client's connection"
+                );
+                return self.abort(slot, ch);
+            }
             Resp::Streaming {
                 chunked, bodyless, ..
             } => {
@@ -693,7 +914,7 @@ impl Role for Proxy {
             }
             Message::ResEnd(sid) => {
                 let slot = self.streams.get(&sid).copied();
-                self.on_res_end(sid);
+                self.on_res_end(sid, ch);
                 slot
             }
             Message::Error(sid, text) => {
@@ -797,5 +1018,54 @@ impl Role for Proxy {
                 _ => None,
             })
             .min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_naming_the_proxy() {
+        let listen: SocketAddr = "127.0.0.1:8000".parse().unwrap();
+        let hosts = AllowedHosts::new(listen, &["My-Box.lan".into(), "10.9.8.7".into()]).unwrap();
+        for ok in [
+            "localhost",
+            "LOCALHOST:8000",
+            "localhost.",
+            "127.0.0.1",
+            "127.0.0.1:8000",
+            "127.1.2.3:9",
+            "[::1]",
+            "[::1]:8000",
+            "my-box.lan",
+            "my-box.lan:8000",
+            "10.9.8.7:8000",
+        ] {
+            assert!(hosts.permits(ok), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:8000",
+            "localhost.evil.example",
+            "evil.localhost",
+            "127.0.0.1.nip.io",
+            "10.9.8.6",
+            "[::2]:80",
+            "[::1]x",
+            "localhost:80:80",
+            "localhost:http",
+            "local host",
+            "::1",
+            "",
+        ] {
+            assert!(!hosts.permits(bad), "{bad}");
+        }
+        // The listen address, when it is a specific one, names the proxy too.
+        let on_lan = AllowedHosts::new("192.0.2.10:8000".parse().unwrap(), &[]).unwrap();
+        assert!(on_lan.permits("192.0.2.10:8000"));
+        assert!(AllowedHosts::new(listen, &["a/b".into()]).is_err());
+        assert_eq!(without_port("[fe80::1]:80"), "[fe80::1]");
+        assert_eq!(without_port("evil.example:8000"), "evil.example");
     }
 }

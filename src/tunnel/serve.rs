@@ -6,6 +6,13 @@
 //! upstreams take turns of [`TURN_READS`] reads, round robin across streams and consumers, so a
 //! bulk download does not hold back another consumer's small request. Driven by
 //! `tunnel::run_loop`.
+//!
+//! Nothing reaches the upstream before `policy.rs` has passed it (origin-form targets only,
+//! dot-segments resolved inside the base path, `--allow` rules, header caps); a refused request
+//! is answered here, like an unreachable upstream. A stream with no frame from its consumer and
+//! no upstream progress for `--stream-idle` is ended (504 before the response head, ERROR +
+//! RES_END after), and a consumer that sends more request body than its `window` credit has
+//! that stream reset.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{Shutdown, SocketAddr, ToSocketAddrs};
@@ -17,11 +24,12 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry};
 
 use super::auth::{self, Binding, ProviderAuth, Secrets, Throttle};
+use super::policy::{Policy, Rule};
 use super::stream::{decode_body, Flow, Slab};
 use super::{slot_of, token_of, Chan, Net, Role, OUT_KEEP};
 use crate::frame::{negotiate, AuthReply, Hello, Message, ReqHeaders, ResHeaders};
 use crate::http1::{self, BodyDecoder, BodyFraming, HeadError};
-use crate::nbio::{read_some, would_block, write_out};
+use crate::nbio::{read_some, set_linger_zero, would_block, write_out};
 use crate::peer::core::short;
 use crate::peer::PeerId;
 
@@ -36,11 +44,13 @@ const REFUSAL_GRACE: Duration = Duration::from_secs(2);
 /// channel opens, or its session ends: a silent or stalled peer holds no consumer slot.
 pub const ADMIT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The caps `tunnel serve` enforces (`--max-consumers`, `--max-streams`).
+/// The caps `tunnel serve` enforces (`--max-consumers`, `--max-streams`, `--stream-idle`).
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     pub consumers: usize,
     pub streams: usize,
+    /// A stream with no frame from its consumer and no upstream progress this long is ended.
+    pub stream_idle: Duration,
 }
 
 /// The upstream base URL: `http://host:port/base`.
@@ -101,29 +111,10 @@ impl Upstream {
         })
     }
 
-    /// The upstream request target for a tunnelled path, after `--advertise` stripping.
-    pub fn target(&self, advertise: &str, path: &str) -> String {
-        let path = strip_prefix(advertise, path);
-        if self.base.is_empty() {
-            path
-        } else {
-            format!("{}{}", self.base, path)
-        }
-    }
-}
-
-/// `--advertise PREFIX`: strips PREFIX from the path; an exact match becomes `/`; a path
-/// without the prefix passes unchanged.
-pub fn strip_prefix(prefix: &str, path: &str) -> String {
-    let prefix = prefix.trim_end_matches('/');
-    if prefix.is_empty() {
-        return path.to_string();
-    }
-    match path.strip_prefix(prefix) {
-        Some("") => "/".to_string(),
-        Some(rest) if rest.starts_with('/') => rest.to_string(),
-        Some(rest) if rest.starts_with('?') => format!("/{rest}"),
-        _ => path.to_string(),
+    /// The upstream request target for a path the policy passed (normalised, `--advertise`
+    /// stripped, starting with `/`): the base path, then the path.
+    pub fn target(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
     }
 }
 
@@ -132,7 +123,9 @@ pub fn strip_prefix(prefix: &str, path: &str) -> String {
 enum ReqFraming {
     /// The head is held back until the first REQ_BODY (then chunked) or REQ_END (no body).
     Undecided,
-    Length,
+    /// `Content-Length`: the bytes still to come. No more than that is ever written upstream,
+    /// so a consumer cannot slip a second request past the policy inside a body.
+    Length(u64),
     Chunked,
     None,
 }
@@ -166,6 +159,9 @@ struct Stream {
     /// In the round-robin queue of upstreams to read.
     queued: bool,
     started: Instant,
+    /// The last frame from the consumer for this stream, or the last upstream progress
+    /// (connected, bytes written or read): the stream ends `stream_idle` after it.
+    active: Instant,
 }
 
 /// One consumer's session, as serve sees it.
@@ -188,7 +184,7 @@ pub struct Serve {
     upstream: Upstream,
     /// The upstream address that last accepted a connection: tried first.
     preferred: usize,
-    advertise: String,
+    policy: Policy,
     limits: Limits,
     streams: Slab<Stream>,
     by_sid: HashMap<(PeerId, u32), usize>,
@@ -206,7 +202,7 @@ impl Serve {
         Serve {
             upstream,
             preferred: 0,
-            advertise: advertise.to_string(),
+            policy: Policy::new(advertise, Vec::new()),
             limits,
             streams: Slab::default(),
             by_sid: HashMap::new(),
@@ -235,15 +231,7 @@ impl Serve {
         why: &str,
         now: Instant,
     ) {
-        let mine: Vec<usize> = self
-            .streams
-            .iter()
-            .filter(|(_, s)| s.peer == peer)
-            .map(|(slot, _)| slot)
-            .collect();
-        for slot in mine {
-            self.close(slot, registry);
-        }
+        self.close_streams_of(peer, registry);
         net.chan(peer).send(&Message::Error(0, why.to_string()));
         if let Some(c) = self.consumers.get_mut(&peer) {
             c.admitted = false;
@@ -273,6 +261,12 @@ impl Serve {
         );
     }
 
+    /// Limits consumers to the `--allow` rules (none: everything inside the base path).
+    pub fn with_allow(mut self, rules: Vec<Rule>) -> Self {
+        self.policy.allow(rules);
+        self
+    }
+
     fn open(
         &mut self,
         peer: PeerId,
@@ -287,6 +281,20 @@ impl Serve {
             log::debug!("{peer} stream {sid}: opened twice; ignored");
             return;
         }
+        let path = match self.policy.check(&h.method, &h.path, &h.headers) {
+            Ok(path) => path,
+            Err(refusal) => {
+                let member = self.consumers.get(&peer).map_or("?", |c| c.member.as_str());
+                log::info!(
+                    "consumer {} stream {sid}: {:?} refused ({}): {}",
+                    short(member),
+                    h.method,
+                    refusal.status,
+                    refusal.text
+                );
+                return simple_answer(&mut ch, sid, refusal.status, &refusal.text);
+            }
+        };
         let in_flight = self.consumers.get(&peer).map_or(0, |c| c.streams);
         if in_flight >= self.limits.streams {
             let text = format!(
@@ -296,6 +304,19 @@ impl Serve {
             );
             return simple_answer(&mut ch, sid, 503, &text);
         }
+        let target = self.upstream.target(&path);
+        let mut headers: Vec<(String, String)> = http1::end_to_end(&h.headers)
+            .into_iter()
+            .filter(|(n, _)| !n.eq_ignore_ascii_case("host"))
+            .collect();
+        // The policy passed only valid lengths; the upstream gets exactly one.
+        let length = http1::content_length(&headers).ok().flatten();
+        headers.retain(|(n, _)| !n.eq_ignore_ascii_case("content-length"));
+        headers.insert(0, ("Host".into(), self.upstream.authority.clone()));
+        if let Some(n) = length {
+            headers.push(("Content-Length".into(), n.to_string()));
+        }
+        headers.push(("Connection".into(), "close".into()));
         let attempt = self.preferred;
         let mut sock = match self.upstream.connect(attempt) {
             Ok(s) => s,
@@ -309,16 +330,6 @@ impl Serve {
         ) {
             return bad_gateway(&mut ch, sid, &e.to_string());
         }
-        let target = self.upstream.target(&self.advertise, &h.path);
-        let mut headers: Vec<(String, String)> = http1::end_to_end(&h.headers)
-            .into_iter()
-            .filter(|(n, _)| !n.eq_ignore_ascii_case("host"))
-            .collect();
-        headers.insert(0, ("Host".into(), self.upstream.authority.clone()));
-        headers.push(("Connection".into(), "close".into()));
-        let has_length = headers
-            .iter()
-            .any(|(n, _)| n.eq_ignore_ascii_case("content-length"));
         log::debug!(
             "{peer} stream {sid}: {} {} → upstream {}",
             h.method,
@@ -341,10 +352,11 @@ impl Serve {
             flow: Flow::default(),
             queued: false,
             started: now,
+            active: now,
         };
-        if has_length {
+        if let Some(n) = length {
             http1::write_request_head(&mut stream.out, &h.method, &target, &headers);
-            stream.framing = ReqFraming::Length;
+            stream.framing = ReqFraming::Length(n);
         } else {
             stream.held_head = Some(HeldHead {
                 method: h.method,
@@ -403,6 +415,7 @@ impl Serve {
         data: &[u8],
         net: &mut Net,
         registry: &Registry,
+        now: Instant,
     ) {
         let Some(&slot) = self.by_sid.get(&(peer, sid)) else {
             return;
@@ -410,6 +423,23 @@ impl Serve {
         let Some(s) = self.streams.get_mut(slot) else {
             return;
         };
+        s.active = now;
+        let mut ch = net.chan(peer);
+        if s.flow.received(data.len()) && ch.window() {
+            // More than the credit we gave: the consumer ignores `window`. Only this stream
+            // is reset; the channel and the consumer's other streams carry on.
+            log::warn!(
+                "{peer} stream {sid}: the consumer sent {} request body bytes beyond its \
+                 window credit; resetting the stream",
+                s.flow.overdraft()
+            );
+            ch.send(&Message::Error(
+                sid,
+                "flow control violation: request body beyond the window credit".into(),
+            ));
+            ch.send(&Message::ResEnd(sid));
+            return self.reset(slot, registry);
+        }
         if s.framing == ReqFraming::Undecided {
             if let Some(mut held) = s.held_head.take() {
                 held.headers
@@ -420,32 +450,51 @@ impl Serve {
         }
         match s.framing {
             ReqFraming::Chunked => http1::encode_chunk(&mut s.out, data),
-            ReqFraming::Length => s.out.extend_from_slice(data),
+            ReqFraming::Length(left) => match left.checked_sub(data.len() as u64) {
+                Some(rest) => {
+                    s.out.extend_from_slice(data);
+                    s.framing = ReqFraming::Length(rest);
+                }
+                None => {
+                    log::warn!(
+                        "{peer} stream {sid}: the consumer sent more request body than its \
+                         content-length; resetting the stream"
+                    );
+                    let text = "Bad Request: the request body is longer than its content-length";
+                    return self.fail_request(slot, text, net, registry);
+                }
+            },
             _ => {}
         }
-        s.flow.received(data.len());
         if s.out.len() > MAX_UPSTREAM_BACKLOG {
             log::warn!(
                 "{peer} stream {sid}: upstream does not read the request body; failing the stream"
             );
-            let mut ch = net.chan(peer);
             ch.send(&Message::Error(
                 sid,
                 "upstream error: upstream stopped reading the request".into(),
             ));
             ch.send(&Message::ResEnd(sid));
-            return self.close(slot, registry);
+            return self.reset(slot, registry);
         }
-        self.write(slot, net, registry);
+        self.write(slot, net, registry, now);
     }
 
-    fn req_end(&mut self, peer: PeerId, sid: u32, net: &mut Net, registry: &Registry) {
+    fn req_end(
+        &mut self,
+        peer: PeerId,
+        sid: u32,
+        net: &mut Net,
+        registry: &Registry,
+        now: Instant,
+    ) {
         let Some(&slot) = self.by_sid.get(&(peer, sid)) else {
             return;
         };
         let Some(s) = self.streams.get_mut(slot) else {
             return;
         };
+        s.active = now;
         match s.framing {
             ReqFraming::Undecided => {
                 if let Some(mut held) = s.held_head.take() {
@@ -466,20 +515,49 @@ impl Serve {
                 s.out.extend_from_slice(http1::LAST_CHUNK);
                 s.framing = ReqFraming::None;
             }
-            _ => {}
+            ReqFraming::Length(0) => s.framing = ReqFraming::None,
+            ReqFraming::Length(left) => {
+                let text = format!(
+                    "Bad Request: the request body ended {left} bytes short of its content-length"
+                );
+                return self.fail_request(slot, &text, net, registry);
+            }
+            ReqFraming::None => {}
         }
-        self.write(slot, net, registry);
+        self.write(slot, net, registry, now);
+    }
+
+    /// The consumer broke its own request's framing: a 400 if no response head went yet, else
+    /// ERROR + RES_END; the upstream connection is reset, so it never sees a partial request
+    /// as a complete one.
+    fn fail_request(&mut self, slot: usize, text: &str, net: &mut Net, registry: &Registry) {
+        let Some(s) = self.streams.get(slot) else {
+            return;
+        };
+        let mut ch = net.chan(s.peer);
+        if s.body.is_none() {
+            simple_answer(&mut ch, s.sid, 400, text);
+        } else {
+            ch.send(&Message::Error(s.sid, text.to_string()));
+            ch.send(&Message::ResEnd(s.sid));
+        }
+        self.reset(slot, registry);
     }
 
     /// Writes pending request bytes once connected.
-    fn write(&mut self, slot: usize, net: &mut Net, registry: &Registry) {
+    fn write(&mut self, slot: usize, net: &mut Net, registry: &Registry, now: Instant) {
         let Some(s) = self.streams.get_mut(slot) else {
             return;
         };
         if !s.connected {
             return;
         }
-        if let Err(e) = write_out(&mut s.sock, &mut s.out, OUT_KEEP) {
+        let pending = s.out.len();
+        let written = write_out(&mut s.sock, &mut s.out, OUT_KEEP);
+        if s.out.len() < pending {
+            s.active = now;
+        }
+        if let Err(e) = written {
             log::debug!("{} stream {}: upstream write failed: {e}", s.peer, s.sid);
             return self.upstream_failed(slot, &e.to_string(), net, registry);
         }
@@ -505,6 +583,15 @@ impl Serve {
         self.close(slot, registry);
     }
 
+    /// Ends a stream that failed or was given up: its upstream connection is reset (RST), so an
+    /// upstream that stopped reading is not left holding it, and learns at once.
+    fn reset(&mut self, slot: usize, registry: &Registry) {
+        if let Some(s) = self.streams.get(slot) {
+            let _ = set_linger_zero(&s.sock);
+        }
+        self.close(slot, registry);
+    }
+
     fn close(&mut self, slot: usize, registry: &Registry) {
         if let Some(mut s) = self.streams.remove(slot) {
             let _ = s.sock.shutdown(Shutdown::Both);
@@ -515,6 +602,19 @@ impl Serve {
             }
             // A stale entry in `ready` finds the slot empty (or reused and queued anew).
             self.ready.retain(|&r| r != slot);
+        }
+    }
+
+    /// Closes every stream of `peer` (its session ended or was refused).
+    fn close_streams_of(&mut self, peer: PeerId, registry: &Registry) {
+        let mine: Vec<usize> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| s.peer == peer)
+            .map(|(slot, _)| slot)
+            .collect();
+        for slot in mine {
+            self.close(slot, registry);
         }
     }
 
@@ -530,12 +630,12 @@ impl Serve {
 
     /// Serves the queue round robin: each upstream reads one turn, then goes to the back if it
     /// may have more. Ends when every upstream is drained, paused or out of room.
-    fn pump(&mut self, net: &mut Net, registry: &Registry) {
+    fn pump(&mut self, net: &mut Net, registry: &Registry, now: Instant) {
         while let Some(slot) = self.ready.pop_front() {
             if let Some(s) = self.streams.get_mut(slot) {
                 s.queued = false;
             }
-            if self.read(slot, net, registry) {
+            if self.read(slot, net, registry, now) {
                 self.enqueue(slot);
             }
         }
@@ -543,7 +643,7 @@ impl Serve {
 
     /// Reads one turn of the upstream response while the channel can take it, framing it as
     /// RES_*. Returns true when the turn ran out with the upstream possibly holding more.
-    fn read(&mut self, slot: usize, net: &mut Net, registry: &Registry) -> bool {
+    fn read(&mut self, slot: usize, net: &mut Net, registry: &Registry, now: Instant) -> bool {
         for _ in 0..TURN_READS {
             let Some(s) = self.streams.get_mut(slot) else {
                 return false;
@@ -560,7 +660,10 @@ impl Serve {
             }
             let eof = match read_some(&mut s.sock, &mut s.inbuf, budget) {
                 Ok(0) => true,
-                Ok(_) => false,
+                Ok(_) => {
+                    s.active = now;
+                    false
+                }
                 Err(e) if would_block(&e) => return false,
                 Err(e) => {
                     let err = e.to_string();
@@ -608,8 +711,13 @@ impl Serve {
             let framing = head
                 .body_framing(&s.method)
                 .map_err(|e| format!("bad upstream response: {e}"))?;
+            // The body goes on as frames: a Content-Length stays only when it is what frames
+            // the body. With Transfer-Encoding as well it does not (RFC 9112 §6.3: the coding
+            // wins), and passing it on would make the proxy's client expect the wrong length.
+            let keep_length = matches!(framing, BodyFraming::Length(_) | BodyFraming::None);
             let headers: Vec<(String, String)> = http1::end_to_end(&head.headers)
                 .into_iter()
+                .filter(|(n, _)| keep_length || !n.eq_ignore_ascii_case("content-length"))
                 .map(|(n, v)| (n.to_ascii_lowercase(), v))
                 .collect();
             log::debug!(
@@ -650,6 +758,45 @@ impl Serve {
             ch.send(&Message::ResEnd(sid));
         }
         Ok(())
+    }
+
+    /// Ends the streams idle for `--stream-idle`: no frame from their consumer and no upstream
+    /// progress. Before the response head the consumer gets a 504, after it ERROR + RES_END;
+    /// the upstream connection is closed either way.
+    fn expire_idle(&mut self, net: &mut Net, registry: &Registry, now: Instant) {
+        let idle = self.limits.stream_idle;
+        let expired: Vec<usize> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| s.active + idle <= now)
+            .map(|(slot, _)| slot)
+            .collect();
+        for slot in expired {
+            let Some(s) = self.streams.get(slot) else {
+                continue;
+            };
+            let secs = idle.as_secs();
+            log::info!(
+                "{} stream {}: idle for {secs} s (serve --stream-idle); ending it",
+                s.peer,
+                s.sid
+            );
+            let mut ch = net.chan(s.peer);
+            if s.body.is_none() {
+                let text = format!(
+                    "Gateway Timeout: no progress on this request for {secs} s (serve \
+                     --stream-idle {secs})"
+                );
+                simple_answer(&mut ch, s.sid, 504, &text);
+            } else {
+                ch.send(&Message::Error(
+                    s.sid,
+                    format!("stream idle for {secs} s (serve --stream-idle {secs})"),
+                ));
+                ch.send(&Message::ResEnd(s.sid));
+            }
+            self.reset(slot, registry);
+        }
     }
 
     /// Queues a stream that stopped reading (channel full or out of credit) for its next turn.
@@ -793,20 +940,9 @@ impl Serve {
         let Some(path) = &self.secret_file else {
             return log::info!("SIGHUP: no --secret-file to reload");
         };
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) => {
-                return log::error!(
-                    "SIGHUP: cannot read {}: {e}; keeping the old secrets",
-                    path.display()
-                )
-            }
-        };
-        let secrets = match Secrets::parse_file(&text) {
+        let secrets = match Secrets::load(path, "") {
             Ok(s) => s,
-            Err(e) => {
-                return log::error!("SIGHUP: {}: {e}; keeping the old secrets", path.display())
-            }
+            Err(e) => return log::error!("SIGHUP: {e}; keeping the old secrets"),
         };
         let revoked: Vec<(PeerId, String)> = self
             .consumers
@@ -860,7 +996,7 @@ fn bad_gateway(ch: &mut Chan, sid: u32, err: &str) {
 }
 
 impl Role for Serve {
-    fn on_socket(&mut self, net: &mut Net, registry: &Registry, event: &Event, _now: Instant) {
+    fn on_socket(&mut self, net: &mut Net, registry: &Registry, event: &Event, now: Instant) {
         let Some(slot) = slot_of(event.token()) else {
             return;
         };
@@ -884,10 +1020,11 @@ impl Role for Serve {
                 return self.upstream_failed(slot, &err, net, registry);
             }
             s.connected = true;
+            s.active = now;
             self.preferred = s.attempt;
         }
         if event.is_writable() {
-            self.write(slot, net, registry);
+            self.write(slot, net, registry, now);
         }
         if event.is_readable() || event.is_read_closed() || event.is_error() {
             self.enqueue(slot);
@@ -955,12 +1092,13 @@ impl Role for Serve {
             Message::Hello(hello) => self.hello(net, registry, peer, hello, now),
             Message::Auth(mac) => self.auth(net, registry, peer, mac, now),
             Message::ReqHeaders(h) => self.open(peer, h, net, registry, now),
-            Message::ReqBody(sid, data) => self.req_body(peer, sid, data, net, registry),
-            Message::ReqEnd(sid) => self.req_end(peer, sid, net, registry),
+            Message::ReqBody(sid, data) => self.req_body(peer, sid, data, net, registry, now),
+            Message::ReqEnd(sid) => self.req_end(peer, sid, net, registry, now),
             Message::Window(sid, credit) => {
                 if let Some(&slot) = self.by_sid.get(&(peer, sid)) {
                     if let Some(s) = self.streams.get_mut(slot) {
                         s.flow.granted(credit);
+                        s.active = now;
                     }
                     self.resume(slot);
                 }
@@ -969,6 +1107,13 @@ impl Role for Serve {
                 if let Some(&slot) = self.by_sid.get(&(peer, sid)) {
                     log::debug!("{peer} stream {sid}: cancelled by the consumer");
                     self.close(slot, registry);
+                }
+            }
+            // The consumer reset the stream (e.g. we broke its `window` credit).
+            Message::Error(sid, text) => {
+                if let Some(&slot) = self.by_sid.get(&(peer, sid)) {
+                    log::warn!("{peer} stream {sid}: reset by the consumer: {text}");
+                    self.reset(slot, registry);
                 }
             }
             Message::Agree(_) => {
@@ -986,15 +1131,7 @@ impl Role for Serve {
         reason: &str,
         now: Instant,
     ) {
-        let mine: Vec<usize> = self
-            .streams
-            .iter()
-            .filter(|(_, s)| s.peer == peer)
-            .map(|(slot, _)| slot)
-            .collect();
-        for slot in mine {
-            self.close(slot, registry);
-        }
+        self.close_streams_of(peer, registry);
         if let Some(c) = self.consumers.remove(&peer) {
             if let (Some(_), Some(name)) = (&c.pending, &c.name) {
                 // It heard our half and hung up instead of confirming: the consumer found our
@@ -1032,7 +1169,8 @@ impl Role for Serve {
     }
 
     fn on_tick(&mut self, net: &mut Net, registry: &Registry, now: Instant) {
-        self.pump(net, registry);
+        self.pump(net, registry, now);
+        self.expire_idle(net, registry, now);
         let late: Vec<(PeerId, Option<String>)> = self
             .consumers
             .iter()
@@ -1078,13 +1216,18 @@ impl Role for Serve {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        self.consumers
+        let consumers = self
+            .consumers
             .values()
             .filter_map(|c| match (c.closing_at, c.admitted) {
                 (Some(t), _) => Some(t),
                 (None, false) => Some(c.admit_by),
                 (None, true) => None,
-            })
+            });
+        self.streams
+            .iter()
+            .map(|(_, s)| s.active + self.limits.stream_idle)
+            .chain(consumers)
             .min()
     }
 }
@@ -1094,21 +1237,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn advertise_prefix_rules() {
-        assert_eq!(strip_prefix("/", "/v1/models"), "/v1/models");
-        assert_eq!(strip_prefix("/api", "/api/v1/models"), "/v1/models");
-        assert_eq!(strip_prefix("/api/", "/api"), "/");
-        assert_eq!(strip_prefix("/api", "/api?x=1"), "/?x=1");
-        assert_eq!(strip_prefix("/api", "/apix/y"), "/apix/y");
-        assert_eq!(strip_prefix("/api", "/other"), "/other");
-    }
-
-    #[test]
     fn upstream_urls() {
         let u = Upstream::parse("http://127.0.0.1:11434/base/").unwrap();
         assert_eq!(u.addrs, ["127.0.0.1:11434".parse().unwrap()]);
         assert_eq!(u.authority, "127.0.0.1:11434");
-        assert_eq!(u.target("/", "/v1/x?q=1"), "/base/v1/x?q=1");
+        assert_eq!(u.target("/v1/x?q=1"), "/base/v1/x?q=1");
         let u = Upstream::parse("http://127.0.0.1").unwrap();
         assert_eq!(u.addrs[0].port(), 80);
         assert!(Upstream::parse("https://x")

@@ -110,9 +110,18 @@ impl Flow {
         self.credit += i64::from(n);
     }
 
-    /// `n` body bytes arrived and are queued toward the socket.
-    pub fn received(&mut self, n: usize) {
+    /// `n` body bytes arrived and are queued toward the socket. True when the sender has now
+    /// sent more than the credit it was given: [`WINDOW`] plus every WINDOW we sent it (the
+    /// bytes it sent and we did not give back yet are `unacked`). Only meaningful with
+    /// `window`: a version-1 peer has no credit to exceed.
+    pub fn received(&mut self, n: usize) -> bool {
         self.unacked += n;
+        self.overdraft() > 0
+    }
+
+    /// Bytes received beyond the credit given.
+    pub fn overdraft(&self) -> i64 {
+        self.unacked as i64 - WINDOW
     }
 
     /// With `window`: the credit to give back once what is queued toward the socket (`queued`
@@ -185,11 +194,24 @@ mod tests {
         assert_eq!(f.budget(true), 0, "overdrawn credit reads nothing");
         f.granted(1000);
         assert_eq!(f.budget(true), 990);
-        f.received(500);
+        assert!(!f.received(500));
         assert_eq!(f.ack(true, WINDOW_ACK), None, "socket still backed up");
         assert_eq!(f.ack(false, 0), None, "no window, no acks");
         assert_eq!(f.ack(true, 0), Some(500));
         assert_eq!(f.ack(true, 0), None);
+    }
+
+    #[test]
+    fn flow_overdraft_is_what_the_sender_had_no_credit_for() {
+        let mut f = Flow::default();
+        assert!(!f.received(WINDOW as usize), "exactly the window is fine");
+        assert_eq!(f.ack(true, 0), Some(WINDOW as u32));
+        assert!(
+            !f.received(WINDOW as usize),
+            "and again after giving it back"
+        );
+        assert!(f.received(1), "one byte more than the credit");
+        assert_eq!(f.overdraft(), 1);
     }
 
     #[test]

@@ -2,7 +2,10 @@
 // provider.html: signaling (spec/protocols.md §1) over a WebSocket, one WebRTC data channel
 // labelled "tunnel" (created by whichever member offers), framing v1 helpers (§2), and reporting
 // to the origin that served the page (tests/browser/run.py): POST /joined once in the room,
-// POST /result with the outcome. Query: ?signal=ws://HOST:PORT&room=NAME.
+// POST /result with the outcome. Query: ?signal=ws://HOST:PORT&room=NAME, and optionally
+// &ice=<JSON array of RTCIceServer> (else the signal server's `joined.iceServers`, else none),
+// &policy=relay (iceTransportPolicy), &media=0 (no getUserMedia: Chromium then hides host
+// addresses behind mDNS names, as it does by default).
 "use strict";
 const q = new URLSearchParams(location.search);
 const t0 = performance.now();
@@ -55,6 +58,7 @@ function parseFrame(data) {
 }
 
 let pc = null, offerer = false, onChannel = null;
+let iceServers = q.get("ice") ? JSON.parse(q.get("ice")) : [];
 const localCandidates = [];
 let early = [];            // candidates that came before the remote description
 let chain = Promise.resolve();
@@ -66,6 +70,7 @@ function startPeer(useChannel) {
   onChannel = (ch) => { ch.binaryType = "arraybuffer"; useChannel(ch); };
   // Without media permission Chromium gathers no host candidate when the only interface is
   // loopback (it hides local addresses); getUserMedia, granted by the driver's flags, lifts that.
+  if (q.get("media") === "0") return connect();
   navigator.mediaDevices.getUserMedia({ audio: true })
     .then((s) => s.getTracks().forEach((t) => t.stop()), (e) => log("getUserMedia:", e))
     .then(connect);
@@ -84,7 +89,7 @@ function connect() {
 }
 
 function newPeer() {
-  pc = new RTCPeerConnection({ iceServers: [] });
+  pc = new RTCPeerConnection({ iceServers, iceTransportPolicy: q.get("policy") || "all" });
   pc.onicecandidate = (e) => {
     if (!e.candidate || !e.candidate.candidate) return;
     log("local candidate", e.candidate.candidate);
@@ -103,6 +108,7 @@ async function onSignal(m) {
   log("signal <-", m.type);
   if (m.type === "joined") {
     offerer = m.peers.length === 0;
+    if (!q.get("ice") && Array.isArray(m.iceServers)) iceServers = m.iceServers;
     fetch("/joined", { method: "POST", body: JSON.stringify({ offerer }) });
   } else if (m.type === "peer-joined" && offerer) {
     newPeer();

@@ -12,6 +12,12 @@ joining right after serve: the page holds its GET (consumer.html?hold=1) until s
 two consumers connected; then the page's GET is released and a GET /v1/models is made through
 the proxy, both before anything is stopped, and serve's log is read for consumers that left.
 
+`--signal URL --room R` (consumer role only) uses a signal server someone else runs and starts no
+`tunnel` process: the caller runs `tunnel serve` (tests/net.rs does, on another host of its
+network-namespace testbed); `tunnel_ready` is then null. `--ice JSON` hands the page its
+iceServers, `--policy relay` sets iceTransportPolicy, and `--mdns` leaves Chromium's default of
+hiding host addresses behind mDNS names (no loopback or mDNS flags, no media permission).
+
 Prints one JSON line: {"result": <the page's report>, "http": <the GET through the proxy>,
 "tunnel_ready": bool, "serve_connected": [serve's `consumer … connected` lines] and
 "serve_left": [its `consumer … left` lines] (with --with-proxy), "seconds": ...,
@@ -32,6 +38,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -125,9 +132,17 @@ def main():
     ap.add_argument("--with-proxy", action="store_true",
                     help="consumer role: a tunnel proxy is a second consumer beside the page")
     ap.add_argument("--timeout", type=float, default=30.0)
+    ap.add_argument("--signal", help="external signal server URL: start no tunnel process")
+    ap.add_argument("--room", help="room name (default browser-<pid>)")
+    ap.add_argument("--ice", help="iceServers for the page, as JSON")
+    ap.add_argument("--policy", choices=["all", "relay"], default="all")
+    ap.add_argument("--mdns", action="store_true",
+                    help="Chromium's defaults: host addresses hidden behind mDNS names")
     args = ap.parse_args()
     if args.with_proxy and args.role != "consumer":
         ap.error("--with-proxy needs --role consumer")
+    if args.signal and (args.role != "consumer" or args.with_proxy or args.order != "tunnel-first"):
+        ap.error("--signal needs --role consumer --order tunnel-first, without --with-proxy")
 
     start = time.monotonic()
     deadline = start + args.timeout
@@ -158,13 +173,16 @@ def main():
         pg = http_server(pages)
         origin = "http://127.0.0.1:%d" % pg.server_address[1]
         env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "info"))
-        sig = Proc("signal", [args.tunnel, "signal", "--listen", "127.0.0.1:0"], env)
-        procs.append(sig)
-        line = sig.wait_line(r"listening on ws://", deadline)
-        if not line:
-            raise RuntimeError("tunnel signal printed no address")
-        signal_url = "ws://" + line.split("ws://", 1)[1].split()[0]
-        room = "browser-%d" % os.getpid()
+        if args.signal:
+            signal_url = args.signal
+        else:
+            sig = Proc("signal", [args.tunnel, "signal", "--listen", "127.0.0.1:0"], env)
+            procs.append(sig)
+            line = sig.wait_line(r"listening on ws://", deadline)
+            if not line:
+                raise RuntimeError("tunnel signal printed no address")
+            signal_url = "ws://" + line.split("ws://", 1)[1].split()[0]
+        room = args.room or "browser-%d" % os.getpid()
         common = ["--signal", signal_url, "--room", room, "--ice-addr", "127.0.0.1"]
 
         beside = []  # with --with-proxy: the proxy, serve's second consumer
@@ -197,11 +215,28 @@ def main():
                 status, body = e.code, e.read()
             return {"status": status, "body": body.decode("utf-8", "replace")}
 
-        if args.order == "tunnel-first":
+        tunnel = None
+        if args.order == "tunnel-first" and not args.signal:
             tunnel = start_tunnel()
         page = "%s/%s.html?signal=%s&room=%s" % (origin, args.role, signal_url, room)
         if args.with_proxy:
             page += "&hold=1"
+        if args.ice:
+            page += "&ice=" + urllib.parse.quote(args.ice)
+        if args.policy != "all":
+            page += "&policy=" + args.policy
+        if args.mdns:
+            page += "&media=0"
+            reveal = []
+        else:
+            # Host candidates on 127.0.0.1: loopback allowed, and local addresses not hidden,
+            # which takes media permission (the page calls getUserMedia, granted here with a
+            # fake device); without it Chromium gathers no host candidate on `lo` at all.
+            reveal = [
+                "--allow-loopback-in-peer-connection",
+                "--disable-features=WebRtcHideLocalIpsWithMdns",
+                "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            ]
         chrome = Proc(
             "chromium",
             [
@@ -209,15 +244,7 @@ def main():
                 "--no-first-run", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync",
                 "--user-data-dir=" + profile,
-                # Host candidates on 127.0.0.1: loopback allowed, and local addresses not hidden,
-                # which takes media permission (the page calls getUserMedia, granted here with a
-                # fake device); without it Chromium gathers no host candidate on `lo` at all.
-                "--allow-loopback-in-peer-connection",
-                "--disable-features=WebRtcHideLocalIpsWithMdns",
-                "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-                "--enable-logging=stderr", "--v=0",
-                page,
-            ],
+            ] + reveal + ["--enable-logging=stderr", "--v=0", page],
         )
         procs.append(chrome)
         launched = time.monotonic()
@@ -240,7 +267,10 @@ def main():
         except queue.Empty:
             out["result"] = {"ok": False, "error": "no result from the page within %.0f s" % args.timeout}
         out["page_seconds"] = round(time.monotonic() - launched, 3)
-        out["tunnel_ready"] = tunnel.wait_line(r"tunnel ready", time.monotonic() + 2) is not None
+        if tunnel is None:
+            out["tunnel_ready"] = None
+        else:
+            out["tunnel_ready"] = tunnel.wait_line(r"tunnel ready", time.monotonic() + 2) is not None
         if args.with_proxy:
             out["serve_connected"] = tunnel.matching(r"consumer \S+ connected \(")
             out["serve_left"] = tunnel.matching(r"consumer \S+ left")

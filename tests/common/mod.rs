@@ -82,6 +82,22 @@ impl Proc {
         }
     }
 
+    /// Like `wait_line`, but `None` instead of a panic when no such line comes within `limit`.
+    pub fn line_within(&mut self, needle: &str, limit: Duration) -> Option<String> {
+        if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+            return Some(l.clone());
+        }
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.lines.recv_timeout(left).ok()?;
+            self.seen.push(line.clone());
+            if line.contains(needle) {
+                return Some(line);
+            }
+        }
+    }
+
     /// Takes the lines printed so far without waiting.
     pub fn drain(&mut self) -> &[String] {
         while let Ok(line) = self.lines.try_recv() {
@@ -289,11 +305,16 @@ impl Tunnel {
 
     /// `start` with extra arguments for both serve and proxy.
     pub fn start_with(upstream: &str, extra: &[&str]) -> Tunnel {
+        Tunnel::start_split(upstream, extra, extra)
+    }
+
+    /// `start` with extra arguments for serve and for proxy.
+    pub fn start_split(upstream: &str, serve_extra: &[&str], proxy_extra: &[&str]) -> Tunnel {
         let (signal, saddr) = signal(&[]);
         let signal_url = format!("ws://{saddr}");
         let room = format!("test-{}", tunnel::util::uuid_v4());
-        let mut serve = serve(&signal_url, &room, upstream, extra);
-        let (mut proxy, addr) = proxy_with(&signal_url, &room, extra);
+        let mut serve = serve(&signal_url, &room, upstream, serve_extra);
+        let (mut proxy, addr) = proxy_with(&signal_url, &room, proxy_extra);
         serve.wait_line("tunnel ready", 15);
         proxy.wait_line("tunnel ready", 15);
         Tunnel {

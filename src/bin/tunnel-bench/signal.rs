@@ -98,6 +98,10 @@ fn start(bin: &Path) -> Result<(Server, SocketAddr), String> {
     let mut child = Command::new(bin)
         .args(["signal", "--listen", "127.0.0.1:0"])
         .args(["--rate-limit", "1000000", "--max-connections", "50000"])
+        // Every bench client comes from 127.0.0.1, and the held sockets stay silent for the
+        // whole run: no per-address caps, and no pings in the middle of the figures.
+        .args(["--max-connections-per-addr", "0", "--join-rate", "0"])
+        .args(["--ping-interval", "600", "--idle-timeout", "1200"])
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -130,7 +134,7 @@ fn start(bin: &Path) -> Result<(Server, SocketAddr), String> {
 }
 
 /// One plain HTTP GET; returns the body.
-fn http_get(addr: SocketAddr, path: &str) -> Result<String, String> {
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<String, String> {
     let mut s = connect(addr)?;
     let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes())
@@ -144,7 +148,7 @@ fn http_get(addr: SocketAddr, path: &str) -> Result<String, String> {
 }
 
 /// The value of `tunnel_signal_<name>` in a Prometheus text page.
-fn metric(page: &str, name: &str) -> Option<u64> {
+pub fn metric(page: &str, name: &str) -> Option<u64> {
     let key = format!("tunnel_signal_{name} ");
     page.lines()
         .find_map(|l| l.strip_prefix(key.as_str()))

@@ -35,7 +35,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(5);
 const SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 const PHASE_TIMEOUT: Duration = Duration::from_secs(10);
 const TRANSFER_PHASE: Duration = Duration::from_secs(20);
-const WHOLE_RUN: Duration = Duration::from_secs(150);
+const WHOLE_RUN: Duration = Duration::from_secs(200);
 /// Consumers downloading at once in the fairness run, and what each downloads.
 const CONSUMERS: usize = 4;
 const SHARED_TRANSFER: u64 = 32 * 1024 * 1024;
@@ -62,7 +62,7 @@ const MIB: f64 = 1024.0 * 1024.0;
 pub fn run(bin: &Path) -> Result<(), String> {
     let end = Instant::now() + WHOLE_RUN;
     let upstream = spawn_upstream()?;
-    let (_signal, signal) = start_signal(bin)?;
+    let (signal_kid, signal) = start_signal(bin)?;
     let signal_url = format!("ws://{signal}");
     let upstream_url = format!("http://{upstream}");
 
@@ -153,6 +153,11 @@ pub fn run(bin: &Path) -> Result<(), String> {
     drop(extra);
     drop(pair);
 
+    // Through the signal server's built-in TURN relay: a fresh pair whose proxy offers relayed
+    // candidates only.
+    check_budget(end)?;
+    let relay = relayed(bin, &signal_kid, signal, &upstream_url, end)?;
+
     let idle_latency = latency.tunnel.clone();
     print_table(&Figures {
         down,
@@ -182,7 +187,72 @@ pub fn run(bin: &Path) -> Result<(), String> {
          memory"
     );
     print_shared(&shared, &idle_latency, &loaded);
+    let direct_rate = down.tunnel.rate();
+    let direct_p50 = percentile(&idle_latency, 50).unwrap_or_default();
+    let relay_p50 = percentile(&relay.latency, 50).unwrap_or_default();
+    println!(
+        "relayed (proxy --relay-only, through tunnel signal's built-in TURN relay on loopback): \
+         download {:.0} MiB/s (direct tunnel {direct_rate:.0}); GET /small p50 {} ({} over the \
+         direct tunnel); signal server CPU {:.1} ms per MiB relayed; allocations held {}",
+        relay.transfer.rate(),
+        ms(relay_p50),
+        plus_ms(relay_p50, direct_p50),
+        relay.cpu_per_mib * 1e3,
+        relay.allocations
+    );
     Ok(())
+}
+
+/// Figures of a tunnel through the relay.
+struct Relayed {
+    transfer: Transfer,
+    latency: Vec<Duration>,
+    /// Signal server CPU seconds per MiB relayed.
+    cpu_per_mib: f64,
+    /// `tunnel_signal_relay_allocations` during the run.
+    allocations: u64,
+}
+
+/// serve (direct candidates) and a proxy with `--relay-only`: every packet crosses the relay.
+fn relayed(
+    bin: &Path,
+    signal_kid: &Kid,
+    signal: SocketAddr,
+    upstream: &str,
+    end: Instant,
+) -> Result<Relayed, String> {
+    let signal_url = format!("ws://{signal}");
+    let room = format!("bench-relay-{}", std::process::id());
+    let mut serve_args = vec![
+        "serve",
+        "--upstream",
+        upstream,
+        "--signal",
+        &signal_url,
+        "--room",
+        &room,
+        "--ice-addr",
+        "127.0.0.1",
+    ];
+    serve_args.extend_from_slice(&BENCH_SECRET);
+    let _serve = Kid::spawn(bin, "serve", &serve_args)?;
+    let mut extra = BENCH_SECRET.to_vec();
+    extra.push("--relay-only");
+    let (_proxy, proxy) = spawn_proxy(bin, &signal_url, &room, &extra)?;
+    wait_ready(proxy, Instant::now() + SETUP_TIMEOUT)?;
+    let latency = latencies(proxy)?;
+    let page = crate::signal::http_get(signal, "/metrics")?;
+    let allocations = crate::signal::metric(&page, "relay_allocations").unwrap_or(0);
+    let before = sched_of(signal_kid.pid())?;
+    let transfer = best_transfer(proxy, Direction::Down, end)?;
+    let cpu = sched_of(signal_kid.pid())?.since(before).cpu;
+    let mib = (TRANSFER as f64 / MIB) * transfer.runs as f64;
+    Ok(Relayed {
+        transfer,
+        latency,
+        cpu_per_mib: cpu.as_secs_f64() / mib.max(1e-9),
+        allocations,
+    })
 }
 
 /// Per-consumer rates (MiB/s) of simultaneous downloads, and their aggregate.
@@ -396,7 +466,22 @@ impl Drop for Kid {
 }
 
 fn start_signal(bin: &Path) -> Result<(Kid, SocketAddr), String> {
-    let mut kid = Kid::spawn(bin, "signal", &["signal", "--listen", "127.0.0.1:0"])?;
+    // Its built-in relay may reach loopback (where the bench's peers are) at full speed, and
+    // every bench process joins from 127.0.0.1: no per-address join or connection caps.
+    let args = [
+        "signal",
+        "--listen",
+        "127.0.0.1:0",
+        "--join-rate",
+        "0",
+        "--max-connections-per-addr",
+        "0",
+        "--relay-allow",
+        "127.0.0.0/8",
+        "--relay-rate",
+        "0",
+    ];
+    let mut kid = Kid::spawn(bin, "signal", &args)?;
     let addr = kid.wait_addr("listening on ws://", Instant::now() + START_TIMEOUT)?;
     Ok((kid, addr))
 }
