@@ -104,10 +104,29 @@ ARM64_TARGET := aarch64-unknown-linux-musl
 ARMV7_TARGET := armv7-unknown-linux-musleabihf
 
 # $(call cross-build,TARGET,what `file` must say)
+# The target's standard library is rustup's prebuilt one where rustup has it; otherwise it is
+# built from source by nightly's -Zbuild-std (the nightly toolchain and its rust-src component).
+# rustc must then not add its own musl start files (crt1.o, …: they ship with the prebuilt
+# library only), so -C link-self-contained=no leaves them and libc to zig.
 define cross-build
-	@rustup target list --installed | grep -qx $(1) || rustup target add $(1)
 	@command -v cargo-zigbuild >/dev/null || pip install -q ziglang cargo-zigbuild
-	$(CARGO) zigbuild --release --target $(1) --bin tunnel
+	@if rustup target list --installed | grep -qx $(1) || rustup target add $(1) >/dev/null 2>&1; then \
+	  echo "$(1): rustup's prebuilt standard library"; \
+	  echo "$(CARGO) zigbuild --release --target $(1) --bin tunnel"; \
+	  $(CARGO) zigbuild --release --target $(1) --bin tunnel; \
+	elif { rustup toolchain list | grep -q '^nightly' || \
+	       rustup toolchain install nightly --profile minimal >/dev/null 2>&1; } && \
+	     { rustup component list --toolchain nightly --installed | grep -qx rust-src || \
+	       rustup component add rust-src --toolchain nightly >/dev/null 2>&1; }; then \
+	  echo "$(1): rustup has no prebuilt standard library for it here; building it from source" \
+	    "(nightly -Zbuild-std)"; \
+	  echo "RUSTFLAGS='-C link-self-contained=no' $(CARGO) +nightly zigbuild" \
+	    "-Zbuild-std=std,panic_abort --release --target $(1) --bin tunnel"; \
+	  RUSTFLAGS='-C link-self-contained=no' $(CARGO) +nightly zigbuild \
+	    -Zbuild-std=std,panic_abort --release --target $(1) --bin tunnel; \
+	else \
+	  echo "$(1): rustup can install neither its standard library nor nightly's rust-src" && false; \
+	fi
 	@file $(TARGET_DIR)/$(1)/release/tunnel | grep -q '$(2).*static' || (echo "not a static $(1) binary" && false)
 	@ls -l $(TARGET_DIR)/$(1)/release/tunnel | awk '{ printf "static binary: %s, %d bytes (%.2f MiB)\n", $$9, $$5, $$5/1048576 }'
 endef
