@@ -2,7 +2,7 @@
 //! connection of the peer link (`super::Link`). The link registers it under one token and calls
 //! [`WsClient::on_ready`] on every event; text messages come out as [`WsEvent`]s.
 //!
-//! `wss://` URLs run the WebSocket over rustls (aws-lc-rs provider, TLS 1.2 and 1.3): the server
+//! `wss://` URLs run the WebSocket over rustls (ring provider, TLS 1.2 and 1.3): the server
 //! certificate is verified against the webpki (Mozilla) roots for the URL's host, which is also
 //! the SNI. The TLS handshake is driven lazily by the WebSocket handshake's reads and writes;
 //! TLS records rustls could not hand to the socket are written on the next event.
