@@ -7,8 +7,9 @@ BIN          := $(TARGET_DIR)/release/tunnel
 STATIC_BIN   := $(TARGET_DIR)/$(MUSL_TARGET)/release/tunnel
 STATIC_BENCH := $(TARGET_DIR)/$(MUSL_TARGET)/release/tunnel-bench
 
-.PHONY: all build release test test-deps test-net lint fmt demo bench fuzz static static-arm64 \
-        static-armv7 static-mipsel build-arm64 build-armv7 build-mipsel dist interop clean
+.PHONY: all build release test test-deps test-net lint fmt demo bench bench-wan fuzz static \
+        static-arm64 static-armv7 static-mipsel build-arm64 build-armv7 build-mipsel dist interop \
+        clean
 
 all: build
 
@@ -44,7 +45,8 @@ test-deps:
 ## test-net: NAT traversal in network namespaces (root): two LANs behind Linux routers
 ## (iptables NAT and firewalls) and a public segment with `tunnel signal` and coturn; cone,
 ## no input firewall, symmetric (relayed), UDP blocked (TURN over TCP), 2 % loss, IPv6, and
-## Chromium through TURN and behind mDNS. Cases run in parallel; NET_TEST_ARGS adds libtest
+## Chromium through TURN and behind mDNS; then tests/wan.rs on an emulated WAN path (a 3 s and
+## a 30 s outage, SSE at 3 % loss). Cases run in parallel; NET_TEST_ARGS adds libtest
 ## arguments (e.g. --include-ignored for the cases that hit a known product bug).
 NET_TEST_ARGS ?=
 test-net:
@@ -55,7 +57,7 @@ test-net:
 	  [ -z "$$need" ] || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need); \
 	fi
 	@start=$$(date +%s); \
-	TUNNEL_NET_TESTS=1 $(CARGO) test --test net -- --nocapture --test-threads=16 $(NET_TEST_ARGS); \
+	TUNNEL_NET_TESTS=1 $(CARGO) test --test net --test wan -- --nocapture --test-threads=16 $(NET_TEST_ARGS); \
 	status=$$?; echo "make test-net: $$(( $$(date +%s) - start )) s"; exit $$status
 
 ## lint: formatting check and clippy with warnings as errors
@@ -75,6 +77,19 @@ demo: release
 bench: static
 	$(STATIC_BENCH) signal
 	$(STATIC_BENCH) tunnel
+
+## bench-wan: the tunnel next to plain TCP on an emulated WAN path (tests/netbed/wan.rs; root):
+## RTT 50 and 200 ms × loss 0 / 1 / 3 % at 100 Mbit/s; download and upload MB/s of 20 MiB,
+## first SSE token, worst and p99 gap between tokens; release build, about 5-7 minutes
+bench-wan:
+	@if [ "$$(id -u)" != 0 ]; then \
+	  echo "*** make bench-wan needs root (network namespaces, TUN devices): SKIPPED ***"; \
+	  exit 0; \
+	fi; \
+	$(CARGO) test --release --test wan_bench --no-run || exit 1; \
+	start=$$(date +%s); \
+	TUNNEL_WAN_BENCH=1 $(CARGO) test --release --test wan_bench; \
+	status=$$?; echo "make bench-wan: $$(( $$(date +%s) - start )) s"; exit $$status
 
 ## fuzz: run each fuzz target (frame codec, HTTP/1.1 codec, TURN) for FUZZ_SECONDS (nightly +
 ## cargo-fuzz); new inputs go to target/fuzz-corpus, the committed seeds stay as they are

@@ -46,10 +46,11 @@ pub const LABEL: &str = "tunnel";
 /// from the path's round trip: str0m's own default.
 const DEFAULT_WINDOW: usize = 128 * 1024;
 /// Bounds of [`PeerCore::set_send_window`]. Below 32 KiB a loopback or LAN path idles. Above
-/// 256 KiB, SCTP's per-packet cost (it grows with what is in flight) and its unpaced bursts,
-/// which overflow a receiver's socket buffer and turn into retransmissions, outweigh the gain.
+/// 1 MiB, the receive window sctp-proto advertises (ours and the original client's), more would
+/// only wait in str0m's buffer. With the vendored sctp-proto the cost per packet no longer
+/// grows with what is in flight (vendor/sctp-proto/PATCHES.md).
 const MIN_WINDOW: usize = 32 * 1024;
-const MAX_WINDOW: usize = 256 * 1024;
+const MAX_WINDOW: usize = 1024 * 1024;
 /// str0m's send buffer: the largest window plus one message, since a send is refused only once
 /// the window is full.
 const SCTP_BUFFER: usize = MAX_WINDOW + 128 * 1024;
@@ -718,7 +719,7 @@ impl PeerCore {
             .map(|s| s.member.as_str())
     }
 
-    /// Sets `peer`'s send window (clamped to 32 KiB ..= 256 KiB) and returns it: `send` refuses
+    /// Sets `peer`'s send window (clamped to 32 KiB ..= 1 MiB) and returns it: `send` refuses
     /// messages while this much is unacknowledged. It lasts until the session ends.
     pub fn set_send_window(&mut self, peer: PeerId, bytes: usize) -> usize {
         let window = bytes.clamp(MIN_WINDOW, MAX_WINDOW);

@@ -82,6 +82,9 @@ const WINDOW_RATE: f64 = 64.0 * 1024.0 * 1024.0;
 /// sample delayed by a busy CPU does not size the window.
 const QUICK_PINGS: u32 = 3;
 const QUICK_PING_GAP: Duration = Duration::from_millis(100);
+/// Largest per-stream window a receiver grants (see [`Chan::stream_window`]): what one stream
+/// may have in flight toward us, so also what it may queue here for a slow socket.
+pub const MAX_STREAM_WINDOW: i64 = 1024 * 1024;
 /// Output buffers that grew past this while a peer was slow are shrunk back once drained.
 pub const OUT_KEEP: usize = 256 * 1024;
 
@@ -266,6 +269,14 @@ impl Chan<'_> {
     /// Feature `window` agreed.
     pub fn window(&self) -> bool {
         self.state().is_some_and(|c| c.window)
+    }
+
+    /// With `window`: the per-stream window this side grants as a receiver. [`WINDOW`] carries
+    /// 5 MB/s on a 50 ms path; a longer round trip gets the round trip times [`WINDOW_RATE`],
+    /// up to [`MAX_STREAM_WINDOW`].
+    pub fn stream_window(&self) -> i64 {
+        let rtt = self.state().and_then(|c| c.min_rtt).unwrap_or_default();
+        ((rtt.as_secs_f64() * WINDOW_RATE) as i64).clamp(WINDOW, MAX_STREAM_WINDOW)
     }
 
     /// Feature `cancel` agreed.

@@ -20,7 +20,7 @@ use mio::{Interest, Registry, Token};
 
 use super::auth::{self, Binding, ConsumerAuth};
 use super::stream::{decode_body, Flow, Slab};
-use super::{slot_of, token_of, Chan, Net, Role, OUT_KEEP, READ_CHUNK};
+use super::{slot_of, token_of, Chan, Net, Role, OUT_KEEP, READ_CHUNK, WINDOW};
 use crate::frame::{Agree, AuthOffer, Hello, Message, ReqHeaders, ResHeaders};
 use crate::http1::{self, BodyDecoder, BodyFraming, HeadError};
 use crate::nbio::{accept, read_some, would_block, write_out};
@@ -638,7 +638,7 @@ impl Proxy {
         self.forget_stream(slot, ch);
     }
 
-    fn on_res_headers(&mut self, h: ResHeaders) {
+    fn on_res_headers(&mut self, h: ResHeaders, ch: &mut Chan) {
         let Some(&slot) = self.streams.get(&h.stream_id) else {
             return;
         };
@@ -705,6 +705,13 @@ impl Proxy {
             bodyless,
             remaining,
         };
+        // A body that may outgrow the standard window gets the window of this path.
+        let long = remaining.is_none_or(|n| n > WINDOW as u64);
+        if ch.window() && !bodyless && long {
+            if let Some(extra) = c.flow.widen(ch.stream_window()) {
+                ch.send(&Message::Window(h.stream_id, extra));
+            }
+        }
     }
 
     fn on_res_body(&mut self, sid: u32, data: &[u8], ch: &mut Chan) {
@@ -904,7 +911,7 @@ impl Role for Proxy {
             }
             Message::ResHeaders(h) => {
                 let sid = h.stream_id;
-                self.on_res_headers(h);
+                self.on_res_headers(h, ch);
                 self.streams.get(&sid).copied()
             }
             Message::ResBody(sid, data) => {

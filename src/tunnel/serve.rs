@@ -26,7 +26,7 @@ use mio::{Interest, Registry};
 use super::auth::{self, Binding, ProviderAuth, Secrets, Throttle};
 use super::policy::{Policy, Rule};
 use super::stream::{decode_body, Flow, Slab};
-use super::{slot_of, token_of, Chan, Net, Role, OUT_KEEP};
+use super::{slot_of, token_of, Chan, Net, Role, OUT_KEEP, WINDOW};
 use crate::frame::{negotiate, AuthReply, Hello, Message, ReqHeaders, ResHeaders};
 use crate::http1::{self, BodyDecoder, BodyFraming, HeadError};
 use crate::nbio::{read_some, set_linger_zero, would_block, write_out};
@@ -354,6 +354,12 @@ impl Serve {
             started: now,
             active: now,
         };
+        // An upload that may outgrow the standard window gets the window of this path.
+        if ch.window() && length.is_some_and(|n| n > WINDOW as u64) {
+            if let Some(extra) = stream.flow.widen(ch.stream_window()) {
+                ch.send(&Message::Window(sid, extra));
+            }
+        }
         if let Some(n) = length {
             http1::write_request_head(&mut stream.out, &h.method, &target, &headers);
             stream.framing = ReqFraming::Length(n);

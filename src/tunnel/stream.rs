@@ -76,6 +76,8 @@ impl<T> Slab<T> {
 pub struct Flow {
     pub credit: i64,
     pub unacked: usize,
+    /// What the peer may have unacknowledged toward us: [`WINDOW`], or more once we widened it.
+    pub limit: i64,
     /// Reading stopped because the channel (or the credit) could not take more.
     pub paused: bool,
 }
@@ -85,6 +87,7 @@ impl Default for Flow {
         Flow {
             credit: WINDOW,
             unacked: 0,
+            limit: WINDOW,
             paused: false,
         }
     }
@@ -111,7 +114,7 @@ impl Flow {
     }
 
     /// `n` body bytes arrived and are queued toward the socket. True when the sender has now
-    /// sent more than the credit it was given: [`WINDOW`] plus every WINDOW we sent it (the
+    /// sent more than the credit it was given: `limit` plus every WINDOW we sent it (the
     /// bytes it sent and we did not give back yet are `unacked`). Only meaningful with
     /// `window`: a version-1 peer has no credit to exceed.
     pub fn received(&mut self, n: usize) -> bool {
@@ -121,7 +124,16 @@ impl Flow {
 
     /// Bytes received beyond the credit given.
     pub fn overdraft(&self) -> i64 {
-        self.unacked as i64 - WINDOW
+        self.unacked as i64 - self.limit
+    }
+
+    /// Raises what the peer may have in flight toward us to `to` bytes (a long path needs
+    /// more than [`WINDOW`]): the extra credit to send it in a WINDOW frame, if any. Any peer
+    /// with `window` adds granted credit to its own, so the receiver alone decides this.
+    pub fn widen(&mut self, to: i64) -> Option<u32> {
+        let extra = u32::try_from(to - self.limit).ok().filter(|n| *n > 0)?;
+        self.limit = to;
+        Some(extra)
     }
 
     /// With `window`: the credit to give back once what is queued toward the socket (`queued`
@@ -199,6 +211,19 @@ mod tests {
         assert_eq!(f.ack(false, 0), None, "no window, no acks");
         assert_eq!(f.ack(true, 0), Some(500));
         assert_eq!(f.ack(true, 0), None);
+    }
+
+    #[test]
+    fn a_widened_flow_grants_the_difference_once_and_accepts_that_much_more() {
+        let mut f = Flow::default();
+        assert_eq!(f.widen(WINDOW), None, "nothing to grant");
+        assert_eq!(f.widen(3 * WINDOW), Some(2 * WINDOW as u32));
+        assert_eq!(f.widen(2 * WINDOW), None, "never narrowed");
+        assert!(
+            !f.received(3 * WINDOW as usize),
+            "the widened window is fine"
+        );
+        assert!(f.received(1), "one byte beyond it is not");
     }
 
     #[test]

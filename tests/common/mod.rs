@@ -334,11 +334,17 @@ pub fn upstream<F>(handler: F) -> String
 where
     F: Fn(tiny_http::Request) + Send + Sync + 'static,
 {
-    let server = tiny_http::Server::http("127.0.0.1:0").expect("upstream bind");
-    let url = format!(
-        "http://{}",
-        server.server_addr().to_ip().expect("ip address")
-    );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("upstream bind");
+    format!("http://{}", upstream_on(listener, handler))
+}
+
+/// [`upstream`] on a listener of the caller's; returns the address it listens on.
+pub fn upstream_on<F>(listener: std::net::TcpListener, handler: F) -> SocketAddr
+where
+    F: Fn(tiny_http::Request) + Send + Sync + 'static,
+{
+    let server = tiny_http::Server::from_listener(listener, None).expect("upstream listener");
+    let bound = server.server_addr().to_ip().expect("ip address");
     let handler = std::sync::Arc::new(handler);
     std::thread::spawn(move || {
         for req in server.incoming_requests() {
@@ -346,7 +352,7 @@ where
             std::thread::spawn(move || handler(req));
         }
     });
-    url
+    bound
 }
 
 /// SHA-256 of `data` as hex, by the system's `sha256sum`.

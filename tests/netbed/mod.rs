@@ -20,6 +20,10 @@
 //! (`--random-fully` for a symmetric NAT), a stateful FORWARD chain, optionally the home-router
 //! input firewall (ESTABLISHED,RELATED only), a UDP block, random loss (`-m statistic`). IPv6
 //! beds route 2001:db8:1::/64 and 2001:db8:2::/64 without NAT behind stateful firewalls.
+//!
+//! Beside the NAT bed: [`wan`], two namespaces joined by an emulated WAN path (delay, loss,
+//! rate limit, cuts) for `tests/wan.rs` and `tests/wan_bench.rs`, and [`traffic`], their
+//! checkable upstream and measuring clients.
 
 #![allow(dead_code)]
 
@@ -31,6 +35,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use crate::common::Proc;
+
+pub mod traffic;
+pub mod wan;
 
 /// The public ("internet") address of the segment's own host, where the signal server and the
 /// TURN server listen.
@@ -202,7 +209,25 @@ impl Router {
 }
 
 /// A network namespace, deleted when dropped.
-struct Netns(String);
+pub struct Netns(String);
+
+impl Netns {
+    /// Creates namespace `name` (which should start with `tnlnet-<pid>-`, so a run that was
+    /// killed has it removed by the next one) with loopback up and no duplicate address
+    /// detection (addresses usable at once, also link-local ones).
+    pub fn new(name: &str) -> Netns {
+        run("ip", &["netns", "add", name]);
+        let ns = Netns(name.to_string());
+        sysctl(name, "net.ipv6.conf.all.accept_dad=0");
+        sysctl(name, "net.ipv6.conf.default.accept_dad=0");
+        ip(name, &["link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+}
 
 impl Drop for Netns {
     fn drop(&mut self) {
@@ -342,12 +367,7 @@ impl Bed {
 
     fn namespace(&mut self, node: &str) -> String {
         let name = self.ns(node);
-        run("ip", &["netns", "add", &name]);
-        self.namespaces.push(Netns(name.clone()));
-        // Addresses usable at once: no duplicate address detection (also for link-local ones).
-        sysctl(&name, "net.ipv6.conf.all.accept_dad=0");
-        sysctl(&name, "net.ipv6.conf.default.accept_dad=0");
-        ip(&name, &["link", "set", "lo", "up"]);
+        self.namespaces.push(Netns::new(&name));
         name
     }
 
@@ -438,10 +458,7 @@ impl Bed {
 
     /// Starts `tunnel <args>` in namespace `node`.
     pub fn tunnel(&self, node: &str, args: &[&str]) -> Proc {
-        let ns = self.ns(node);
-        let mut all = vec!["netns", "exec", &ns, crate::common::BIN];
-        all.extend_from_slice(args);
-        Proc::start_program("ip", &all, &[])
+        tunnel_in(&self.ns(node), args, &[])
     }
 
     /// `tunnel signal` on the public host, with its STUN responder on the same port; waits until
@@ -553,6 +570,13 @@ impl Drop for Bed {
     }
 }
 
+/// Starts `tunnel <args>` in namespace `ns` (`RUST_LOG=debug` unless `envs` says otherwise).
+pub fn tunnel_in(ns: &str, args: &[&str], envs: &[(&str, &str)]) -> Proc {
+    let mut all = vec!["netns", "exec", ns, crate::common::BIN];
+    all.extend_from_slice(args);
+    Proc::start_program("ip", &all, envs)
+}
+
 fn ab(i: u8) -> char {
     if i == 1 {
         'a'
@@ -561,18 +585,20 @@ fn ab(i: u8) -> char {
     }
 }
 
-fn ip(ns: &str, args: &[&str]) {
+/// Runs `ip -n NS <args>`; it must succeed.
+pub fn ip(ns: &str, args: &[&str]) {
     let mut all = vec!["-n", ns];
     all.extend_from_slice(args);
     run("ip", &all);
 }
 
-fn sysctl(ns: &str, setting: &str) {
+/// Sets a sysctl (`name=value`) inside namespace `ns`.
+pub fn sysctl(ns: &str, setting: &str) {
     run("ip", &["netns", "exec", ns, "sysctl", "-qw", setting]);
 }
 
 /// Deletes `tnlnet-<pid>-…` namespaces whose process is gone (a run that was killed).
-fn remove_stale_namespaces() {
+pub fn remove_stale_namespaces() {
     let Ok(entries) = std::fs::read_dir("/var/run/netns") else {
         return;
     };
