@@ -7,7 +7,9 @@ BIN          := $(TARGET_DIR)/release/tunnel
 STATIC_BIN   := $(TARGET_DIR)/$(MUSL_TARGET)/release/tunnel
 STATIC_BENCH := $(TARGET_DIR)/$(MUSL_TARGET)/release/tunnel-bench
 
-.PHONY: all build release test test-deps test-net lint fmt demo bench bench-wan fuzz static static-arm64 interop clean
+.PHONY: all build release test test-deps test-net lint fmt demo bench bench-wan fuzz static \
+        static-arm64 static-armv7 static-mipsel build-arm64 build-armv7 build-mipsel dist interop \
+        clean
 
 all: build
 
@@ -108,20 +110,87 @@ static:
 	@file $(STATIC_BIN) | grep -q 'static' || (echo "not a static binary" && false)
 	@ls -l $(STATIC_BIN) | awk '{ printf "static binary: %s, %d bytes (%.2f MiB)\n", $$9, $$5, $$5/1048576 }'
 
-## static-arm64: the same for 64-bit ARM (Raspberry Pi 3/4/5, arm64 routers), cross-built with
-## cargo-zigbuild; under qemu-aarch64 (when installed) it then serves a native proxy in a test
-ARM_TARGET := aarch64-unknown-linux-musl
-ARM_BIN    := $(TARGET_DIR)/$(ARM_TARGET)/release/tunnel
-static-arm64:
-	@rustup target list --installed | grep -qx $(ARM_TARGET) || rustup target add $(ARM_TARGET)
+## Cross builds, cross-built with cargo-zigbuild (zig as the C compiler and linker):
+## static-arm64: 64-bit ARM (Raspberry Pi 3/4/5 on a 64-bit OS, arm64 routers);
+## static-armv7: 32-bit ARMv7 with hardware float (Pi 2/3/4 on 32-bit Raspberry Pi OS, ARM routers);
+## static-mipsel: 32-bit little-endian MIPS (OpenWrt's ramips routers, e.g. MT7621).
+## Each checks that it is a static binary, prints its size and, when qemu-user is installed, runs
+## tests/cross.rs: the build under emulation serves a native proxy.
+ARM64_TARGET := aarch64-unknown-linux-musl
+ARMV7_TARGET := armv7-unknown-linux-musleabihf
+MIPSEL_TARGET := mipsel-unknown-linux-musl
+
+# $(call cross-build,TARGET,what `file` must say[,more RUSTFLAGS when the std is built from source])
+# The target's standard library is rustup's prebuilt one where rustup has it; otherwise it is
+# built from source by nightly's -Zbuild-std (the nightly toolchain and its rust-src component;
+# always so for MIPS, a tier-3 target without a prebuilt one). rustc must then not add its own
+# musl start files (crt1.o, …: they ship with the prebuilt library only), so
+# -C link-self-contained=no leaves them and libc to zig.
+define cross-build
 	@command -v cargo-zigbuild >/dev/null || pip install -q ziglang cargo-zigbuild
-	$(CARGO) zigbuild --release --target $(ARM_TARGET) --bin tunnel
-	@file $(ARM_BIN) | grep -q 'ARM aarch64.*static' || (echo "not a static aarch64 binary" && false)
-	@ls -l $(ARM_BIN) | awk '{ printf "static binary: %s, %d bytes (%.2f MiB)\n", $$9, $$5, $$5/1048576 }'
-	@if command -v qemu-aarch64 >/dev/null; then \
-	  qemu-aarch64 $(ARM_BIN) --version && \
-	  TUNNEL_ARM64_BIN=$(abspath $(ARM_BIN)) $(CARGO) test --test arm64 -- --nocapture; \
+	@if rustup target list --installed | grep -qx $(1) || rustup target add $(1) >/dev/null 2>&1; then \
+	  echo "$(1): rustup's prebuilt standard library"; \
+	  echo "$(CARGO) zigbuild --release --target $(1) --bin tunnel"; \
+	  $(CARGO) zigbuild --release --target $(1) --bin tunnel; \
+	elif { rustup toolchain list | grep -q '^nightly' || \
+	       rustup toolchain install nightly --profile minimal >/dev/null 2>&1; } && \
+	     { rustup component list --toolchain nightly --installed | grep -qx rust-src || \
+	       rustup component add rust-src --toolchain nightly >/dev/null 2>&1; }; then \
+	  echo "$(1): rustup has no prebuilt standard library for it here; building it from source" \
+	    "(nightly -Zbuild-std)"; \
+	  echo "RUSTFLAGS='-C link-self-contained=no $(3)' $(CARGO) +nightly zigbuild" \
+	    "-Zbuild-std=std,panic_abort --release --target $(1) --bin tunnel"; \
+	  RUSTFLAGS='-C link-self-contained=no $(3)' $(CARGO) +nightly zigbuild \
+	    -Zbuild-std=std,panic_abort --release --target $(1) --bin tunnel; \
+	else \
+	  echo "$(1): rustup can install neither its standard library nor nightly's rust-src" && false; \
 	fi
+	@file $(TARGET_DIR)/$(1)/release/tunnel | grep -q '$(2).*static' || (echo "not a static $(1) binary" && false)
+	@ls -l $(TARGET_DIR)/$(1)/release/tunnel | awk '{ printf "static binary: %s, %d bytes (%.2f MiB)\n", $$9, $$5, $$5/1048576 }'
+endef
+
+# $(call cross-test,TARGET,qemu-user emulator)
+define cross-test
+	@if command -v $(2) >/dev/null; then \
+	  echo "TUNNEL_CROSS_BIN=... TUNNEL_CROSS_QEMU=$(2) $(CARGO) test --test cross"; \
+	  TUNNEL_CROSS_BIN=$(abspath $(TARGET_DIR)/$(1)/release/tunnel) TUNNEL_CROSS_QEMU=$(2) \
+	  TUNNEL_CROSS_TARGET=$(1) $(CARGO) test --test cross -- --nocapture; \
+	else \
+	  echo "*** $(2) is missing (apt-get install qemu-user): the $(1) build was not run ***"; \
+	fi
+endef
+
+build-arm64:
+	$(call cross-build,$(ARM64_TARGET),ARM aarch64)
+build-armv7:
+	$(call cross-build,$(ARMV7_TARGET),ARM.*EABI5)
+static-arm64: build-arm64
+	$(call cross-test,$(ARM64_TARGET),qemu-aarch64)
+# MIPS as a static non-PIE executable: the static-pie one zig links by default crashes at its
+# first socket work under qemu-mipsel.
+build-mipsel:
+	$(call cross-build,$(MIPSEL_TARGET),MIPS32,-C relocation-model=static)
+static-armv7: build-armv7
+	$(call cross-test,$(ARMV7_TARGET),qemu-arm)
+static-mipsel: build-mipsel
+	$(call cross-test,$(MIPSEL_TARGET),qemu-mipsel)
+
+## dist: the stripped static binaries with their SHA-256 sums (NAME.sha256 each, and one
+## SHA256SUMS) in $(TARGET_DIR)/dist: x86_64 and the cross builds named in DIST_CROSS
+## (default arm64 armv7 mipsel)
+VERSION    := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+DIST       := $(TARGET_DIR)/dist
+DIST_CROSS ?= arm64 armv7 mipsel
+TRIPLE_arm64 := $(ARM64_TARGET)
+TRIPLE_armv7 := $(ARMV7_TARGET)
+TRIPLE_mipsel := $(MIPSEL_TARGET)
+dist: static $(addprefix build-,$(DIST_CROSS))
+	rm -rf $(DIST) && mkdir -p $(DIST)
+	@for t in $(MUSL_TARGET) $(foreach c,$(DIST_CROSS),$(TRIPLE_$(c))); do \
+	  cp $(TARGET_DIR)/$$t/release/tunnel $(DIST)/tunnel-$(VERSION)-$$t || exit 1; \
+	  (cd $(DIST) && sha256sum tunnel-$(VERSION)-$$t > tunnel-$(VERSION)-$$t.sha256) || exit 1; \
+	done
+	cd $(DIST) && cat *.sha256 > SHA256SUMS && ls -l && cat SHA256SUMS
 
 ## interop: our binary against a webrtc-rs stand-in of the original client (tests/interop, its
 ## own workspace; builds the webrtc crate, several minutes the first time)

@@ -23,7 +23,6 @@ fn main() -> ExitCode {
     for noisy in [
         "str0m",
         "str0m_proto",
-        "str0m_rust_crypto",
         "sctp_proto",
         "dimpl",
         "tungstenite",

@@ -9,10 +9,15 @@ pub fn random_bytes(buf: &mut [u8]) {
     // getrandom only fails when the OS has no entropy source at all; ids are then still unique
     // through the counter mixed in below, which is all the signal server needs from them.
     if getrandom::getrandom(buf).is_err() {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static COUNTER: AtomicU64 = AtomicU64::new(0x9e37_79b9_7f4a_7c15);
+        // A mutex, not an AtomicU64: 32-bit MIPS has no 64-bit atomics.
+        static COUNTER: std::sync::Mutex<u64> = std::sync::Mutex::new(0x9e37_79b9_7f4a_7c15);
         for chunk in buf.chunks_mut(8) {
-            let n = COUNTER.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
+            let n = {
+                let mut counter = COUNTER.lock().unwrap_or_else(|e| e.into_inner());
+                let n = *counter;
+                *counter = n.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                n
+            };
             let bytes = n.wrapping_mul(0xbf58_476d_1ce4_e5b9).to_le_bytes();
             chunk.copy_from_slice(&bytes[..chunk.len()]);
         }

@@ -227,9 +227,13 @@ impl PeerCore {
             locals: cfg.locals,
             stun,
             srflx: Vec::new(),
-            dtls_cert: str0m::crypto::from_feature_flags()
-                .dtls_provider
-                .generate_certificate(),
+            dtls_cert: match super::crypto::self_signed_certificate() {
+                Ok(cert) => Some(cert),
+                Err(e) => {
+                    log::error!("{e}");
+                    None
+                }
+            },
             sessions: Vec::new(),
             early: Vec::new(),
             reoffer: Vec::new(),
@@ -883,7 +887,9 @@ impl PeerCore {
 
     /// A fresh `Rtc` with one host candidate per local socket and the server-reflexive ones.
     fn new_session(&mut self, member: &str, offerer: bool, now: Instant) -> Session {
-        let mut config = Rtc::builder().set_sctp_max_buffered_amount(SCTP_BUFFER);
+        let mut config = Rtc::builder()
+            .set_crypto_provider(super::crypto::provider())
+            .set_sctp_max_buffered_amount(SCTP_BUFFER);
         if let Some(cert) = &self.dtls_cert {
             config = config.set_dtls_cert(cert.clone());
         }

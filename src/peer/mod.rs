@@ -13,6 +13,7 @@
 
 pub mod candidate;
 pub mod core;
+pub mod crypto;
 pub mod signaling;
 pub mod stun_client;
 pub mod ws;

@@ -2,7 +2,7 @@
 //! connection of the peer link (`super::Link`). The link registers it under one token and calls
 //! [`WsClient::on_ready`] on every event; text messages come out as [`WsEvent`]s.
 //!
-//! `wss://` URLs run the WebSocket over rustls (aws-lc-rs provider, TLS 1.2 and 1.3): the server
+//! `wss://` URLs run the WebSocket over rustls (ring provider, TLS 1.2 and 1.3): the server
 //! certificate is verified against the webpki (Mozilla) roots for the URL's host, which is also
 //! the SNI. The TLS handshake is driven lazily by the WebSocket handshake's reads and writes;
 //! TLS records rustls could not hand to the socket are written on the next event.
@@ -117,7 +117,7 @@ fn tls_config(roots: Option<RootCertStore>) -> Result<Arc<ClientConfig>, String>
     let roots = roots.unwrap_or_else(|| RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
     });
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS set-up failed: {e}"))?
@@ -482,7 +482,7 @@ mod tests {
             .self_signed(&key)
             .expect("certificate");
         let der = cert.der().clone();
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .expect("versions")
