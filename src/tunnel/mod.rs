@@ -72,8 +72,8 @@ const LINK_BASE: usize = 1;
 /// First token of the role's own sockets (clients, upstream connections).
 pub const FIRST_SOCKET: usize = LINK_BASE + Link::TOKENS;
 /// Bytes one socket read takes at most, so one body frame's payload. Smaller than the 65 408
-/// the framing allows: the send window is then filled in finer steps, and SCTP keeps fewer
-/// chunks in flight per step (its per-packet cost grows with them).
+/// the framing allows: the send window is then filled in finer steps, and readers take turns
+/// at a finer grain.
 pub const READ_CHUNK: usize = 16 * 1024;
 /// The send window is the round trip times this rate (within the link's bounds): enough to
 /// carry this much per second on that path, and no more in flight than that needs.
