@@ -33,6 +33,11 @@ fn body_of(addr: std::net::SocketAddr) -> (u16, String) {
 fn the_right_secret_is_served() {
     let (_signal, mut serve, url) = provider("auth-ok", &["--secret", "correct horse"]);
     serve.wait_line("joined room", 10);
+    // The command for consumers names the room but never prints the secret.
+    serve.wait_line(
+        &format!("run: tunnel proxy --signal {url} --room auth-ok --secret <the secret>"),
+        10,
+    );
     assert!(
         !serve.drain().iter().any(|l| l.contains("no --secret")),
         "no open-door warning with a secret"

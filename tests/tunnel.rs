@@ -279,6 +279,11 @@ fn serve_first_then_proxy() {
     let url = format!("ws://{saddr}");
     let mut serve = serve(&url, "order-b", &api_upstream(), &[]);
     serve.wait_line("joined room 'order-b'", 10);
+    let line = serve.wait_line("on each consumer's machine, run:", 10);
+    assert!(
+        line.ends_with(&format!("run: tunnel proxy --signal {url} --room order-b")),
+        "serve prints the consumer's command: {line}"
+    );
     let (mut proxy, addr) = proxy(&url, "order-b");
     proxy.wait_line("tunnel ready", 15);
     let (status, _, _) = request(addr, "GET", "/v1/models", b"");

@@ -699,6 +699,8 @@ pub fn serve(opts: ServeOpts) -> Result<(), String> {
     // connection waits in its backlog) and runs once the link's sockets exist: its relay must
     // reach them although they are on this very host.
     let mut builtin = None;
+    // The signal server's address as consumers reach it (for the command serve prints).
+    let mut peers_url = None;
     let signal_url = match flag_or_env(&opts.signal, "TUNNEL_SIGNAL") {
         Some(url) => url,
         None => {
@@ -723,6 +725,11 @@ pub fn serve(opts: ServeOpts) -> Result<(), String> {
                 "signal server (built in) listening on ws://{addr}; peers use ws://<this host>:{}",
                 addr.port()
             );
+            peers_url = Some(if addr.ip().is_unspecified() {
+                format!("ws://<this host>:{}", addr.port())
+            } else {
+                format!("ws://{addr}")
+            });
             if stun.is_none() {
                 stun = stun_local.map(|s| SocketAddr::new(local_ip, s.port()));
             }
@@ -730,6 +737,8 @@ pub fn serve(opts: ServeOpts) -> Result<(), String> {
         }
     };
     let advertise = opts.advertise.clone().unwrap_or_else(|| "/".into());
+    let consumer_command =
+        consumer_command(peers_url.as_deref().unwrap_or(&signal_url), &room, &secrets);
     let mut poll = Poll::new().map_err(|e| format!("cannot create poll: {e}"))?;
     let announce = format!(
         "serving {} in room '{room}' via {signal_url} (up to {} consumer{})",
@@ -764,8 +773,37 @@ pub fn serve(opts: ServeOpts) -> Result<(), String> {
     }
     let mut role = serve::Serve::new(upstream, &advertise, limits)
         .with_allow(rules)
-        .with_secrets(secrets, file);
+        .with_secrets(secrets, file)
+        .with_consumer_command(consumer_command);
     run_loop(&mut poll, &mut link, &mut net, &mut role)
+}
+
+/// The command a consumer runs to reach this provider (secrets as placeholders: they are not
+/// printed).
+fn consumer_command(signal_url: &str, room: &str, secrets: &auth::Secrets) -> String {
+    let word = |s: &str| {
+        let plain = !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.:/@%+=,".contains(c));
+        if plain {
+            s.to_string()
+        } else {
+            format!("'{}'", s.replace('\'', "'\\''"))
+        }
+    };
+    let mut command = format!(
+        "tunnel proxy --signal {} --room {}",
+        word(signal_url),
+        word(room)
+    );
+    match secrets {
+        auth::Secrets::Open => {}
+        auth::Secrets::Shared(_) => command.push_str(" --secret <the secret>"),
+        auth::Secrets::PerName(_) => {
+            command.push_str(" --name <a name in the secret file> --secret <its secret>")
+        }
+    }
+    command
 }
 
 /// serve's `--secret` / `TUNNEL_SECRET` or `--secret-file` (not both).
@@ -855,4 +893,29 @@ pub fn token_of(i: usize) -> Token {
 /// Slab slot of a role token, if it is one.
 pub fn slot_of(token: Token) -> Option<usize> {
     token.0.checked_sub(FIRST_SOCKET)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_consumer_command_quotes_what_a_shell_would_split_and_hides_secrets() {
+        let open = auth::Secrets::Open;
+        assert_eq!(
+            consumer_command("ws://203.0.113.5:8787", "llm", &open),
+            "tunnel proxy --signal ws://203.0.113.5:8787 --room llm"
+        );
+        assert_eq!(
+            consumer_command("ws://<this host>:8787", "it's mine", &open),
+            "tunnel proxy --signal 'ws://<this host>:8787' --room 'it'\\''s mine'"
+        );
+        let shared = auth::Secrets::Shared("correct horse".into());
+        let command = consumer_command("wss://s.example/x?a=1&b=2", "r", &shared);
+        assert_eq!(
+            command,
+            "tunnel proxy --signal 'wss://s.example/x?a=1&b=2' --room r --secret <the secret>"
+        );
+        assert!(!command.contains("horse"));
+    }
 }

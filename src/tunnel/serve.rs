@@ -194,6 +194,8 @@ pub struct Serve {
     secrets: Secrets,
     /// `--secret-file`, re-read on SIGHUP.
     secret_file: Option<PathBuf>,
+    /// Printed once the room is joined (`with_consumer_command`), then `None`.
+    consumer_command: Option<String>,
     throttle: Throttle,
 }
 
@@ -210,6 +212,7 @@ impl Serve {
             ready: VecDeque::new(),
             secrets: Secrets::Open,
             secret_file: None,
+            consumer_command: None,
             throttle: Throttle::default(),
         }
     }
@@ -218,6 +221,12 @@ impl Serve {
     pub fn with_secrets(mut self, secrets: Secrets, file: Option<PathBuf>) -> Serve {
         self.secrets = secrets;
         self.secret_file = file;
+        self
+    }
+
+    /// The command to print for consumers once the room is joined.
+    pub fn with_consumer_command(mut self, command: String) -> Serve {
+        self.consumer_command = Some(command);
         self
     }
 
@@ -1175,6 +1184,11 @@ impl Role for Serve {
     }
 
     fn on_tick(&mut self, net: &mut Net, registry: &Registry, now: Instant) {
+        if net.core.is_joined() {
+            if let Some(command) = self.consumer_command.take() {
+                log::info!("on each consumer's machine, run: {command}");
+            }
+        }
         self.pump(net, registry, now);
         self.expire_idle(net, registry, now);
         let late: Vec<(PeerId, Option<String>)> = self
