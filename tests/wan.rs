@@ -135,7 +135,13 @@ fn three_second_cut_mid_download_completes_intact() {
     );
     let at = progress.load(Ordering::Relaxed);
     wan.cut(Cut::All);
-    std::thread::sleep(Duration::from_secs(3));
+    // The cut lasts 3 s, watched: nothing crosses it, so the download cannot end meanwhile.
+    if let Ok((ended, _)) = done.recv_timeout(Duration::from_secs(3)) {
+        panic!(
+            "cut3: the download ended while the path was cut: {ended:?}\n{}",
+            report(&wan, &mut t)
+        );
+    }
     wan.restore();
     let (got, _) = done
         .recv_timeout(Duration::from_secs(120))
@@ -214,7 +220,13 @@ fn thirty_second_cut_ends_in_flight_answers_503_and_recovers() {
         "cut30: a request {:.0} s into the cut got {later:?}, not 503 with Retry-After",
         cut.elapsed().as_secs_f64()
     );
-    std::thread::sleep(CUT.saturating_sub(cut.elapsed()));
+    // The rest of the cut, watched: the path cannot come back while it lasts.
+    if let Some(line) = t
+        .proxy
+        .line_within("path back", CUT.saturating_sub(cut.elapsed()))
+    {
+        panic!("cut30: the proxy saw the path come back during the cut: {line}");
+    }
     wan.restore();
     let restored = Instant::now();
 
