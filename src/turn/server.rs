@@ -1061,17 +1061,7 @@ impl TurnServer {
             self.stats.dropped[Dropped::Forbidden as usize] += 1;
             return;
         }
-        if !a.to_peer.take(data.len(), self.cfg.rate, now) {
-            self.stats.dropped[Dropped::Rate as usize] += 1;
-            return;
-        }
-        let port = a.port;
-        self.stats.bytes_to_peers += data.len() as u64;
-        self.out.push_back(Output::ToPeer {
-            port,
-            peer,
-            data: data.to_vec(),
-        });
+        self.forward(now, client, peer, data);
     }
 
     fn channel_data(&mut self, now: Instant, client: Client, data: &[u8]) {
@@ -1104,16 +1094,24 @@ impl TurnServer {
             self.stats.dropped[Dropped::Forbidden as usize] += 1;
             return;
         }
-        if !a.to_peer.take(payload.len(), self.cfg.rate, now) {
-            self.stats.dropped[Dropped::Rate as usize] += 1;
+        self.forward(now, client, peer, payload);
+    }
+
+    /// Sends `data` from `client`'s allocation to `peer` (checked by the caller) within the
+    /// allocation's rate.
+    fn forward(&mut self, now: Instant, client: Client, peer: SocketAddr, data: &[u8]) {
+        let Some(a) = self.allocs.get_mut(&client) else {
             return;
+        };
+        if !a.to_peer.take(data.len(), self.cfg.rate, now) {
+            return self.count_drop(Dropped::Rate);
         }
         let port = a.port;
-        self.stats.bytes_to_peers += payload.len() as u64;
+        self.stats.bytes_to_peers += data.len() as u64;
         self.out.push_back(Output::ToPeer {
             port,
             peer,
-            data: payload.to_vec(),
+            data: data.to_vec(),
         });
     }
 
