@@ -1522,10 +1522,10 @@ fn serve_writes_no_more_request_body_than_its_content_length() {
     );
 }
 
-/// Sends `total` bytes from the provider to its one consumer as fast as the send window lets
-/// it, over links of `delay` each way and `loss`; returns the rate in virtual time (MB/s).
-fn bulk_rate(delay: Duration, loss: f64, window: usize, total: usize) -> f64 {
-    let mut sim = Sim::new(5);
+/// A provider and one consumer, connected over links of `delay` each way and `loss`: the
+/// simulation, the provider's node, its session with the consumer, the consumer's node.
+fn one_consumer(seed: u64, delay: Duration, loss: f64) -> (Sim, usize, PeerId, usize) {
+    let mut sim = Sim::new(seed);
     sim.default_cond = LinkCond {
         delay,
         loss,
@@ -1533,8 +1533,15 @@ fn bulk_rate(delay: Duration, loss: f64, window: usize, total: usize) -> f64 {
     };
     let (p, cs) = provider_with(&mut sim, 1);
     let peer = open_peers(&sim, p)[0];
+    (sim, p, peer, cs[0])
+}
+
+/// Sends `total` bytes from the provider to its one consumer as fast as the send window lets
+/// it, over links of `delay` each way and `loss`; returns the rate in virtual time (MB/s).
+fn bulk_rate(delay: Duration, loss: f64, window: usize, total: usize) -> f64 {
+    let (mut sim, p, peer, c) = one_consumer(5, delay, loss);
     sim.nodes[p].net.core.set_send_window(peer, window);
-    let (c, t0) = (cs[0], sim.now);
+    let t0 = sim.now;
     let (mut sent, mut received) = (0, 0);
     let message = vec![7u8; 16 * 1024];
     let ok = sim.run_until(Duration::from_secs(600), |s| {
@@ -1563,15 +1570,7 @@ fn a_long_path_carries_a_window_of_a_mebibyte() {
 
 /// A token of `size` bytes every 50 ms from the provider: (arrival times, tokens in order).
 fn tokens(delay: Duration, loss: f64, n: u32) -> (Vec<Duration>, bool) {
-    let mut sim = Sim::new(9);
-    sim.default_cond = LinkCond {
-        delay,
-        loss,
-        ..LinkCond::default()
-    };
-    let (p, cs) = provider_with(&mut sim, 1);
-    let peer = open_peers(&sim, p)[0];
-    let c = cs[0];
+    let (mut sim, p, peer, c) = one_consumer(9, delay, loss);
     sim.nodes[c].events.clear();
     let t0 = sim.now;
     let (mut sent, mut arrivals, mut order) = (0u32, Vec::new(), Vec::new());
