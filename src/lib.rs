@@ -8,6 +8,7 @@ pub mod frame;
 pub mod http1;
 pub mod nbio;
 pub mod peer;
+pub mod prom;
 pub mod service;
 pub mod signal;
 #[cfg(test)]
