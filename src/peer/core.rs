@@ -215,6 +215,8 @@ pub struct PeerCore {
     refusal: Option<String>,
     refused_with: Option<String>,
     closed: bool,
+    /// Sessions refused by `max_peers` (for `--metrics`).
+    refused_full: u64,
 }
 
 impl PeerCore {
@@ -243,6 +245,7 @@ impl PeerCore {
             refusal: None,
             refused_with: None,
             closed: false,
+            refused_full: 0,
             turns: Vec::new(),
             relay_only: cfg.relay_only,
             turn_from_signal: cfg.turn_from_signal,
@@ -703,6 +706,28 @@ impl PeerCore {
             .map(|s| now.saturating_duration_since(s.last_rx))
     }
 
+    /// Whether `peer`'s session goes through a TURN relay (ours or the peer's) rather than
+    /// directly (host, server- or peer-reflexive candidates); `None` before DTLS has a path.
+    /// For `--metrics`.
+    pub fn relayed(&self, peer: PeerId) -> Option<bool> {
+        let session = self.sessions.iter().find(|s| s.id == peer)?;
+        let (source, destination) = session.route?;
+        let ours = self
+            .turns
+            .iter()
+            .any(|t| t.client.relayed() == Some(source));
+        let theirs = session
+            .remote_candidates
+            .iter()
+            .any(|c| c.addr() == destination && c.kind() == str0m::CandidateKind::Relayed);
+        Some(ours || theirs)
+    }
+
+    /// Sessions refused because `max_peers` were connected (serve's `--max-consumers`).
+    pub fn refused_full(&self) -> u64 {
+        self.refused_full
+    }
+
     /// Keeps `peer`'s session through ICE disconnection: the driver watches the path itself
     /// and ends the session with [`PeerCore::disconnect`] when it gives up.
     pub fn hold(&mut self, peer: PeerId) {
@@ -872,10 +897,11 @@ impl PeerCore {
     }
 
     /// Whether one more session may start; logs the refusal otherwise.
-    fn has_room_for(&self, member: &str) -> bool {
+    fn has_room_for(&mut self, member: &str) -> bool {
         if self.session_of(member).is_some() || self.sessions.len() < self.max_peers {
             return true;
         }
+        self.refused_full += 1;
         log::warn!(
             "consumer {} refused: {} of {} consumers connected (--max-consumers)",
             short(member),
