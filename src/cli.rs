@@ -286,6 +286,11 @@ pub struct ServeOpts {
     /// progress before it is ended: 504, or an error mid-body (default 300)
     #[argh(option, default = "300")]
     pub stream_idle: u64,
+
+    /// serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9100 (env
+    /// TUNNEL_METRICS; default: off)
+    #[argh(option)]
+    pub metrics: Option<String>,
 }
 
 /// Listen locally and carry every HTTP request through the tunnel to the provider: the consumer.
@@ -356,6 +361,11 @@ pub struct ProxyOpts {
     /// against DNS rebinding
     #[argh(option)]
     pub allow_host: Vec<String>,
+
+    /// serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9100 (env
+    /// TUNNEL_METRICS; default: off)
+    #[argh(option)]
+    pub metrics: Option<String>,
 }
 
 /// Try it on this machine: starts a signal server, a small OpenAI-style demo upstream, serve and

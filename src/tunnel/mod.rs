@@ -7,6 +7,7 @@
 //! and [`proxy`].
 
 pub mod auth;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod serve;
@@ -112,6 +113,8 @@ struct ChanState {
     untimed: usize,
     /// Shortest PING round trip, and how many were measured.
     min_rtt: Option<Duration>,
+    /// The last PING round trip measured.
+    last_rtt: Option<Duration>,
     rtt_samples: u32,
     /// Feature `liveness` agreed: fast PINGs and path watching.
     liveness: bool,
@@ -128,6 +131,11 @@ pub struct Net {
     encode_buf: Vec<u8>,
     /// `--grace`: how long a lost path may take to come back before its streams end.
     pub grace: Duration,
+    /// Paths declared lost since start (liveness), for `--metrics`.
+    pub path_lost_total: u64,
+    /// HTTP body bytes (REQ_BODY, RES_BODY payloads) sent and received on every channel.
+    pub body_sent: u64,
+    pub body_received: u64,
 }
 
 /// A change of a channel's path (feature `liveness`), for the role.
@@ -151,6 +159,9 @@ impl Net {
             offered,
             encode_buf: Vec::new(),
             grace: GRACE,
+            path_lost_total: 0,
+            body_sent: 0,
+            body_received: 0,
         }
     }
 
@@ -180,6 +191,7 @@ impl Net {
                         silence.as_secs_f64(),
                         self.grace.as_secs()
                     );
+                    self.path_lost_total += 1;
                     changes.push(PathChange::Lost(peer));
                 }
                 Some(since) if silence < PATH_TIMEOUT => {
@@ -213,6 +225,17 @@ impl Net {
                 }
             })
             .min()
+    }
+
+    /// `peer`'s last and shortest PING round trips, once one was measured.
+    pub fn rtt(&self, peer: PeerId) -> Option<(Duration, Duration)> {
+        let st = self.chans.get(&peer)?;
+        Some((st.last_rtt?, st.min_rtt?))
+    }
+
+    /// Whether `peer`'s channel completed HELLO/AGREE.
+    pub fn is_ready(&self, peer: PeerId) -> bool {
+        self.chans.get(&peer).is_some_and(|c| c.ready)
     }
 
     /// The peers whose channels are open.
@@ -337,6 +360,9 @@ impl Chan<'_> {
         let Some(st) = net.chans.get_mut(&peer) else {
             return;
         };
+        if let Message::ReqBody(_, body) | Message::ResBody(_, body) = msg {
+            net.body_sent += body.len() as u64;
+        }
         net.encode_buf.clear();
         msg.encode_as(&mut net.encode_buf, st.form);
         if st.queue.is_empty() && net.core.send(peer, &net.encode_buf) {
@@ -396,6 +422,7 @@ impl Chan<'_> {
             return;
         };
         let rtt = now.saturating_duration_since(sent);
+        st.last_rtt = Some(rtt);
         st.rtt_samples += 1;
         if st.rtt_samples < QUICK_PINGS {
             st.next_ping = Some(now + QUICK_PING_GAP);
@@ -466,15 +493,19 @@ pub trait Role {
     /// With `liveness`: a channel's path was lost or came back.
     fn on_path(&mut self, _net: &mut Net, _change: &PathChange, _now: Instant) {}
     fn next_deadline(&self) -> Option<Instant>;
+    /// `--metrics`: writes the role's page.
+    fn metrics(&self, net: &Net, page: &mut crate::prom::Exposition);
 }
 
-/// The one loop: poll → feed the link and the role → drain the core's events → timers → send
-/// what the core queued; until SIGINT or SIGTERM, when it leaves the room (`bye`) and returns.
+/// The one loop: poll → feed the link, the role and the metrics endpoint → drain the core's
+/// events → timers → send what the core queued; until SIGINT or SIGTERM, when it leaves the
+/// room (`bye`) and returns.
 fn run_loop(
     poll: &mut Poll,
     link: &mut Link,
     net: &mut Net,
     role: &mut dyn Role,
+    mut metrics: Option<metrics::Endpoint>,
 ) -> Result<(), String> {
     crate::stop::install(poll.registry())
         .map_err(|e| format!("cannot install the SIGINT/SIGTERM handler: {e}"))?;
@@ -486,6 +517,7 @@ fn run_loop(
             net.next_ping(),
             net.next_path_check(now),
             role.next_deadline(),
+            metrics.as_ref().and_then(metrics::Endpoint::next_deadline),
         ]
         .into_iter()
         .flatten()
@@ -512,6 +544,13 @@ fn run_loop(
             }
             if link.owns(event.token()) {
                 link.handle_event(&mut net.core, poll.registry(), event, now);
+            } else if let Some(m) = metrics.as_mut().filter(|m| m.owns(event.token())) {
+                let mut page = || {
+                    let mut page = crate::prom::Exposition::new("tunnel_");
+                    role.metrics(net, &mut page);
+                    page.finish()
+                };
+                m.handle(poll.registry(), event, now, &mut page);
             } else {
                 role.on_socket(net, poll.registry(), event, now);
             }
@@ -530,6 +569,9 @@ fn run_loop(
         drain(net, role, poll.registry(), now);
         role.on_tick(net, poll.registry(), now);
         drain(net, role, poll.registry(), now);
+        if let Some(m) = &mut metrics {
+            m.expire(poll.registry(), now);
+        }
         link.flush(&mut net.core, poll.registry());
     }
 }
@@ -546,6 +588,9 @@ pub fn drain(net: &mut Net, role: &mut dyn Role, registry: &Registry, now: Insta
             PeerEvent::Data(peer, bytes) => {
                 match Message::decode_as(&bytes, net.chan(peer).header_form()) {
                     Ok(msg) => {
+                        if let Message::ReqBody(_, body) | Message::ResBody(_, body) = &msg {
+                            net.body_received += body.len() as u64;
+                        }
                         if let Some(msg) = net.chan(peer).keepalive(msg, now) {
                             role.on_message(net, registry, peer, msg, now);
                         }
@@ -644,6 +689,16 @@ fn required(flag: &Option<String>, var: &str, name: &str, what: &str) -> Result<
     flag_or_env(flag, var).ok_or_else(|| format!("missing --{name} (or {var}): {what}"))
 }
 
+/// `--metrics ADDR` (or `TUNNEL_METRICS`): the metrics endpoint, if asked for.
+fn bind_metrics(
+    flag: &Option<String>,
+    registry: &Registry,
+) -> Result<Option<metrics::Endpoint>, String> {
+    flag_or_env(flag, "TUNNEL_METRICS")
+        .map(|spec| metrics::Endpoint::bind(&spec, registry))
+        .transpose()
+}
+
 /// Binds the link's sockets and makes the peer core; returns the shell and the channels.
 fn start_link(
     poll: &Poll,
@@ -740,6 +795,7 @@ pub fn serve(opts: ServeOpts) -> Result<(), String> {
     let consumer_command =
         consumer_command(peers_url.as_deref().unwrap_or(&signal_url), &room, &secrets);
     let mut poll = Poll::new().map_err(|e| format!("cannot create poll: {e}"))?;
+    let metrics = bind_metrics(&opts.metrics, poll.registry())?;
     let announce = format!(
         "serving {} in room '{room}' via {signal_url} (up to {} consumer{})",
         upstream.url,
@@ -775,7 +831,7 @@ pub fn serve(opts: ServeOpts) -> Result<(), String> {
         .with_allow(rules)
         .with_secrets(secrets, file)
         .with_consumer_command(consumer_command);
-    run_loop(&mut poll, &mut link, &mut net, &mut role)
+    run_loop(&mut poll, &mut link, &mut net, &mut role, metrics)
 }
 
 /// The command a consumer runs to reach this provider (secrets as placeholders: they are not
@@ -866,6 +922,7 @@ pub fn proxy(opts: ProxyOpts) -> Result<(), String> {
     let credentials = proxy_credentials(&opts)?;
     let hosts = proxy::AllowedHosts::new(listen, &opts.allow_host)?;
     let mut role = proxy::Proxy::bind(listen, poll.registry())?.with_hosts(hosts);
+    let metrics = bind_metrics(&opts.metrics, poll.registry())?;
     if let Some((name, secret)) = &credentials {
         role = role.with_secret(name, secret);
     }
@@ -882,7 +939,7 @@ pub fn proxy(opts: ProxyOpts) -> Result<(), String> {
     };
     let (mut link, mut net) = start_link(&poll, cfg, features(&opts.features)?, opts.grace)?;
     log::info!("proxy listening on http://{}", role.local_addr());
-    run_loop(&mut poll, &mut link, &mut net, &mut role)
+    run_loop(&mut poll, &mut link, &mut net, &mut role, metrics)
 }
 
 /// Token of slab slot `i` of a role's sockets.

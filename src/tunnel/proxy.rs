@@ -19,12 +19,15 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry, Token};
 
 use super::auth::{self, Binding, ConsumerAuth};
+use super::metrics::{render_peers, Counters, Failure, Refusal, View};
 use super::stream::{decode_body, Flow, Slab};
 use super::{slot_of, token_of, Chan, Net, Role, OUT_KEEP, READ_CHUNK, WINDOW};
 use crate::frame::{Agree, AuthOffer, Hello, Message, ReqHeaders, ResHeaders};
 use crate::http1::{self, BodyDecoder, BodyFraming, HeadError};
 use crate::nbio::{accept, read_some, would_block, write_out};
+use crate::peer::core::short;
 use crate::peer::PeerId;
+use crate::prom::{Exposition, Kind};
 
 /// No RES_HEADERS this long after the request: 504.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -186,6 +189,8 @@ pub struct Proxy {
     auth_failed: Option<String>,
     /// The `Host` values requests may carry.
     hosts: AllowedHosts,
+    /// For `--metrics`.
+    counters: Counters,
 }
 
 impl Proxy {
@@ -211,6 +216,7 @@ impl Proxy {
                 names: vec!["localhost".into()],
                 ips: vec![local.ip()],
             },
+            counters: Counters::default(),
         })
     }
 
@@ -451,6 +457,7 @@ impl Proxy {
             c.started = now;
             if let Some(why) = self.auth_failed.as_ref().filter(|_| !ch.ready()) {
                 log::debug!("{} {} → 403 ({why})", req.method, req.target);
+                self.counters.refused(Refusal::AuthFailed);
                 let close = !matches!(framing, BodyFraming::None) || !c.keep_alive;
                 let text = format!("tunnel authentication failed: {why}");
                 c.out.extend_from_slice(&http1::simple_response(
@@ -468,6 +475,7 @@ impl Proxy {
             }
             if ch.ready() && ch.path_lost() {
                 log::debug!("{} {} → 503 (path lost)", req.method, req.target);
+                self.counters.refused(Refusal::PathLost);
                 let close = !matches!(framing, BodyFraming::None) || !c.keep_alive;
                 let mut headers = vec![("Retry-After", "2")];
                 if close {
@@ -484,6 +492,7 @@ impl Proxy {
             }
             if !ch.ready() {
                 log::debug!("{} {} → 503 (tunnel not ready)", req.method, req.target);
+                self.counters.refused(Refusal::NotReady);
                 // A body is not read: the connection ends after the answer.
                 let close = !matches!(framing, BodyFraming::None) || !c.keep_alive;
                 let mut headers = vec![("Retry-After", "1")];
@@ -514,6 +523,7 @@ impl Proxy {
                 })
                 .map(|(n, v)| (n.to_ascii_lowercase(), v))
                 .collect();
+            self.counters.streams_total += 1;
             ch.send(&Message::ReqHeaders(ReqHeaders {
                 stream_id: sid,
                 method: req.method.clone(),
@@ -542,8 +552,13 @@ impl Proxy {
         }
     }
 
-    /// Answers an unparseable request and closes the connection.
+    /// Answers an unparseable (or misdirected) request and closes the connection.
     fn reject(&mut self, slot: usize, status: u16, text: &str) {
+        self.counters.refused(match status {
+            421 => Refusal::Misdirected,
+            431 => Refusal::HeadTooLarge,
+            _ => Refusal::BadRequest,
+        });
         if let Some(c) = self.clients.get_mut(slot) {
             log::debug!("client {}: {status} {text}", c.peer);
             c.out.extend_from_slice(&http1::simple_response(
@@ -740,6 +755,7 @@ impl Proxy {
                 sid,
                 "flow control violation: response body beyond the window credit".into(),
             ));
+            self.counters.failed(Failure::FlowControl);
             return self.abort(slot, ch);
         }
         if bodyless {
@@ -751,6 +767,7 @@ impl Proxy {
                     "stream {sid}: the provider sent more body than its content-length; cutting \
                      the client's connection"
                 );
+                self.counters.failed(Failure::BadLength);
                 return self.abort(slot, ch);
             };
             *left = rest;
@@ -765,6 +782,7 @@ impl Proxy {
                 "client {} does not read its response; cutting it off",
                 c.peer
             );
+            self.counters.failed(Failure::SlowClient);
             self.abort(slot, ch);
         }
     }
@@ -786,6 +804,7 @@ impl Proxy {
                     "stream {sid}: the provider ended the body {left} bytes short of its \
                      content-length; cutting the client's connection"
                 );
+                self.counters.failed(Failure::BadLength);
                 return self.abort(slot, ch);
             }
             Resp::Streaming {
@@ -797,6 +816,7 @@ impl Proxy {
             }
             // RES_END without a head: the provider gave up on the stream.
             Resp::Waiting { .. } => {
+                self.counters.failed(Failure::ProviderError);
                 c.out.extend_from_slice(&http1::simple_response(
                     502,
                     "text/plain",
@@ -817,6 +837,7 @@ impl Proxy {
             return;
         };
         log::debug!("stream {sid}: error from the provider: {text}");
+        self.counters.failed(Failure::ProviderError);
         let waiting = self
             .clients
             .get(slot)
@@ -964,6 +985,9 @@ impl Role for Proxy {
                 Resp::Streaming { .. } => 2,
                 Resp::Idle => 0,
             });
+            if matches!(state, Some(1 | 2)) {
+                self.counters.failed(Failure::PeerLost);
+            }
             match state {
                 Some(1) => self.fail(slot, 502, "Tunnel error: peer lost", &mut ch),
                 Some(2) => self.abort(slot, &mut ch),
@@ -1002,6 +1026,7 @@ impl Role for Proxy {
                 _ => None,
             });
             if expired.is_some() {
+                self.counters.failed(Failure::Timeout);
                 self.fail(
                     slot,
                     504,
@@ -1025,6 +1050,32 @@ impl Role for Proxy {
                 _ => None,
             })
             .min()
+    }
+
+    fn metrics(&self, net: &Net, page: &mut Exposition) {
+        let provider = self.peer.filter(|p| net.is_ready(*p));
+        page.single(
+            "provider_connected",
+            Kind::Gauge,
+            "1 while the tunnel to the provider is ready (agreed, and authenticated with a \
+             secret).",
+            u8::from(provider.is_some()),
+        );
+        let view = View {
+            role: "proxy",
+            open: self.streams.len(),
+            bytes_up: net.body_sent,
+            bytes_down: net.body_received,
+            refusals: Refusal::PROXY,
+            failures: Failure::PROXY,
+            extra: &[],
+        };
+        self.counters.render(page, &view);
+        let peers: Vec<(PeerId, String)> = provider
+            .map(|p| (p, short(net.core.member(p).unwrap_or("?")).to_string()))
+            .into_iter()
+            .collect();
+        render_peers(page, net, &peers);
     }
 }
 

@@ -24,6 +24,7 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry};
 
 use super::auth::{self, Binding, ProviderAuth, Secrets, Throttle};
+use super::metrics::{render_peers, Counters, Failure, Refusal, View};
 use super::policy::{Policy, Rule};
 use super::stream::{decode_body, Flow, Slab};
 use super::{slot_of, token_of, Chan, Net, Role, OUT_KEEP, WINDOW};
@@ -32,6 +33,7 @@ use crate::http1::{self, BodyDecoder, BodyFraming, HeadError};
 use crate::nbio::{read_some, set_linger_zero, would_block, write_out};
 use crate::peer::core::short;
 use crate::peer::PeerId;
+use crate::prom::{Exposition, Kind};
 
 /// Request bytes buffered for one upstream before the stream is failed (v1 has no flow
 /// control; an upstream that stops reading its request cannot be waited for forever).
@@ -197,6 +199,8 @@ pub struct Serve {
     /// Printed once the room is joined (`with_consumer_command`), then `None`.
     consumer_command: Option<String>,
     throttle: Throttle,
+    /// For `--metrics`.
+    counters: Counters,
 }
 
 impl Serve {
@@ -214,6 +218,7 @@ impl Serve {
             secret_file: None,
             consumer_command: None,
             throttle: Throttle::default(),
+            counters: Counters::default(),
         }
     }
 
@@ -231,15 +236,16 @@ impl Serve {
     }
 
     /// Ends a consumer's session: ERROR on stream 0 with `why`, its streams closed, the session
-    /// closed after [`REFUSAL_GRACE`].
+    /// closed after [`REFUSAL_GRACE`]; counted under `reason`.
     fn refuse(
         &mut self,
         net: &mut Net,
         registry: &Registry,
         peer: PeerId,
-        why: &str,
+        (reason, why): (Refusal, &str),
         now: Instant,
     ) {
+        self.counters.refused(reason);
         self.close_streams_of(peer, registry);
         net.chan(peer).send(&Message::Error(0, why.to_string()));
         if let Some(c) = self.consumers.get_mut(&peer) {
@@ -290,6 +296,7 @@ impl Serve {
             log::debug!("{peer} stream {sid}: opened twice; ignored");
             return;
         }
+        self.counters.streams_total += 1;
         let path = match self.policy.check(&h.method, &h.path, &h.headers) {
             Ok(path) => path,
             Err(refusal) => {
@@ -301,6 +308,7 @@ impl Serve {
                     refusal.status,
                     refusal.text
                 );
+                self.counters.refused(Refusal::policy(refusal.status));
                 return simple_answer(&mut ch, sid, refusal.status, &refusal.text);
             }
         };
@@ -311,6 +319,7 @@ impl Serve {
                  (serve --max-streams {})",
                 self.limits.streams
             );
+            self.counters.refused(Refusal::MaxStreams);
             return simple_answer(&mut ch, sid, 503, &text);
         }
         let target = self.upstream.target(&path);
@@ -329,7 +338,10 @@ impl Serve {
         let attempt = self.preferred;
         let mut sock = match self.upstream.connect(attempt) {
             Ok(s) => s,
-            Err(e) => return bad_gateway(&mut ch, sid, &e.to_string()),
+            Err(e) => {
+                self.counters.failed(Failure::Upstream);
+                return bad_gateway(&mut ch, sid, &e.to_string());
+            }
         };
         let slot = self.streams.vacant();
         if let Err(e) = registry.register(
@@ -337,6 +349,7 @@ impl Serve {
             token_of(slot),
             Interest::READABLE | Interest::WRITABLE,
         ) {
+            self.counters.failed(Failure::Upstream);
             return bad_gateway(&mut ch, sid, &e.to_string());
         }
         log::debug!(
@@ -453,6 +466,7 @@ impl Serve {
                 "flow control violation: request body beyond the window credit".into(),
             ));
             ch.send(&Message::ResEnd(sid));
+            self.counters.failed(Failure::FlowControl);
             return self.reset(slot, registry);
         }
         if s.framing == ReqFraming::Undecided {
@@ -490,6 +504,7 @@ impl Serve {
                 "upstream error: upstream stopped reading the request".into(),
             ));
             ch.send(&Message::ResEnd(sid));
+            self.counters.failed(Failure::Upstream);
             return self.reset(slot, registry);
         }
         self.write(slot, net, registry, now);
@@ -549,6 +564,7 @@ impl Serve {
         let Some(s) = self.streams.get(slot) else {
             return;
         };
+        self.counters.failed(Failure::BadBody);
         let mut ch = net.chan(s.peer);
         if s.body.is_none() {
             simple_answer(&mut ch, s.sid, 400, text);
@@ -588,6 +604,7 @@ impl Serve {
         let Some(s) = self.streams.get(slot) else {
             return;
         };
+        self.counters.failed(Failure::Upstream);
         let mut ch = net.chan(s.peer);
         if s.body.is_none() {
             bad_gateway(&mut ch, s.sid, err);
@@ -791,6 +808,7 @@ impl Serve {
                 continue;
             };
             let secs = idle.as_secs();
+            self.counters.failed(Failure::StreamIdle);
             log::info!(
                 "{} stream {}: idle for {secs} s (serve --stream-idle); ending it",
                 s.peer,
@@ -847,6 +865,7 @@ impl Serve {
                 hello.min_version,
                 hello.max_version
             );
+            self.counters.refused(Refusal::Protocol);
             ch.core().disconnect(peer, "incompatible consumer", now);
             return;
         };
@@ -871,13 +890,13 @@ impl Serve {
             );
             let why =
                 "authentication required: this provider needs a secret (tunnel proxy --secret)";
-            return self.refuse(net, registry, peer, why, now);
+            return self.refuse(net, registry, peer, (Refusal::AuthRequired, why), now);
         };
         let name = offer.name;
         if name.is_empty() || name.len() > auth::MAX_NAME {
             log::warn!("consumer {member} refused: bad name ({} bytes)", name.len());
             let why = "authentication failed: bad name";
-            return self.refuse(net, registry, peer, why, now);
+            return self.refuse(net, registry, peer, (Refusal::AuthFailed, why), now);
         }
         if let Err(wait) = self.throttle.check(&name, now) {
             log::warn!(
@@ -888,7 +907,7 @@ impl Serve {
                 "authentication refused: too many failed attempts; retry in {} s",
                 wait.as_secs().max(1)
             );
-            return self.refuse(net, registry, peer, &why, now);
+            return self.refuse(net, registry, peer, (Refusal::AuthThrottled, &why), now);
         }
         // An unknown name runs the exchange with a secret nobody knows: to the consumer it
         // fails exactly like a wrong secret.
@@ -898,7 +917,7 @@ impl Serve {
         let secret = self.secrets.for_name(&name).unwrap_or(&unknown);
         let Some(fp) = ch.core().fingerprints(peer) else {
             let why = "authentication failed: no DTLS fingerprints";
-            return self.refuse(net, registry, peer, why, now);
+            return self.refuse(net, registry, peer, (Refusal::AuthFailed, why), now);
         };
         let binding = Binding {
             consumer: fp.remote,
@@ -919,7 +938,8 @@ impl Serve {
             Err(e) => {
                 log::warn!("consumer {member} refused: {e}");
                 self.throttle.failed(&name, now);
-                self.refuse(net, registry, peer, "authentication failed", now);
+                let why = (Refusal::AuthFailed, "authentication failed");
+                self.refuse(net, registry, peer, why, now);
             }
         }
     }
@@ -931,7 +951,7 @@ impl Serve {
         };
         let (Some(state), Some(name)) = (c.pending.take(), c.name.clone()) else {
             let why = "authentication failed: unexpected AUTH";
-            return self.refuse(net, registry, peer, why, now);
+            return self.refuse(net, registry, peer, (Refusal::AuthFailed, why), now);
         };
         let member = short(&c.member).to_string();
         if state.verify(mac).is_ok() {
@@ -946,7 +966,8 @@ impl Serve {
             "unknown name"
         };
         log::warn!("consumer {member} refused: authentication failed for '{name}' ({known})");
-        self.refuse(net, registry, peer, "authentication failed", now);
+        let why = (Refusal::AuthFailed, "authentication failed");
+        self.refuse(net, registry, peer, why, now);
     }
 
     /// SIGHUP: re-reads the secret file; consumers whose name is gone (or whose secret changed)
@@ -980,6 +1001,7 @@ impl Serve {
         );
         for (peer, name) in revoked {
             log::warn!("consumer '{name}' revoked: its line left the secret file");
+            self.counters.refused(Refusal::Revoked);
             net.chan(peer)
                 .send(&Message::Error(0, "authentication revoked".into()));
             if let Some(c) = self.consumers.get_mut(&peer) {
@@ -1101,7 +1123,7 @@ impl Role for Serve {
                 }
             );
             let why = "request before the tunnel was agreed (and authenticated)";
-            return self.refuse(net, registry, peer, why, now);
+            return self.refuse(net, registry, peer, (Refusal::Protocol, why), now);
         }
         match msg {
             Message::Hello(hello) => self.hello(net, registry, peer, hello, now),
@@ -1146,6 +1168,10 @@ impl Role for Serve {
         reason: &str,
         now: Instant,
     ) {
+        let in_flight = self.streams.iter().filter(|(_, s)| s.peer == peer).count();
+        for _ in 0..in_flight {
+            self.counters.failed(Failure::PeerLost);
+        }
         self.close_streams_of(peer, registry);
         if let Some(c) = self.consumers.remove(&peer) {
             if let (Some(_), Some(name)) = (&c.pending, &c.name) {
@@ -1160,6 +1186,7 @@ impl Role for Serve {
                     "consumer {} refused: authentication failed for '{name}' ({why})",
                     short(&c.member)
                 );
+                self.counters.refused(Refusal::AuthFailed);
                 self.throttle.failed(name, now);
             }
             let connected = self.consumers.values().filter(|c| c.admitted).count();
@@ -1215,7 +1242,8 @@ impl Role for Serve {
             if let Some(name) = name {
                 self.throttle.failed(&name, now);
             }
-            self.refuse(net, registry, peer, "authentication timed out", now);
+            let why = (Refusal::AdmitTimeout, "authentication timed out");
+            self.refuse(net, registry, peer, why, now);
         }
         let due: Vec<PeerId> = self
             .consumers
@@ -1249,6 +1277,40 @@ impl Role for Serve {
             .map(|(_, s)| s.active + self.limits.stream_idle)
             .chain(consumers)
             .min()
+    }
+
+    fn metrics(&self, net: &Net, page: &mut Exposition) {
+        let mut admitted: Vec<(PeerId, String)> = self
+            .consumers
+            .iter()
+            .filter(|(_, c)| c.admitted)
+            .map(|(peer, c)| (*peer, short(&c.member).to_string()))
+            .collect();
+        admitted.sort_by(|a, b| a.1.cmp(&b.1));
+        page.single(
+            "consumers",
+            Kind::Gauge,
+            "Consumers connected and admitted (agreed, and authenticated when a secret is \
+             required).",
+            admitted.len(),
+        );
+        page.single(
+            "consumers_max",
+            Kind::Gauge,
+            "Consumers served at once at most (serve --max-consumers).",
+            self.limits.consumers,
+        );
+        let view = View {
+            role: "serve",
+            open: self.by_sid.len(),
+            bytes_up: net.body_received,
+            bytes_down: net.body_sent,
+            refusals: Refusal::SERVE,
+            failures: Failure::SERVE,
+            extra: &[(Refusal::MaxConsumers, net.core.refused_full())],
+        };
+        self.counters.render(page, &view);
+        render_peers(page, net, &admitted);
     }
 }
 
