@@ -295,3 +295,28 @@ fn an_address_that_cannot_be_bound_is_one_clear_error() {
     assert_eq!(p.wait_exit(10), Some(1));
     p.wait_line("invalid --metrics 'localhost': expected IP:PORT", 5);
 }
+
+/// Through the signal server's own TURN relay (the proxy offers relayed candidates only), both
+/// sides report the path as relayed.
+#[test]
+fn a_relayed_path_is_reported_as_relayed_on_both_sides() {
+    let (_signal, saddr) = signal(&["--relay-allow", "127.0.0.0/8", "--relay-rate", "0"]);
+    let url = format!("ws://{saddr}");
+    let room = format!("relayed-{}", tunnel::util::uuid_v4());
+    let metrics = ["--metrics", "127.0.0.1:0"];
+    let mut serve = serve(&url, &room, &test_upstream(), &metrics);
+    let flags = [&metrics[..], &["--relay-only"]].concat();
+    let (mut proxy, addr) = proxy_with(&url, &room, &flags);
+    proxy.wait_line("tunnel ready", 20);
+    serve.wait_line("tunnel ready", 10);
+    let (status, _, body) = request(addr, "GET", "/big", b"");
+    assert_eq!((status, body.len()), (200, 100_000));
+    for side in [&mut serve, &mut proxy] {
+        let page = scrape(metrics_addr(side));
+        let path = page
+            .lines()
+            .find(|l| l.starts_with("tunnel_peer_path{"))
+            .unwrap_or_else(|| panic!("no peer path in\n{page}"));
+        assert!(path.ends_with(",kind=\"relayed\"} 1"), "{path}");
+    }
+}
