@@ -3,8 +3,8 @@
 //! session, each with its send queue, HELLO/AGREE state and keep-alive PINGs), and the one mio
 //! loop that drives the peer link and the role's sockets. `serve.rs` (provider, one channel per
 //! consumer) and `proxy.rs` (consumer, one channel) are the two roles, `stream.rs` what their
-//! streams share, `policy.rs` what serve lets through to its upstream; `main.rs` calls [`serve`]
-//! and [`proxy`].
+//! streams share, `policy.rs` what serve lets through to its upstream, `metrics.rs` what
+//! `--metrics` counts and serves from this same loop; `main.rs` calls [`serve`] and [`proxy`].
 
 pub mod auth;
 pub mod metrics;
