@@ -282,7 +282,8 @@ impl Server {
             .write_buffer_size(0)
             .max_write_buffer_size(MAX_QUEUED)
             .max_message_size(Some(cfg.max_message))
-            .max_frame_size(Some(cfg.max_message));
+            .max_frame_size(Some(cfg.max_message))
+            .release_idle_buffers(true);
         let relay = cfg.relay.clone().map(|r| Relay::new(r, local, cfg.stun));
         if let Some(relay) = &relay {
             cfg.ice.relay = Some(relay.ice());

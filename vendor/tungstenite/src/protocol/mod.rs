@@ -90,6 +90,13 @@ pub struct WebSocketConfig {
     /// some popular libraries that are sending unmasked frames, ignoring the RFC.
     /// By default this option is set to `false`, i.e. according to RFC 6455.
     pub accept_unmasked_frames: bool,
+    /// When set to `true`, the read buffer is released whenever it is empty and the stream
+    /// has nothing more to read (a read failed, e.g. with `WouldBlock`), and the write buffer
+    /// whenever it has been written out completely; both are allocated again when next
+    /// needed. An idle connection then holds no buffer at all, which suits servers that keep
+    /// many mostly silent connections, at the cost of an allocation per wake-up.
+    /// By default this option is set to `false`: buffers keep their capacity.
+    pub release_idle_buffers: bool,
 }
 
 impl Default for WebSocketConfig {
@@ -101,6 +108,7 @@ impl Default for WebSocketConfig {
             max_message_size: Some(64 << 20),
             max_frame_size: Some(16 << 20),
             accept_unmasked_frames: false,
+            release_idle_buffers: false,
         }
     }
 }
@@ -139,6 +147,12 @@ impl WebSocketConfig {
     /// Set [`Self::accept_unmasked_frames`].
     pub fn accept_unmasked_frames(mut self, accept_unmasked_frames: bool) -> Self {
         self.accept_unmasked_frames = accept_unmasked_frames;
+        self
+    }
+
+    /// Set [`Self::release_idle_buffers`].
+    pub fn release_idle_buffers(mut self, release_idle_buffers: bool) -> Self {
+        self.release_idle_buffers = release_idle_buffers;
         self
     }
 
@@ -400,6 +414,7 @@ impl WebSocketContext {
         config.assert_valid();
         frame.set_max_out_buffer_len(config.max_write_buffer_size);
         frame.set_out_buffer_write_len(config.write_buffer_size);
+        frame.set_release_idle_buffers(config.release_idle_buffers);
         Self {
             role,
             frame,
@@ -420,6 +435,7 @@ impl WebSocketContext {
         self.config.assert_valid();
         self.frame.set_max_out_buffer_len(self.config.max_write_buffer_size);
         self.frame.set_out_buffer_write_len(self.config.write_buffer_size);
+        self.frame.set_release_idle_buffers(self.config.release_idle_buffers);
     }
 
     /// Read the configuration.

@@ -117,6 +117,9 @@ pub(super) struct FrameCodec {
     out_buffer_write_len: usize,
     /// Header and remaining size of the incoming packet being processed.
     header: Option<(FrameHeader, u64)>,
+    /// Release `in_buffer` when it is empty and the stream has nothing to read, and
+    /// `out_buffer` when it has been written out.
+    release_idle_buffers: bool,
 }
 
 impl FrameCodec {
@@ -129,6 +132,7 @@ impl FrameCodec {
             max_out_buffer_len: usize::MAX,
             out_buffer_write_len: 0,
             header: None,
+            release_idle_buffers: false,
         }
     }
 
@@ -143,6 +147,7 @@ impl FrameCodec {
             max_out_buffer_len: usize::MAX,
             out_buffer_write_len: 0,
             header: None,
+            release_idle_buffers: false,
         }
     }
 
@@ -155,6 +160,11 @@ impl FrameCodec {
     /// writing to the stream.
     pub(super) fn set_out_buffer_write_len(&mut self, len: usize) {
         self.out_buffer_write_len = len;
+    }
+
+    /// Sets whether idle buffers are released (`WebSocketConfig::release_idle_buffers`).
+    pub(super) fn set_release_idle_buffers(&mut self, release: bool) {
+        self.release_idle_buffers = release;
     }
 
     /// Read a frame from the provided stream.
@@ -189,6 +199,9 @@ impl FrameCodec {
                     // Reserve full message length only once, even for multiple
                     // loops or if WouldBlock errors cause multiple fn calls.
                     self.in_buffer.reserve(len);
+                } else if self.in_buffer.capacity() == 0 {
+                    // Released while idle, or used up by the last frame: room for a full read.
+                    self.in_buffer.reserve(self.in_buf_max_read);
                 } else {
                     self.in_buffer.reserve(FrameHeader::MAX_SIZE);
                 }
@@ -202,7 +215,15 @@ impl FrameCodec {
             }
 
             // Not enough data in buffer.
-            if self.read_in(stream)? == 0 {
+            let read = self.read_in(stream);
+            if read.is_err()
+                && self.release_idle_buffers
+                && self.header.is_none()
+                && self.in_buffer.is_empty()
+            {
+                self.in_buffer = BytesMut::new();
+            }
+            if read? == 0 {
                 trace!("no frame received");
                 return Ok(None);
             }
@@ -285,6 +306,9 @@ impl FrameCodec {
                 .into());
             }
             self.out_buffer.drain(0..len);
+        }
+        if self.release_idle_buffers {
+            self.out_buffer = Vec::new();
         }
 
         Ok(())
