@@ -536,6 +536,46 @@ fn a_roster_costs_one_serialisation_per_change() {
     );
 }
 
+/// An idle WebSocket keeps no buffer: 100 room pairs each relay one 60 KB message (the
+/// sender's read buffer and the receiver's write buffer grow to its size) and fall silent.
+/// Buffers kept for the connection's life would hold 100 x 2 x 60 KB, 12 MB, from then on.
+#[test]
+fn idle_websockets_release_their_buffers() {
+    const PAIRS: usize = 100;
+    let (server, addr) = signal(&["--max-connections-per-addr", "0", "--join-rate", "0"]);
+    let pid = server.child.id();
+    let mut pairs: Vec<(Ws, Ws)> = (0..PAIRS)
+        .map(|i| {
+            let join = format!(r#"{{"type":"join","room":"big-{i}"}}"#);
+            let (mut a, mut b) = (ws(addr, "/"), ws(addr, "/"));
+            send(&mut a, &join);
+            assert_eq!(recv(&mut a)["type"], "joined");
+            send(&mut b, &join);
+            assert_eq!(recv(&mut b)["type"], "joined");
+            assert_eq!(recv(&mut a)["type"], "peer-joined");
+            (a, b)
+        })
+        .collect();
+    let before = rss_kib(pid);
+    let big = "c".repeat(60_000);
+    let message = json!({"type": "candidate", "candidate": big}).to_string();
+    for (a, b) in &mut pairs {
+        send(a, &message);
+        let got = recv(b);
+        assert_eq!(got["candidate"].as_str().map(str::len), Some(big.len()));
+    }
+    // Every message was read and delivered: whatever the server still holds now, it holds
+    // for idle connections.
+    let after = rss_kib(pid);
+    let growth = after.saturating_sub(before);
+    assert!(
+        growth < 3 * 1024,
+        "RSS grew by {growth} KiB with {PAIRS} idle pairs that each relayed 60 KB (before \
+         {before} KiB, after {after} KiB): idle connections kept their buffers"
+    );
+    drop(pairs);
+}
+
 #[test]
 fn silent_websockets_are_pinged_then_closed() {
     let (_server, addr) = signal(&["--ping-interval", "1", "--idle-timeout", "2"]);
