@@ -3,6 +3,7 @@
 //! requests sent straight to the upstream); each prints a table of its figures next to those of
 //! the original implementation. It runs the release `tunnel` binary found next to itself.
 
+mod fds;
 mod procfs;
 mod signal;
 mod tunnel;

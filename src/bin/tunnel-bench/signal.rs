@@ -1,10 +1,11 @@
 //! `tunnel-bench signal`: measures `tunnel signal` (tunnel dialect) on loopback and prints the
 //! figures next to the original Node server's. It spawns the server as a child process, reads
-//! its memory from /proc, holds 10 000 joined WebSockets, then runs candidate ping-pong between
-//! room pairs from one mio thread for the relay rate and latency. Called by `main`.
+//! its memory from /proc, holds 100 000 joined WebSockets (from several loopback source
+//! addresses, with the file-descriptor limit raised: `fds`), then runs candidate ping-pong
+//! between room pairs from one mio thread for the relay rate and latency. Called by `main`.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -15,17 +16,25 @@ use serde_json::{json, Value};
 use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
+use crate::fds;
 use crate::procfs::{percentile, schedstat, status_bytes, verdict, Sched};
 
-/// WebSockets held open (rooms of two) for the memory figures.
-const IDLE_CONNS: usize = 10_000;
+/// WebSockets held open for the memory figures: real idle members, each upgraded and joined
+/// to a room of two (a member costs the server its room state too, not only its socket).
+const IDLE_CONNS: usize = 100_000;
+/// File descriptors beyond the held connections (relay pairs, pipes, the listener, slack).
+const FD_SLACK: u64 = 1024;
+/// The bench connects from 127.0.0.2 onwards (127.0.0.1's ports stay with everything else on
+/// the machine), using at most this share of each address's ephemeral ports.
+const FIRST_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+const PORT_SHARE: f64 = 0.75;
 /// Room pairs ping-ponging candidates for the relay figures.
 const PAIRS: usize = 100;
 /// How long the ping-pong runs.
 const RELAY_TIME: Duration = Duration::from_secs(3);
-/// Deadlines of the phases; the whole run stays under a minute.
+/// Deadlines of the phases; the whole run takes about half a minute, at most four.
 const START_TIMEOUT: Duration = Duration::from_secs(5);
-const IDLE_PHASE: Duration = Duration::from_secs(30);
+const IDLE_PHASE: Duration = Duration::from_secs(180);
 const SETUP_PHASE: Duration = Duration::from_secs(5);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest wait for one blocking socket operation.
@@ -48,17 +57,49 @@ impl Drop for Server {
 
 /// Runs the benchmark against the `tunnel` binary at `bin` and prints the table.
 pub fn run(bin: &Path) -> Result<(), String> {
-    let (server, addr) = start(bin)?;
+    // The server inherits the raised limit (and raises its soft limit to the hard one).
+    let limit = fds::raise_nofile(IDLE_CONNS as u64 + FD_SLACK);
+    let wanted = match &limit.short {
+        None => IDLE_CONNS,
+        Some(why) => {
+            let n = usize::try_from(limit.limit.saturating_sub(FD_SLACK))
+                .unwrap_or(IDLE_CONNS)
+                .min(IDLE_CONNS)
+                / 2
+                * 2;
+            println!(
+                "*** file descriptors: {why}; the limit is {}: holding {n} connections instead \
+                 of {IDLE_CONNS} ***",
+                limit.limit
+            );
+            n
+        }
+    };
+    let ports = fds::ephemeral_ports();
+    let per_source = ((ports as f64 * PORT_SHARE) as usize).max(2);
+    let sources: Vec<Ipv4Addr> = (0..wanted.div_ceil(per_source).max(1))
+        .map(|i| Ipv4Addr::from(u32::from(FIRST_SOURCE) + i as u32))
+        .collect();
+
+    let (server, addr) = start(bin, wanted + 2 * PAIRS + 64)?;
     let pid = server.child.id();
     let rss_idle = status_bytes(pid, "VmRSS")?;
 
-    let deadline = Instant::now() + IDLE_PHASE;
-    let (held, idle_streams) = hold_idle(addr, deadline)?;
+    let opening = Instant::now();
+    let (held, idle_streams) = hold_idle(addr, wanted, &sources, opening + IDLE_PHASE)?;
+    let open_time = opening.elapsed();
     let rss_with = status_bytes(pid, "VmRSS")?;
     let idle_metrics = http_get(addr, "/metrics")?;
 
     let (relay, relay_streams) = relay(addr, pid)?;
     let metrics = http_get(addr, "/metrics")?;
+    // Reset rather than closed: 100 000 closes would leave as many TIME_WAIT sockets behind.
+    for s in &idle_streams {
+        let _ = tunnel::nbio::set_linger_zero(s);
+    }
+    for ws in &relay_streams {
+        let _ = tunnel::nbio::set_linger_zero(&ws.get_ref().stream);
+    }
     drop((relay_streams, idle_streams, server));
 
     // Each room pair gets two `joined` and one `peer-joined`; then every candidate delivered.
@@ -66,7 +107,11 @@ pub fn run(bin: &Path) -> Result<(), String> {
     let expected = idle_expected + (PAIRS * 3) as u64 + relay.delivered;
     print_table(&Figures {
         rss_idle,
+        wanted,
         held,
+        open_time,
+        sources: sources.len(),
+        ports,
         rss_with,
         relay,
     });
@@ -83,8 +128,8 @@ pub fn run(bin: &Path) -> Result<(), String> {
          (bench: {expected} = joined + peer-joined + candidates delivered)",
         shown(metric(&metrics, "messages_relayed_total"))
     );
-    if held < IDLE_CONNS {
-        return Err(format!("only {held} of {IDLE_CONNS} connections joined"));
+    if held < wanted {
+        return Err(format!("only {held} of {wanted} connections joined"));
     }
     Ok(())
 }
@@ -94,12 +139,15 @@ fn shown(v: Option<u64>) -> String {
 }
 
 /// Spawns `tunnel signal` on an ephemeral loopback port and waits for its listening line.
-fn start(bin: &Path) -> Result<(Server, SocketAddr), String> {
+fn start(bin: &Path, max_connections: usize) -> Result<(Server, SocketAddr), String> {
+    let max_connections = max_connections.to_string();
     let mut child = Command::new(bin)
         .args(["signal", "--listen", "127.0.0.1:0"])
-        .args(["--rate-limit", "1000000", "--max-connections", "50000"])
-        // Every bench client comes from 127.0.0.1, and the held sockets stay silent for the
-        // whole run: no per-address caps, and no pings in the middle of the figures.
+        .args(["--rate-limit", "1000000"])
+        .args(["--max-connections", &max_connections])
+        // Every bench client comes from a few loopback addresses, and the held sockets stay
+        // silent for the whole run: no per-address caps, and no pings in the middle of the
+        // figures.
         .args(["--max-connections-per-addr", "0", "--join-rate", "0"])
         .args(["--ping-interval", "600", "--idle-timeout", "1200"])
         .env("RUST_LOG", "info")
@@ -157,6 +205,17 @@ pub fn metric(page: &str, name: &str) -> Option<u64> {
 
 fn connect(addr: SocketAddr) -> Result<TcpStream, String> {
     let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT).map_err(|e| format!("connect: {e}"))?;
+    with_options(s)
+}
+
+/// A connection to `addr` from the loopback address `from`.
+fn connect_from(from: Ipv4Addr, addr: SocketAddr) -> Result<TcpStream, String> {
+    let s =
+        fds::connect_from(from, fds::v4(addr)?).map_err(|e| format!("connect from {from}: {e}"))?;
+    with_options(s)
+}
+
+fn with_options(s: TcpStream) -> Result<TcpStream, String> {
     s.set_read_timeout(Some(IO_TIMEOUT))
         .and_then(|()| s.set_write_timeout(Some(IO_TIMEOUT)))
         .and_then(|()| s.set_nodelay(true))
@@ -199,17 +258,21 @@ fn expect(ws: &mut BlockingWs<'_>, want: &str) -> Result<Value, String> {
     }
 }
 
-/// Opens two WebSockets, joins both to `room` and checks `joined` / `peer-joined`.
-fn join_pair(addr: SocketAddr, room: &str) -> Result<(TcpStream, TcpStream), String> {
+/// Opens two WebSockets from `from`, joins both to `room` and checks `joined` / `peer-joined`.
+fn join_pair(
+    addr: SocketAddr,
+    from: Ipv4Addr,
+    room: &str,
+) -> Result<(TcpStream, TcpStream), String> {
     let join = json!({"type": "join", "room": room});
-    let a = connect(addr)?;
+    let a = connect_from(from, addr)?;
     let mut wa = handshake(&a, addr)?;
     send_json(&mut wa, &join)?;
     let ja = expect(&mut wa, "joined")?;
     if ja["peers"] != json!([]) {
         return Err(format!("first member of {room} got {ja}"));
     }
-    let b = connect(addr)?;
+    let b = connect_from(from, addr)?;
     let mut wb = handshake(&b, addr)?;
     send_json(&mut wb, &join)?;
     let jb = expect(&mut wb, "joined")?;
@@ -225,17 +288,23 @@ fn join_pair(addr: SocketAddr, room: &str) -> Result<(TcpStream, TcpStream), Str
     Ok((a, b))
 }
 
-/// Opens `IDLE_CONNS` joined WebSockets, one room pair after the other; returns how many
-/// completed and their sockets (held open until dropped).
-fn hold_idle(addr: SocketAddr, deadline: Instant) -> Result<(usize, Vec<TcpStream>), String> {
-    let mut held = Vec::with_capacity(IDLE_CONNS);
+/// Opens `count` joined WebSockets, one room pair after the other, spread over `sources`;
+/// returns how many completed and their sockets (held open until dropped).
+fn hold_idle(
+    addr: SocketAddr,
+    count: usize,
+    sources: &[Ipv4Addr],
+    deadline: Instant,
+) -> Result<(usize, Vec<TcpStream>), String> {
+    let mut held = Vec::with_capacity(count);
     let mut first_error = None;
-    for room in 0..IDLE_CONNS / 2 {
+    for room in 0..count / 2 {
         if Instant::now() > deadline {
             first_error.get_or_insert_with(|| "phase deadline passed".to_string());
             break;
         }
-        match join_pair(addr, &format!("idle-{room}")) {
+        let from = sources[room % sources.len()];
+        match join_pair(addr, from, &format!("idle-{room}")) {
             Ok((a, b)) => held.extend([a, b]),
             Err(e) => {
                 first_error.get_or_insert(e);
@@ -310,7 +379,7 @@ fn relay(addr: SocketAddr, server_pid: u32) -> Result<(Relay, Vec<Ws>), String> 
         if Instant::now() > setup_deadline {
             return Err("relay setup: phase deadline passed".into());
         }
-        let (a, b) = join_pair(addr, &format!("relay-{pair}"))?;
+        let (a, b) = join_pair(addr, Ipv4Addr::LOCALHOST, &format!("relay-{pair}"))?;
         for s in [a, b] {
             s.set_nonblocking(true)
                 .map_err(|e| format!("set_nonblocking: {e}"))?;
@@ -422,7 +491,14 @@ fn flush(ws: &mut Ws) -> Result<(), String> {
 
 struct Figures {
     rss_idle: u64,
+    /// Connections the bench tried to hold (fewer than `IDLE_CONNS` when the limit is lower).
+    wanted: usize,
     held: usize,
+    /// How long opening and joining them took.
+    open_time: Duration,
+    /// Loopback source addresses they came from, and the ephemeral ports of each.
+    sources: usize,
+    ports: u64,
     rss_with: u64,
     relay: Relay,
 }
@@ -461,6 +537,17 @@ fn print_table(f: &Figures) {
             "10 000".into(),
         ],
         [
+            "time to open and join them".into(),
+            format!(
+                "{:.1} s ({:.0}/s)",
+                f.open_time.as_secs_f64(),
+                f.held as f64 / f.open_time.as_secs_f64().max(1e-9)
+            ),
+            String::new(),
+            String::new(),
+            String::new(),
+        ],
+        [
             format!("RSS with {} connections", f.held),
             format!("{:.2} MiB", f.rss_with as f64 / MIB),
             String::new(),
@@ -470,8 +557,8 @@ fn print_table(f: &Figures) {
         [
             "RSS per idle connection".into(),
             format!("{:.2} KiB", per_conn / 1024.0),
-            "≤ 3 KiB".into(),
-            verdict(per_conn <= 3.0 * 1024.0),
+            "≤ 2 KiB".into(),
+            verdict(per_conn <= 2.0 * 1024.0),
             "8.9 KB".into(),
         ],
         [
@@ -522,7 +609,11 @@ fn print_table(f: &Figures) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    println!("tunnel signal on loopback: one server thread, one client thread");
+    println!(
+        "tunnel signal on loopback: one server thread, one client thread; {} held connections \
+         from {} source address(es), 127.0.0.2 on ({} ephemeral ports each)",
+        f.wanted, f.sources, f.ports
+    );
     for row in &rows {
         let line: Vec<String> = row
             .iter()
