@@ -73,7 +73,9 @@ demo: release
 	$(BIN) demo
 
 ## bench: figures side by side (signal server; tunnel vs. direct), measured on the static
-## musl binary that `make static` builds (the one routers and Pis run)
+## musl binary that `make static` builds (the one routers and Pis run). The signal bench holds
+## 100 000 WebSockets: it raises RLIMIT_NOFILE for itself and the server (root), or says so
+## and holds what the limit allows
 bench: static
 	$(STATIC_BENCH) signal
 	$(STATIC_BENCH) tunnel
