@@ -388,6 +388,54 @@ mod tests {
         ));
     }
 
+    /// Hands out its chunks one read at a time, then `WouldBlock`.
+    struct Trickle(Vec<Vec<u8>>);
+
+    impl std::io::Read for Trickle {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.0.is_empty() {
+                return Err(std::io::ErrorKind::WouldBlock.into());
+            }
+            let chunk = self.0.remove(0);
+            buf[..chunk.len()].copy_from_slice(&chunk);
+            Ok(chunk.len())
+        }
+    }
+
+    fn would_block(r: crate::Result<Option<Frame>>) -> bool {
+        matches!(r, Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
+    #[test]
+    fn release_idle_buffers() {
+        let mut codec = super::FrameCodec::new(1024);
+        codec.set_release_idle_buffers(true);
+        let mut stream = Trickle(vec![vec![0x82, 0x02, 0x01, 0x02]]);
+        let frame = codec.read_frame(&mut stream, None, false, true).unwrap().unwrap();
+        assert_eq!(frame.into_payload(), &[0x01, 0x02][..]);
+        assert!(would_block(codec.read_frame(&mut stream, None, false, true)));
+        assert_eq!(codec.in_buffer.capacity(), 0, "idle: the read buffer is released");
+
+        // A frame cut short: what arrived of it stays, and it completes.
+        stream.0 = vec![vec![0x82, 0x03, 0x01]];
+        assert!(would_block(codec.read_frame(&mut stream, None, false, true)));
+        assert!(codec.in_buffer.capacity() > 0);
+        stream.0 = vec![vec![0x02, 0x03]];
+        let frame = codec.read_frame(&mut stream, None, false, true).unwrap().unwrap();
+        assert_eq!(frame.into_payload(), &[0x01, 0x02, 0x03][..]);
+
+        // The write buffer goes once written; without the option it stays.
+        let mut out = Vec::new();
+        codec.buffer_frame(&mut out, Frame::ping(vec![0x04, 0x05])).unwrap();
+        assert_eq!(out, vec![0x89, 0x02, 0x04, 0x05]);
+        assert_eq!(codec.out_buffer.capacity(), 0);
+        let mut keeping = super::FrameCodec::new(1024);
+        keeping.buffer_frame(&mut out, Frame::ping(vec![0x04, 0x05])).unwrap();
+        assert!(keeping.out_buffer.capacity() > 0);
+        assert!(would_block(keeping.read_frame(&mut stream, None, false, true)));
+        assert!(keeping.in_buffer.capacity() >= 1024);
+    }
+
     #[test]
     #[cfg(target_pointer_width = "32")]
     fn length_above_usize_max_rejected() {
