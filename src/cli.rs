@@ -237,7 +237,7 @@ pub struct ServeOpts {
     pub turn: Option<String>,
 
     /// tunnel extensions to offer or accept, comma-separated (default
-    /// sse,window,cancel,headers,liveness);
+    /// sse,window,cancel,headers,liveness,restart);
     /// "sse" alone behaves exactly like a version-1 peer
     #[argh(option)]
     pub features: Option<String>,
@@ -324,7 +324,7 @@ pub struct ProxyOpts {
     pub turn: Option<String>,
 
     /// tunnel extensions to offer or accept, comma-separated (default
-    /// sse,window,cancel,headers,liveness);
+    /// sse,window,cancel,headers,liveness,restart);
     /// "sse" alone behaves exactly like a version-1 peer
     #[argh(option)]
     pub features: Option<String>,

@@ -428,7 +428,7 @@ fn header_lines(head: &str, name: &str) -> Vec<String> {
 fn repeated_headers_stay_apart_and_in_order_with_the_headers_feature() {
     let (up, record) = cookie_upstream();
     let t = Tunnel::start(&up);
-    let want = "tunnel ready (features: sse,window,cancel,headers,liveness)";
+    let want = "tunnel ready (features: sse,window,cancel,headers,liveness,restart)";
     assert!(
         t.proxy.seen.iter().any(|l| l.ends_with(want)),
         "{:?}",

@@ -19,6 +19,19 @@
 //! is dropped alone; if the member is still in the room its offerer tries again after
 //! [`REOFFER_DELAY`].
 //!
+//! ICE restart (feature `restart`, allowed per session by the driver with
+//! [`PeerCore::allow_restart`]): new ICE credentials and the current local candidates in a new
+//! offer on the same `Rtc`, so DTLS, SCTP and the data channel carry on once ICE has a path
+//! again. The session's original offerer restarts when the driver reports its path lost
+//! ([`PeerCore::restart`]); either side restarts when its own addresses or sockets change
+//! ([`PeerCore::regathered`]) or when it rejoined the room under a new member id. An offer is
+//! a restart of a held session when its SDP origin (`o=` session id, random per `Rtc` and kept
+//! through renegotiations) is the one the session's remote description had; it may come from a
+//! new member id (the other side rejoined after a network change), and the session then
+//! follows it. Glare (both restart at once): the original offerer's offer wins; a fresh offer
+//! from the member while our restart is out is ignored (the other side drops it when ours
+//! arrives).
+//!
 //! Server-reflexive candidates: each local socket asks the STUN server for its public address
 //! ([`super::stun_client`]); answers are picked out of the datagrams before str0m sees them, and
 //! a mapped address that differs from the socket's own becomes a candidate of every session,
@@ -56,6 +69,10 @@ const MAX_WINDOW: usize = 1024 * 1024;
 const SCTP_BUFFER: usize = MAX_WINDOW + 128 * 1024;
 /// The offerer waits this long before offering again after losing a member still in the room.
 pub const REOFFER_DELAY: Duration = Duration::from_secs(1);
+/// A member that left the room keeps a session that may restart ICE this long: after a
+/// network change it is back under a new id within a second or two, and its restart offer
+/// takes the session over. A member that is gone for good costs its session this much later.
+pub const ORPHAN_WAIT: Duration = Duration::from_secs(5);
 /// Fresh sockets at most this often (see [`PeerCore::take_regather`]).
 const REGATHER_EVERY: Duration = Duration::from_secs(10);
 /// Remote candidates kept per member while waiting for its description.
@@ -180,6 +197,22 @@ struct Session {
     /// The last (source, destination) DTLS/SCTP went by, and the one last logged.
     route: Option<(SocketAddr, SocketAddr)>,
     logged_route: Option<(SocketAddr, SocketAddr)>,
+    /// Feature `restart` agreed: this session may be ICE-restarted.
+    restartable: bool,
+    /// The remote description's SDP origin (`o=` session id): a later offer with the same one
+    /// renegotiates this session.
+    remote_origin: Option<String>,
+    /// Our current ICE ufrag as announced (it changes with a restart offer before str0m
+    /// adopts it with the answer): trickled candidates carry it.
+    ufrag: String,
+    /// Every local candidate given to the `Rtc` (to discard the stale ones on a change).
+    all_local: Vec<Candidate>,
+    /// ICE restarts we offered since the path was last fine (for logs).
+    restart_attempt: u32,
+    /// A restart waits for the room (the signaling connection is down).
+    restart_due: Option<String>,
+    /// The member left the room; the session ends then unless it comes back (ORPHAN_WAIT).
+    orphan_until: Option<Instant>,
 }
 
 /// The room membership and the WebRTC sessions of one `tunnel serve` or `tunnel proxy`.
@@ -210,6 +243,12 @@ pub struct PeerCore {
     last_regather: Option<Instant>,
     /// Messages for TURN servers reached over TCP: (turn index, server, bytes).
     stream_out: VecDeque<(usize, SocketAddr, Vec<u8>)>,
+    /// The driver saw a path lost: the shell should look at its local addresses now.
+    addr_check_due: bool,
+    /// ICE restarts completed (answer accepted, or a restart offer answered).
+    restarts: u64,
+    /// Our member id in the room, to notice a rejoin under a new one.
+    own_id: Option<String>,
     /// The server refused our `join`, with its message: for the shell (taken) and for the
     /// role's answers while not joined (kept until the next `joined`).
     refusal: Option<String>,
@@ -253,6 +292,9 @@ impl PeerCore {
             regather_due: false,
             last_regather: None,
             stream_out: VecDeque::new(),
+            addr_check_due: false,
+            restarts: 0,
+            own_id: None,
         };
         core.send_stun(now);
         for server in cfg.turn {
@@ -266,8 +308,15 @@ impl PeerCore {
         std::mem::take(&mut self.regather_due)
     }
 
-    /// The shell bound fresh sockets `locals` in place of the old ones: pending attempts end
-    /// (they are offered again), and server-reflexive and relayed candidates are gathered anew.
+    /// Whether the shell should look at its local addresses now (a path was lost).
+    pub fn take_addr_check(&mut self) -> bool {
+        std::mem::take(&mut self.addr_check_due)
+    }
+
+    /// The shell bound fresh sockets `locals` in place of the old ones, or its addresses
+    /// changed: pending attempts end (they are offered again), server-reflexive and relayed
+    /// candidates are gathered anew, and open sessions that may restart ICE get the new host
+    /// candidates (the stale ones discarded) and a restart.
     pub fn regathered(&mut self, locals: Vec<SocketAddr>, now: Instant) {
         log::info!(
             "re-gathering candidates on fresh sockets ({})",
@@ -289,6 +338,39 @@ impl PeerCore {
             self.lose(id, "re-gathering".into(), now);
         }
         self.regather_due = false;
+        for i in 0..self.sessions.len() {
+            if !(self.sessions[i].open && self.sessions[i].restartable) {
+                continue;
+            }
+            let session = &mut self.sessions[i];
+            // Relayed candidates go with their allocations (made anew below); the others
+            // with their sockets.
+            let stale: Vec<Candidate> = session
+                .all_local
+                .iter()
+                .filter(|c| {
+                    c.kind() == str0m::CandidateKind::Relayed || !self.locals.contains(&c.local())
+                })
+                .cloned()
+                .collect();
+            for c in &stale {
+                session.rtc.direct_api().invalidate_candidate(c);
+            }
+            session.all_local.retain(|c| !stale.contains(c));
+            if !self.relay_only {
+                for local in &self.locals {
+                    if session.all_local.iter().any(|c| c.addr() == *local) {
+                        continue;
+                    }
+                    if let Ok(c) = Candidate::host(*local, "udp") {
+                        if let Some(c) = session.rtc.add_local_candidate(c) {
+                            session.all_local.push(c.clone());
+                        }
+                    }
+                }
+            }
+            self.start_restart(i, "local addresses or sockets changed".into(), now);
+        }
         self.srflx.clear();
         self.stun = StunClient::new(stun_client::targets(&self.locals, &self.stun_servers), now);
         self.send_stun(now);
@@ -607,6 +689,15 @@ impl PeerCore {
             }
         }
         self.flush_turns();
+        let orphans: Vec<PeerId> = self
+            .sessions
+            .iter()
+            .filter(|s| s.orphan_until.is_some_and(|t| t <= now))
+            .map(|s| s.id)
+            .collect();
+        for id in orphans {
+            self.lose(id, "peer left the room".into(), now);
+        }
         let mut i = 0;
         while i < self.sessions.len() {
             if self.sessions[i].deadline <= now {
@@ -625,7 +716,11 @@ impl PeerCore {
 
     /// The earliest instant at which [`PeerCore::handle_timeout`] has work to do.
     pub fn next_deadline(&self) -> Option<Instant> {
-        let sessions = self.sessions.iter().map(|s| s.deadline);
+        let sessions = self
+            .sessions
+            .iter()
+            .flat_map(|s| [Some(s.deadline), s.orphan_until])
+            .flatten();
         let reoffers = self.reoffer.iter().map(|(_, at)| *at);
         let turns = self
             .turns
@@ -734,6 +829,42 @@ impl PeerCore {
         if let Some(s) = self.sessions.iter_mut().find(|s| s.id == peer) {
             s.held = true;
         }
+    }
+
+    /// Allows ICE restarts of `peer`'s session (feature `restart` agreed).
+    pub fn allow_restart(&mut self, peer: PeerId) {
+        if let Some(s) = self.sessions.iter_mut().find(|s| s.id == peer) {
+            s.restartable = true;
+        }
+    }
+
+    /// The driver saw `peer`'s path lost (`why`): if this side offered the session (the
+    /// tie-break: the other side waits for our offer), restarts ICE now; either way the shell
+    /// looks at its local addresses. Returns whether a restart offer went out (or waits for
+    /// the room).
+    pub fn restart(&mut self, peer: PeerId, why: &str, now: Instant) -> bool {
+        self.addr_check_due = true;
+        let Some(i) = self.sessions.iter().position(|s| s.id == peer) else {
+            return false;
+        };
+        let s = &self.sessions[i];
+        if !(s.open && s.restartable && s.offerer) {
+            return false;
+        }
+        self.start_restart(i, why.to_string(), now);
+        true
+    }
+
+    /// The path of `peer`'s session is fine again: the next outage counts restarts from 1.
+    pub fn path_fine(&mut self, peer: PeerId) {
+        if let Some(s) = self.sessions.iter_mut().find(|s| s.id == peer) {
+            s.restart_attempt = 0;
+        }
+    }
+
+    /// ICE restarts completed so far (answers accepted, restart offers answered).
+    pub fn restarts(&self) -> u64 {
+        self.restarts
     }
 
     /// The room id of `peer`'s member (for logs).
@@ -851,12 +982,22 @@ impl PeerCore {
                 for peer in gone {
                     self.lose(peer, "rejoined the room".into(), now);
                 }
+                let rejoined = self.own_id.as_ref().is_some_and(|old| *old != id);
+                self.own_id = Some(id);
+                self.restart_after_join(rejoined, now);
             }
             SignalEvent::PeerJoined { peer } => {
                 log::debug!("peer {peer} joined: offering");
                 match self.role {
                     RoomRole::Consumer => {
-                        let all: Vec<PeerId> = self.sessions.iter().map(|s| s.id).collect();
+                        // An open session that may restart stays: the newcomer may be its
+                        // peer under a new id, whose restart offer would take it over.
+                        let all: Vec<PeerId> = self
+                            .sessions
+                            .iter()
+                            .filter(|s| !(s.open && s.restartable))
+                            .map(|s| s.id)
+                            .collect();
                         for id in all {
                             self.lose(id, "a new peer joined".into(), now);
                         }
@@ -881,7 +1022,17 @@ impl PeerCore {
                 self.reoffer.retain(|(m, _)| *m != peer);
                 self.early.retain(|(m, _)| *m != peer);
                 if let Some(i) = self.session_of(&peer) {
-                    let id = self.sessions[i].id;
+                    let s = &mut self.sessions[i];
+                    if s.open && s.restartable {
+                        s.orphan_until = Some(now + ORPHAN_WAIT);
+                        return log::info!(
+                            "session {} kept for {} s: its peer left the room and may come \
+                             back under a new id (ICE restart)",
+                            s.id,
+                            ORPHAN_WAIT.as_secs()
+                        );
+                    }
+                    let id = s.id;
                     self.lose(id, "peer left the room".into(), now);
                 }
             }
@@ -898,7 +1049,11 @@ impl PeerCore {
 
     /// Whether one more session may start; logs the refusal otherwise.
     fn has_room_for(&mut self, member: &str) -> bool {
-        if self.session_of(member).is_some() || self.sessions.len() < self.max_peers {
+        // A consumer's one other session at most is one kept for an ICE restart.
+        if self.role == RoomRole::Consumer
+            || self.session_of(member).is_some()
+            || self.sessions.len() < self.max_peers
+        {
             return true;
         }
         self.refused_full += 1;
@@ -945,6 +1100,8 @@ impl PeerCore {
         }
         let id = PeerId(self.next_id);
         self.next_id += 1;
+        let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
+        let all_local = local_candidates.clone();
         Session {
             id,
             member: member.to_string(),
@@ -964,6 +1121,64 @@ impl PeerCore {
             held: false,
             route: None,
             logged_route: None,
+            restartable: false,
+            remote_origin: None,
+            ufrag,
+            all_local,
+            restart_attempt: 0,
+            restart_due: None,
+            orphan_until: None,
+        }
+    }
+
+    /// Offers an ICE restart on session `i`: new credentials, the current local candidates
+    /// (in the offer), the same DTLS and SCTP. Waits for the room if not in it.
+    fn start_restart(&mut self, i: usize, why: String, now: Instant) {
+        if !self.signaling.is_joined() {
+            log::info!(
+                "ICE restart with {} waits for the signal server ({why})",
+                short(&self.sessions[i].member)
+            );
+            self.sessions[i].restart_due = Some(why);
+            return;
+        }
+        let session = &mut self.sessions[i];
+        session.restart_due = None;
+        session.restart_attempt += 1;
+        let mut api = session.rtc.sdp_api();
+        let creds = api.ice_restart(true);
+        let Some((offer, pending)) = api.apply() else {
+            return log::warn!("WebRTC: could not create an ICE restart offer");
+        };
+        let sdp = offer.to_sdp_string();
+        log::info!(
+            "ICE restart {} with {}: {why}; offering new credentials and {} local candidates",
+            session.restart_attempt,
+            short(&session.member),
+            sdp.matches("a=candidate").count()
+        );
+        session.pending = Some(pending);
+        session.ufrag = creds.ufrag;
+        let member = session.member.clone();
+        self.signaling.send_offer(&member, &sdp);
+        self.drive(i, now);
+    }
+
+    /// Restarts that waited for the room, and (after a rejoin under a new id) every session
+    /// that may restart: the other side knows us by our old id, a restart offer tells it the
+    /// new one.
+    fn restart_after_join(&mut self, rejoined: bool, now: Instant) {
+        for i in 0..self.sessions.len() {
+            let s = &self.sessions[i];
+            if !(s.open && s.restartable) {
+                continue;
+            }
+            let why = match (s.restart_due.clone(), rejoined) {
+                (Some(why), _) => why,
+                (None, true) => "rejoined the room under a new id".to_string(),
+                (None, false) => continue,
+            };
+            self.start_restart(i, why, now);
         }
     }
 
@@ -991,7 +1206,25 @@ impl PeerCore {
             Ok(o) => o,
             Err(e) => return log::warn!("signaling: ignoring unparseable offer: {e}"),
         };
-        // Any offer starts a new session: a consumer has one, a provider one per member.
+        let origin = sdp_origin(sdp);
+        if let Some(i) = self
+            .sessions
+            .iter()
+            .position(|s| s.open && s.restartable && origin.is_some() && s.remote_origin == origin)
+        {
+            return self.on_restart_offer(i, from, offer, sdp, now);
+        }
+        if self
+            .sessions
+            .iter()
+            .any(|s| s.open && s.restartable && s.pending.is_some() && s.member == from)
+        {
+            return log::info!(
+                "ignoring a new offer from {}: our ICE restart with it is under way",
+                short(from)
+            );
+        }
+        // Any other offer starts a new session: a consumer has one, a provider one per member.
         let replaced: Vec<PeerId> = self
             .sessions
             .iter()
@@ -1010,9 +1243,88 @@ impl PeerCore {
             Ok(a) => a,
             Err(e) => return log::warn!("WebRTC: cannot accept the offer: {e}"),
         };
+        session.remote_origin = origin;
         let sdp = answer.to_sdp_string();
         self.signaling.send_answer(from, &sdp);
         self.trickle(&mut session, &sdp);
+        self.described(&mut session);
+        self.sessions.push(session);
+        self.drive(self.sessions.len() - 1, now);
+    }
+
+    /// An ICE restart offer for the open session `i`, from `from` (its member, or the same
+    /// peer under a new id after it rejoined the room).
+    fn on_restart_offer(&mut self, i: usize, from: &str, offer: SdpOffer, sdp: &str, now: Instant) {
+        // The restart must come from the peer the session's DTLS authenticated: an offer that
+        // names another certificate (a forged one, from the rendezvous) changes nothing.
+        let claimed = sdp
+            .lines()
+            .find_map(|l| l.strip_prefix("a=fingerprint:"))
+            .map(|v| v.trim().to_ascii_uppercase());
+        let known = self.sessions[i]
+            .rtc
+            .direct_api()
+            .remote_dtls_fingerprint()
+            .map(|f| f.to_string().to_ascii_uppercase());
+        if claimed.is_none() || claimed != known {
+            return log::warn!(
+                "ignoring an ICE restart offer from {} for session {}: its DTLS fingerprint is \
+                 not the session's",
+                short(from),
+                self.sessions[i].id
+            );
+        }
+        let s = &self.sessions[i];
+        let id = s.id;
+        if s.pending.is_some() && s.offerer && s.member == from {
+            return log::debug!(
+                "ICE restart glare with {}: ours (the original offerer's) wins",
+                short(from)
+            );
+        }
+        if s.member != from {
+            log::info!(
+                "session {} follows its peer from {} to {} (it rejoined the room)",
+                s.id,
+                short(&s.member),
+                short(from)
+            );
+            let others: Vec<PeerId> = self
+                .sessions
+                .iter()
+                .filter(|o| o.member == from)
+                .map(|o| o.id)
+                .collect();
+            for other in others {
+                self.lose(other, "the peer resumed its earlier session".into(), now);
+            }
+            self.reoffer.retain(|(m, _)| m != from);
+        }
+        let Some(i) = self.sessions.iter().position(|s| s.id == id) else {
+            return;
+        };
+        let session = &mut self.sessions[i];
+        session.member = from.to_string();
+        session.orphan_until = None;
+        session.pending = None;
+        session.restart_due = None;
+        session.remote_candidates = sdp_candidates(sdp);
+        let answer = match session.rtc.sdp_api().accept_offer(offer) {
+            Ok(a) => a,
+            Err(e) => {
+                let id = session.id;
+                return self.lose(id, format!("bad ICE restart offer: {e}"), now);
+            }
+        };
+        session.ufrag = session.rtc.direct_api().local_ice_credentials().ufrag;
+        self.restarts += 1;
+        log::info!(
+            "ICE restart with {}: answered its offer; checking the new candidate pairs",
+            short(from)
+        );
+        let sdp = answer.to_sdp_string();
+        self.signaling.send_answer(from, &sdp);
+        let mut session = self.sessions.swap_remove(i);
         self.described(&mut session);
         self.sessions.push(session);
         self.drive(self.sessions.len() - 1, now);
@@ -1029,6 +1341,18 @@ impl PeerCore {
         let Some(pending) = self.sessions[i].pending.take() else {
             return log::debug!("signaling: ignoring an unexpected answer");
         };
+        let origin = sdp_origin(sdp);
+        let restart = self.sessions[i].open;
+        if restart && origin != self.sessions[i].remote_origin {
+            // Answered by a session the other side made afresh: it no longer has ours.
+            let (id, member) = (self.sessions[i].id, self.sessions[i].member.clone());
+            self.lose(
+                id,
+                "the peer answered the ICE restart from a new session".into(),
+                now,
+            );
+            return self.start_offer(&member, now);
+        }
         if let Err(e) = self.sessions[i]
             .rtc
             .sdp_api()
@@ -1036,6 +1360,18 @@ impl PeerCore {
         {
             let id = self.sessions[i].id;
             return self.lose(id, format!("bad answer: {e}"), now);
+        }
+        if restart {
+            self.restarts += 1;
+            let s = &mut self.sessions[i];
+            s.remote_candidates = sdp_candidates(sdp);
+            log::info!(
+                "ICE restart {} with {}: answered; checking the new candidate pairs",
+                s.restart_attempt,
+                short(&s.member)
+            );
+        } else {
+            self.sessions[i].remote_origin = origin;
         }
         let mut session = self.sessions.swap_remove(i);
         self.described(&mut session);
@@ -1144,10 +1480,10 @@ impl PeerCore {
             let Some(added) = session.rtc.add_local_candidate(c.clone()).cloned() else {
                 continue;
             };
+            session.all_local.push(added.clone());
             match &session.mid {
                 Some(mid) => {
-                    let ufrag = added.ufrag().unwrap_or_default();
-                    let init = candidate::to_init_json(&added, mid, ufrag);
+                    let init = candidate::to_init_json(&added, mid, &session.ufrag);
                     let member = session.member.clone();
                     self.signaling.send_candidate(&member, &init);
                 }
@@ -1166,6 +1502,7 @@ impl PeerCore {
             return false;
         };
         session.undrained = 0;
+        let was_open = session.open;
         let lost = loop {
             match session.rtc.poll_output() {
                 Ok(Output::Timeout(t)) => {
@@ -1208,6 +1545,19 @@ impl PeerCore {
             );
         }
         let id = session.id;
+        let replaced: Vec<PeerId> = if !was_open && session.open && self.role == RoomRole::Consumer
+        {
+            self.sessions
+                .iter()
+                .filter(|s| s.id != id)
+                .map(|s| s.id)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        for old in replaced {
+            self.lose(old, "replaced by a new session".into(), now);
+        }
         self.flush_turns();
         match lost {
             Some(reason) => {
@@ -1353,6 +1703,22 @@ pub fn short(member: &str) -> &str {
     member.get(..8).unwrap_or(member)
 }
 
+/// The session id of an SDP's origin line (`o=- <id> <version> …`): random per `Rtc`, the same
+/// in every renegotiation of one session.
+fn sdp_origin(sdp: &str) -> Option<String> {
+    let line = sdp.lines().find_map(|l| l.strip_prefix("o="))?;
+    line.split_whitespace().nth(1).map(str::to_string)
+}
+
+/// The candidates an SDP carries (a restart's offer or answer), to name the path later.
+fn sdp_candidates(sdp: &str) -> Vec<Candidate> {
+    sdp.lines()
+        .filter_map(|l| l.strip_prefix("a="))
+        .filter(|l| l.starts_with("candidate:"))
+        .filter_map(|l| candidate::parse(l).ok())
+        .collect()
+}
+
 /// The `a=mid:` of the (data) m-line of an SDP, for `sdpMid`.
 fn sdp_mid(sdp: &str) -> &str {
     sdp.lines()
@@ -1370,6 +1736,11 @@ mod tests {
             "xy"
         );
         assert_eq!(super::sdp_mid("v=0\r\n"), "0");
+        assert_eq!(
+            super::sdp_origin("v=0\r\no=- 4611731400430051336 2 IN IP4 0.0.0.0\r\n").as_deref(),
+            Some("4611731400430051336")
+        );
+        assert_eq!(super::sdp_origin("v=0\r\n"), None);
         assert_eq!(super::short("0123456789"), "01234567");
         assert_eq!(super::short("ab"), "ab");
     }

@@ -38,6 +38,9 @@ const DATAGRAM_BUF: usize = 2048;
 /// Token offsets in a link's range: the WebSocket, the UDP sockets, then the TURN streams.
 const UDP_FIRST: usize = 1;
 const TCP_FIRST: usize = Link::TOKENS - core::MAX_TURN;
+/// How often a link without `--ice-addr` looks at the host's addresses (see
+/// [`local_ice_addrs`]): a change of network is noticed within this.
+pub const ADDR_CHECK: Duration = Duration::from_secs(2);
 /// Unread bytes a TURN stream may hold (a message is at most 64 KiB plus its header).
 const TURN_STREAM_BUF: usize = 70 * 1024;
 
@@ -52,8 +55,9 @@ pub struct LinkConfig {
     pub role: RoomRole,
     /// Sessions held at once (a provider's consumers).
     pub max_peers: usize,
-    /// Local addresses for host candidates, one UDP socket each. Empty: 127.0.0.1 plus the
-    /// addresses of the default IPv4 and IPv6 routes.
+    /// Local addresses for host candidates, one UDP socket each. Empty: this host's addresses
+    /// ([`local_ice_addrs`]), looked at again every [`ADDR_CHECK`] and whenever a path is
+    /// lost; a change rebinds the sockets and restarts ICE.
     pub ice_addrs: Vec<IpAddr>,
     /// STUN server for the server-reflexive candidates. `None`: the signal server's address and
     /// port (UDP).
@@ -93,6 +97,8 @@ pub struct Link {
     sockets: Vec<UdpSock>,
     /// By TURN index of the core.
     turn_streams: Vec<Option<TurnStream>>,
+    /// No `--ice-addr`: the host's addresses are followed; when to look at them next.
+    next_addr_check: Option<Instant>,
     closed: bool,
 }
 
@@ -113,7 +119,7 @@ impl Link {
         let mut ips = if explicit {
             cfg.ice_addrs.clone()
         } else {
-            default_ice_addrs()
+            local_ice_addrs()
         };
         dedup(&mut ips);
         if ips.len() > TCP_FIRST - UDP_FIRST {
@@ -167,6 +173,7 @@ impl Link {
             reconnect_at: None,
             sockets,
             turn_streams: Vec::new(),
+            next_addr_check: (!explicit).then(|| now + ADDR_CHECK),
             closed: false,
         };
         link.connect_ws(registry);
@@ -216,6 +223,9 @@ impl Link {
             self.reconnect_at = None;
             self.connect_ws(registry);
         }
+        if self.next_addr_check.is_some_and(|t| t <= now) {
+            self.check_addrs(core, registry, now);
+        }
         if core.next_deadline().is_some_and(|t| t <= now) {
             core.handle_timeout(now);
         }
@@ -224,10 +234,14 @@ impl Link {
 
     /// The earliest instant at which [`Link::handle_timeout`] has work to do.
     pub fn next_deadline(&self, core: &PeerCore) -> Option<Instant> {
-        [self.reconnect_at, core.next_deadline()]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.reconnect_at,
+            self.next_addr_check,
+            core.next_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Sends the datagrams and signaling text the core has queued. Call it after draining the
@@ -407,9 +421,85 @@ impl Link {
         core.regathered(fresh, now);
     }
 
+    /// Without `--ice-addr`: compares the host's addresses with the sockets'. On a change
+    /// (another network, an address gone or added) the sockets follow (kept where the address
+    /// stays, bound anew where it is new), the core restarts ICE on them, and the signaling
+    /// connection, which may have gone with an old address, is made anew.
+    fn check_addrs(&mut self, core: &mut PeerCore, registry: &Registry, now: Instant) {
+        if self.next_addr_check.is_none() || self.closed {
+            return;
+        }
+        self.next_addr_check = Some(now + ADDR_CHECK);
+        let mut ips = local_ice_addrs();
+        dedup(&mut ips);
+        ips.truncate(TCP_FIRST - UDP_FIRST);
+        let old: Vec<IpAddr> = self.sockets.iter().map(|s| s.local.ip()).collect();
+        if ips.iter().all(|ip| old.contains(ip)) && old.iter().all(|ip| ips.contains(ip)) {
+            return;
+        }
+        let gone: Vec<IpAddr> = old.iter().filter(|ip| !ips.contains(ip)).copied().collect();
+        let new: Vec<IpAddr> = ips.iter().filter(|ip| !old.contains(ip)).copied().collect();
+        let list = |v: &[IpAddr]| {
+            v.iter()
+                .map(IpAddr::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        log::info!(
+            "local addresses changed: gone [{}], new [{}]",
+            list(&gone),
+            list(&new)
+        );
+        let mut kept: Vec<UdpSock> = Vec::new();
+        for mut sock in std::mem::take(&mut self.sockets) {
+            if ips.contains(&sock.local.ip()) {
+                kept.push(sock);
+            } else {
+                let _ = registry.deregister(&mut sock.socket);
+            }
+        }
+        for ip in ips {
+            if let Some(k) = kept.iter().position(|s| s.local.ip() == ip) {
+                let mut sock = kept.swap_remove(k);
+                let token = Token(self.token_base + UDP_FIRST + self.sockets.len());
+                if let Err(e) = registry.reregister(&mut sock.socket, token, Interest::READABLE) {
+                    log::warn!("cannot keep the UDP socket on {}: {e}", sock.local);
+                    continue;
+                }
+                self.sockets.push(sock);
+                continue;
+            }
+            let token = Token(self.token_base + UDP_FIRST + self.sockets.len());
+            match bind_udp(ip, registry, token) {
+                Ok(sock) => self.sockets.push(sock),
+                Err(e) => log::warn!("cannot bind UDP on new address {ip}: {e}"),
+            }
+        }
+        // A signaling connection from a vanished address hears nothing more and says
+        // nothing: it is made anew, and the restarts wait for the room.
+        let reconnect = !gone.is_empty();
+        if reconnect {
+            log::info!("signaling: reconnecting from the new addresses");
+            if let Some(mut ws) = self.ws.take() {
+                ws.close(registry);
+            }
+            core.disconnected();
+            self.ws_open = false;
+        }
+        core.regathered(self.local_addrs(), now);
+        if reconnect {
+            self.backoff = 0;
+            self.reconnect_at = None;
+            self.connect_ws(registry);
+        }
+    }
+
     /// Processes WebSocket events and the core's signaling output until nothing is left.
     fn pump(&mut self, core: &mut PeerCore, registry: &Registry, now: Instant) {
         self.regather(core, registry, now);
+        if core.take_addr_check() {
+            self.check_addrs(core, registry, now);
+        }
         loop {
             let mut progressed = false;
             while let Some(ev) = self.ws_events.pop_front() {
@@ -563,6 +653,19 @@ pub fn default_ice_addrs() -> Vec<IpAddr> {
         }
     }
     dedup(&mut ips);
+    ips
+}
+
+/// The ICE addresses of a link without `--ice-addr`: [`default_ice_addrs`] plus every other
+/// local IPv4 address.
+pub fn local_ice_addrs() -> Vec<IpAddr> {
+    let mut ips = default_ice_addrs();
+    for ip in crate::util::local_ipv4_addrs() {
+        let ip = IpAddr::V4(ip);
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
     ips
 }
 

@@ -169,6 +169,17 @@ impl Sim {
         self.route(out);
     }
 
+    /// Node `i`'s host moves to another network: a new address (127.0.1.x), the old one
+    /// black-holed (what is on the way to it is lost), its shell's sockets bound anew there.
+    pub fn move_node(&mut self, i: usize) {
+        let old = self.nodes[i].addr;
+        let fresh = SocketAddr::from(([127, 0, 1, old.port() as u8], old.port() + 2000));
+        self.nodes[i].addr = fresh;
+        let now = self.now;
+        self.nodes[i].net.core.regathered(vec![fresh], now);
+        self.flush(i);
+    }
+
     /// Sets the conditions between nodes `a` and `b`.
     pub fn set_cond(&mut self, a: usize, b: usize, cond: LinkCond) {
         self.conds.insert((a.min(b), a.max(b)), cond);

@@ -933,6 +933,164 @@ fn a_30_s_cut_ends_in_flight_requests_after_the_grace_and_the_tunnel_comes_back(
     assert!(took <= Duration::from_secs(5), "back after {took:?}");
 }
 
+// ---- ICE restart (feature restart) --------------------------------------------------------
+
+/// serve and proxy mid-download of `size` bytes: (provider, consumer, the consumer's one
+/// session, the download's result).
+fn downloading(
+    sim: &mut Sim,
+    size: usize,
+    consumer_features: Option<&[&str]>,
+) -> (usize, usize, PeerId, mpsc::Receiver<(u16, usize, bool)>) {
+    let (up, _) = big_upstream(size);
+    let (p, c, addr) = serve_and_proxy(sim, up);
+    if let Some(features) = consumer_features {
+        sim.nodes[c].net.offered = features.iter().map(|f| f.to_string()).collect();
+    }
+    assert!(
+        sim.run_until(Duration::from_secs(10), |s| proxy_ready(s, c)),
+        "ready"
+    );
+    let result = download(addr, size);
+    let ok = sim.run_until(Duration::from_secs(5), |s| s.delivered > 400);
+    assert!(ok, "the download runs");
+    let peers = sim.nodes[c].net.open_peers();
+    assert_eq!(peers.len(), 1, "one session");
+    (p, c, peers[0], result)
+}
+
+/// Runs until the download ends (at most `limit` of virtual time) and returns its result.
+fn finish(
+    sim: &mut Sim,
+    result: &mpsc::Receiver<(u16, usize, bool)>,
+    limit: Duration,
+) -> (u16, usize, bool) {
+    let mut done = None;
+    let ok = sim.run_until(limit, |_| {
+        done = result.try_recv().ok();
+        done.is_some()
+    });
+    assert!(ok, "the download ends within {limit:?}");
+    done.expect("a result")
+}
+
+#[test]
+fn a_partition_shorter_than_the_grace_is_bridged_by_ice_restarts_and_the_download_completes() {
+    let mut sim = Sim::new(43);
+    let size = 2 << 20;
+    let (p, c, session, result) = downloading(&mut sim, size, None);
+    sim.set_cond(
+        p,
+        c,
+        LinkCond {
+            partitioned: true,
+            ..LinkCond::default()
+        },
+    );
+    let t0 = sim.now;
+    // Lost after 4 s; the provider (the offerer) restarts at once and again 2 s later.
+    let ok = sim.run_until(Duration::from_secs(10), |s| {
+        s.nodes[p].net.core.restarts() >= 2 && s.nodes[c].net.core.restarts() >= 2
+    });
+    assert!(ok, "two ICE restarts negotiated during the partition");
+    assert!(sim.now - t0 < Duration::from_secs(10), "{:?}", sim.now - t0);
+    assert!(path_lost(&mut sim, c) && path_lost(&mut sim, p));
+    // The path returns 10 s into the partition, within the grace (15 s).
+    sim.run_until(t0 + Duration::from_secs(10) - sim.now, |_| false);
+    sim.set_cond(p, c, LinkCond::default());
+    let back = sim.now;
+    let ok = sim.run_until(Duration::from_secs(5), |s| {
+        !path_lost(s, c) && !path_lost(s, p)
+    });
+    assert!(ok, "the path is back within 5 s of the restore");
+    println!("path back {:?} after the restore", sim.now - back);
+    assert_eq!(
+        finish(&mut sim, &result, Duration::from_secs(60)),
+        (200, size, true)
+    );
+    assert_eq!(
+        sim.nodes[c].net.open_peers(),
+        vec![session],
+        "the same session throughout"
+    );
+}
+
+/// The consumer's host moves to another network mid-download; with `rejoin` its signaling
+/// connection is made anew too (a new member id in the room), as the real shell does when an
+/// address is gone.
+fn consumer_moves(seed: u64, rejoin: bool) {
+    let mut sim = Sim::new(seed);
+    let size = 2 << 20;
+    let (p, c, session, result) = downloading(&mut sim, size, None);
+    let provider_session = sim.nodes[p].net.open_peers();
+    let before = sim.nodes[c].addr;
+    if rejoin {
+        sim.disconnect(c);
+    }
+    sim.move_node(c);
+    assert_ne!(sim.nodes[c].addr, before);
+    if rejoin {
+        sim.connect(c);
+    }
+    let t0 = sim.now;
+    let ok = sim.run_until(Duration::from_secs(10), |s| {
+        s.nodes[p].net.core.restarts() >= 1 && s.nodes[c].net.core.restarts() >= 1
+    });
+    assert!(ok, "an ICE restart negotiated");
+    println!("restart done {:?} after the move", sim.now - t0);
+    assert!(
+        sim.now - t0 < Duration::from_secs(1),
+        "at once: {:?}",
+        sim.now - t0
+    );
+    assert_eq!(
+        finish(&mut sim, &result, Duration::from_secs(60)),
+        (200, size, true)
+    );
+    assert_eq!(
+        sim.nodes[c].net.open_peers(),
+        vec![session],
+        "the consumer's one session"
+    );
+    assert_eq!(
+        sim.nodes[p].net.open_peers(),
+        provider_session,
+        "the provider's one session"
+    );
+}
+
+#[test]
+fn the_consumer_moving_to_a_new_address_mid_download_completes_it_through_an_ice_restart() {
+    consumer_moves(47, false);
+}
+
+#[test]
+fn a_consumer_that_moves_and_rejoins_under_a_new_id_keeps_its_session() {
+    consumer_moves(53, true);
+}
+
+#[test]
+fn without_the_restart_feature_a_move_costs_the_session_as_before() {
+    let mut sim = Sim::new(59);
+    let size = 64 << 20;
+    let old: &[&str] = &["sse", "window", "cancel", "headers", "liveness"];
+    let (p, c, session, result) = downloading(&mut sim, size, Some(old));
+    sim.move_node(c);
+    // No restart: the download waits through the grace, then ends cut short; the consumer's
+    // path stays lost until the provider offers a new session.
+    let (status, len, intact) = finish(&mut sim, &result, Duration::from_secs(30));
+    assert!(
+        status == 200 && !intact && len < size,
+        "cut short: {status} {len}"
+    );
+    assert_eq!(sim.nodes[p].net.core.restarts(), 0);
+    assert_eq!(sim.nodes[c].net.core.restarts(), 0);
+    let ok = sim.run_until(Duration::from_secs(30), |s| {
+        proxy_ready(s, c) && !s.nodes[c].net.open_peers().contains(&session)
+    });
+    assert!(ok, "a new session, as before the feature");
+}
+
 // ---- the provider's policy and the peers' caps, with the real roles -----------------------
 
 /// The body payloads node `i` received for stream `sid`, concatenated.

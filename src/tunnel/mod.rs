@@ -25,7 +25,7 @@ use mio::{Events, Poll, Registry, Token};
 use crate::cli::{flag_or_env, ProxyOpts, ServeOpts};
 use crate::frame::{HeaderForm, Message};
 use crate::peer::core::PeerCore;
-use crate::peer::{default_ice_addrs, Link, LinkConfig, PeerEvent, PeerId, RoomRole};
+use crate::peer::{Link, LinkConfig, PeerEvent, PeerId, RoomRole};
 use crate::turn::client::TurnServer;
 
 /// Both sides PING this often.
@@ -34,11 +34,19 @@ pub const PING_EVERY: Duration = Duration::from_secs(10);
 /// `window` (per-stream flow-control credit, WINDOW frames), `cancel` (CANCEL frames) and
 /// `headers` (header fields as an ordered list of pairs, [`HeaderForm::List`]) and
 /// `liveness` (PINGs every second, a lost path detected within 5 s, streams held for the grace
-/// period while it is down).
-pub const FEATURES: &[&str] = &["sse", "window", "cancel", "headers", "liveness"];
+/// period while it is down) and `restart` (a lost path or a change of local addresses is
+/// answered by an ICE restart negotiated over signaling; DTLS, SCTP and the streams carry on).
+pub const FEATURES: &[&str] = &["sse", "window", "cancel", "headers", "liveness", "restart"];
 /// With `liveness`: PINGs this often, and the path is lost after this long without a datagram.
 const LIVE_PING: Duration = Duration::from_secs(1);
 pub const PATH_TIMEOUT: Duration = Duration::from_secs(4);
+/// With `restart`: while the path stays lost, the ICE restart is repeated after these delays
+/// (the last one repeats) until the path is back or the grace is over.
+const RESTART_BACKOFF: [Duration; 3] = [
+    Duration::from_secs(2),
+    Duration::from_secs(4),
+    Duration::from_secs(8),
+];
 /// Default of `--grace`: how long streams wait for a lost path to come back.
 pub const GRACE: Duration = Duration::from_secs(15);
 
@@ -120,6 +128,11 @@ struct ChanState {
     liveness: bool,
     /// The path is down since then (liveness).
     lost_since: Option<Instant>,
+    /// Feature `restart` agreed: ICE restarts on a lost path.
+    restart: bool,
+    /// While the path is lost: when to restart again, and how many restarts so far.
+    next_restart: Option<Instant>,
+    restarts: usize,
 }
 
 /// Every data channel of the process, over the peer core: what the roles send through.
@@ -193,9 +206,15 @@ impl Net {
                     );
                     self.path_lost_total += 1;
                     changes.push(PathChange::Lost(peer));
+                    if st.restart {
+                        st.restarts = 0;
+                        st.next_restart = Some(now);
+                    }
                 }
                 Some(since) if silence < PATH_TIMEOUT => {
                     st.lost_since = None;
+                    st.next_restart = None;
+                    self.core.path_fine(peer);
                     log::info!(
                         "{peer}: path back after {:.1} s",
                         now.saturating_duration_since(since).as_secs_f64()
@@ -205,8 +224,22 @@ impl Net {
                 Some(since) if now.saturating_duration_since(since) >= self.grace => {
                     let why = format!("path lost for {} s (--grace)", self.grace.as_secs());
                     self.core.drop_session(peer, &why, now);
+                    continue;
                 }
                 _ => {}
+            }
+            let Some(st) = self.chans.get_mut(&peer) else {
+                continue;
+            };
+            if st.next_restart.is_some_and(|t| t <= now) {
+                let delay = RESTART_BACKOFF[st.restarts.min(RESTART_BACKOFF.len() - 1)];
+                st.restarts += 1;
+                st.next_restart = Some(now + delay);
+                let why = format!(
+                    "path lost (nothing heard for {:.1} s)",
+                    silence.as_secs_f64()
+                );
+                self.core.restart(peer, &why, now);
             }
         }
         changes
@@ -218,7 +251,10 @@ impl Net {
             .iter()
             .filter(|(_, c)| c.liveness)
             .filter_map(|(p, c)| match c.lost_since {
-                Some(since) => Some(since + self.grace),
+                Some(since) => Some(
+                    c.next_restart
+                        .map_or(since + self.grace, |t| t.min(since + self.grace)),
+                ),
                 None => {
                     let silence = self.core.silence(*p, now)?;
                     Some(now + PATH_TIMEOUT.saturating_sub(silence))
@@ -401,9 +437,13 @@ impl Chan<'_> {
                 HeaderForm::Map
             };
             st.liveness = features.iter().any(|f| f == "liveness");
+            st.restart = features.iter().any(|f| f == "restart");
         }
         if self.liveness() {
             self.net.core.hold(self.peer);
+        }
+        if self.state().is_some_and(|c| c.restart) {
+            self.net.core.allow_restart(self.peer);
         }
     }
 
@@ -613,7 +653,8 @@ pub fn drain(net: &mut Net, role: &mut dyn Role, registry: &Registry, now: Insta
     }
 }
 
-/// Local ICE addresses from `--ice-addr` and `TUNNEL_ICE_ADDR` (comma-separated), or the defaults.
+/// Local ICE addresses from `--ice-addr` and `TUNNEL_ICE_ADDR` (comma-separated); none given:
+/// empty, and the link uses this host's addresses and follows their changes.
 fn ice_addrs(flags: &[String]) -> Result<Vec<IpAddr>, String> {
     let mut specs: Vec<String> = flags.to_vec();
     if specs.is_empty() {
@@ -625,17 +666,6 @@ fn ice_addrs(flags: &[String]) -> Result<Vec<IpAddr>, String> {
                     .map(String::from),
             );
         }
-    }
-    if specs.is_empty() {
-        // Loopback and the default routes' addresses, plus every other local IPv4 address.
-        let mut ips = default_ice_addrs();
-        for ip in crate::util::local_ipv4_addrs() {
-            let ip = IpAddr::V4(ip);
-            if !ips.contains(&ip) {
-                ips.push(ip);
-            }
-        }
-        return Ok(ips);
     }
     specs
         .iter()
