@@ -46,7 +46,7 @@ test-deps:
 ## (iptables NAT and firewalls) and a public segment with `tunnel signal` and coturn; cone,
 ## no input firewall, symmetric (relayed), UDP blocked (TURN over TCP), 2 % loss, IPv6, and
 ## Chromium through TURN and behind mDNS; then tests/wan.rs on an emulated WAN path (a 3 s and
-## a 30 s outage, SSE at 3 % loss). Cases run in parallel; NET_TEST_ARGS adds libtest
+## a 30 s outage, SSE at 3 % loss, the consumer changing address mid-download). Cases run in parallel; NET_TEST_ARGS adds libtest
 ## arguments (e.g. --include-ignored for the cases that hit a known product bug).
 NET_TEST_ARGS ?=
 test-net:

@@ -4,7 +4,9 @@
 //! check behaviour, not speed: a 3 s cut mid-download is survived with every byte intact; a
 //! 30 s cut ends the request in flight within `--grace` + 5 s, new requests meanwhile get 503
 //! with Retry-After, and the tunnel answers again within 5 s of the restore; an SSE stream at
-//! 3 % loss arrives whole and in order.
+//! 3 % loss arrives whole and in order; the consumer's side moving to a new address
+//! mid-download is survived, every byte intact, through an ICE restart negotiated over
+//! signaling.
 //!
 //! Runs only with `TUNNEL_NET_TESTS=1` (which `make test-net` sets), as root, with `ip` and
 //! `/dev/net/tun`; otherwise each test says so in one line and passes. Each case has its own
@@ -257,6 +259,91 @@ fn thirty_second_cut_ends_in_flight_answers_503_and_recovers() {
             Err(e) => e.clone(),
         },
         restored.elapsed().as_secs_f64()
+    );
+}
+
+/// Side B's new address in the address-change case.
+const MOVED_B_IP: &str = "10.77.0.3";
+
+/// The consumer's side changes address mid-download (the old one deleted, so its sockets and
+/// its signaling connection are dead): the proxy, which follows its host's addresses (no
+/// `--ice-addr`), notices, reconnects to the signal server and restarts ICE on new sockets;
+/// the provider takes the restart for the same session, and the download completes intact.
+#[test]
+fn address_change_mid_download_completes_intact_through_an_ice_restart() {
+    if !enabled("move") {
+        return;
+    }
+    const LEN: u64 = 16 << 20;
+    const NOTICE: Duration = Duration::from_secs(10);
+    let wan = Wan::new("move", Path::new(RTT_MS, 0.0, MBIT));
+    let up = traffic::upstream(&wan.ns('a'));
+    let mut t = wan.start_tunnel_with(up.port, &[], &[], CONNECT, None);
+    let (progress, done) = background_download(&wan, t.addr, LEN, Duration::from_secs(90));
+    wait_progress(
+        &progress,
+        &done,
+        BEFORE_CUT,
+        Duration::from_secs(30),
+        "move: before the move",
+    );
+    let at = progress.load(Ordering::Relaxed);
+    // More than a send window is still to come: it must cross the new path.
+    assert!(at + (2 << 20) < LEN, "move: {at} bytes already arrived");
+    let moved = Instant::now();
+    wan.move_b(MOVED_B_IP);
+    for (who, needle) in [
+        ("proxy", "local addresses changed"),
+        ("proxy", "ICE restart 1 with"),
+        ("serve", "answered its offer"),
+    ] {
+        let p = if who == "proxy" {
+            &mut t.proxy
+        } else {
+            &mut t.serve
+        };
+        if p.line_within(needle, NOTICE).is_none() {
+            panic!(
+                "move: no `{needle}` from {who} within {} s of the move\n{}",
+                NOTICE.as_secs(),
+                report(&wan, &mut t)
+            );
+        }
+    }
+    let restarted = moved.elapsed();
+    let (got, _) = done
+        .recv_timeout(Duration::from_secs(120))
+        .expect("the download thread ends within its cap");
+    let got = got.unwrap_or_else(|e| panic!("move: {e}\n{}", report(&wan, &mut t)));
+    assert!(
+        got.status == 200 && got.complete && got.intact,
+        "move: download across an address change at byte {at}: {got:?}\n{}",
+        report(&wan, &mut t)
+    );
+    // The same session throughout: neither side lost its peer.
+    for (who, p, needle) in [
+        ("proxy", &mut t.proxy, "peer lost"),
+        ("serve", &mut t.serve, " left: "),
+    ] {
+        let lost = p.drain().iter().find(|l| l.contains(needle)).cloned();
+        assert!(lost.is_none(), "move: {who} logged {lost:?}");
+    }
+    let path = t
+        .proxy
+        .drain()
+        .iter()
+        .rev()
+        .find(|l| l.contains("path: "))
+        .cloned()
+        .unwrap_or_default();
+    assert!(path.contains(MOVED_B_IP), "move: the path in use: {path}");
+    eprintln!(
+        "WAN move: {} MiB intact in {:.1} s across an address change at {:.1} MiB; ICE restart \
+         answered {:.1} s after the move",
+        LEN >> 20,
+        got.secs,
+        at as f64 / 1048576.0,
+        restarted.as_secs_f64()
     );
 }
 

@@ -319,7 +319,7 @@ impl PeerCore {
     /// candidates (the stale ones discarded) and a restart.
     pub fn regathered(&mut self, locals: Vec<SocketAddr>, now: Instant) {
         log::info!(
-            "re-gathering candidates on fresh sockets ({})",
+            "re-gathering candidates on the sockets ({})",
             locals
                 .iter()
                 .map(SocketAddr::to_string)

@@ -476,8 +476,9 @@ impl Link {
             }
         }
         // A signaling connection from a vanished address hears nothing more and says
-        // nothing: it is made anew, and the restarts wait for the room.
-        let reconnect = !gone.is_empty();
+        // nothing: it is made anew, and the restarts wait for the room. One waiting for its
+        // next attempt (no route a moment ago) tries the new addresses now.
+        let reconnect = !gone.is_empty() || (!new.is_empty() && self.reconnect_at.is_some());
         if reconnect {
             log::info!("signaling: reconnecting from the new addresses");
             if let Some(mut ws) = self.ws.take() {

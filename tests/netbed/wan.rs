@@ -182,6 +182,19 @@ impl Wan {
         envs: &[(&str, &str)],
         connect: Duration,
     ) -> Tunnel {
+        self.start_tunnel_with(upstream_port, extra, envs, connect, Some(B_IP))
+    }
+
+    /// [`Wan::start_tunnel`], the proxy's `--ice-addr` being `proxy_ice` (`None`: no flag, so
+    /// the proxy uses side B's addresses and follows their changes).
+    pub fn start_tunnel_with(
+        &self,
+        upstream_port: u16,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+        connect: Duration,
+        proxy_ice: Option<&str>,
+    ) -> Tunnel {
         let listen = format!("{A_IP}:8787");
         let mut signal = self.tunnel('a', &["signal", "--listen", &listen, "--no-relay"], envs);
         signal.wait_line("listening on ws://", 10);
@@ -210,9 +223,10 @@ impl Wan {
             &room,
             "--listen",
             "127.0.0.1:0",
-            "--ice-addr",
-            B_IP,
         ];
+        if let Some(ip) = proxy_ice {
+            args.extend_from_slice(&["--ice-addr", ip]);
+        }
         args.extend_from_slice(extra);
         let mut proxy = self.tunnel('b', &args, envs);
         let line = proxy.wait_line("proxy listening on http://", 10);
@@ -230,6 +244,15 @@ impl Wan {
             proxy,
             addr,
         }
+    }
+
+    /// Side B moves to another address on its link: [`B_IP`] is deleted (so whatever was
+    /// bound to it, sockets and TCP connections, is dead), then `new` added. (In this order:
+    /// deleting a primary address deletes the secondaries of its subnet with it.)
+    pub fn move_b(&self, new: &str) {
+        let ns = self.ns('b');
+        ip(&ns, &["addr", "del", &format!("{B_IP}/24"), "dev", "wan"]);
+        ip(&ns, &["addr", "add", &format!("{new}/24"), "dev", "wan"]);
     }
 
     /// Drops what `what` names from now on, packets already in flight included.
