@@ -1070,6 +1070,66 @@ fn a_consumer_that_moves_and_rejoins_under_a_new_id_keeps_its_session() {
 }
 
 #[test]
+fn a_restart_offer_naming_another_certificate_is_ignored() {
+    let mut sim = Sim::new(61);
+    let size = 2 << 20;
+    let (p, c, _, result) = downloading(&mut sim, size, None);
+    let provider_peer = sim.nodes[p].net.open_peers()[0];
+    let consumer_id = sim.nodes[p]
+        .net
+        .core
+        .member(provider_peer)
+        .expect("the consumer's member id")
+        .to_string();
+    // The consumer's own restart offer, taken off its signaling queue before the room sees it.
+    let (addr, now) = (sim.nodes[c].addr, sim.now);
+    sim.nodes[c].net.core.regathered(vec![addr], now);
+    let offer = std::iter::from_fn(|| sim.nodes[c].net.core.poll_signal())
+        .find(|t| t.contains(r#""type":"offer""#))
+        .expect("a restart offer");
+    let sdp = serde_json::from_str::<serde_json::Value>(&offer).expect("json")["sdp"]
+        .as_str()
+        .expect("sdp")
+        .to_string();
+    // The same offer with another certificate's fingerprint, as a forging rendezvous would
+    // send it: ignored, the session and the download carry on.
+    let forged = sdp
+        .lines()
+        .map(|l| match l.strip_prefix("a=fingerprint:sha-256 ") {
+            Some(hex) => format!(
+                "a=fingerprint:sha-256 {}",
+                hex.replace(|c: char| c.is_ascii_hexdigit(), "0")
+            ),
+            None => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\r\n")
+        + "\r\n";
+    assert_ne!(forged, sdp);
+    let msg = serde_json::json!({"type": "offer", "peerId": consumer_id, "sdp": forged});
+    sim.nodes[p].net.core.handle_signal(&msg.to_string(), now);
+    assert_eq!(
+        sim.nodes[p].net.core.restarts(),
+        0,
+        "the forged offer changed nothing"
+    );
+    assert_eq!(sim.nodes[p].net.open_peers(), vec![provider_peer]);
+    // The genuine one is taken.
+    let msg = serde_json::json!({"type": "offer", "peerId": consumer_id, "sdp": sdp});
+    sim.nodes[p].net.core.handle_signal(&msg.to_string(), now);
+    assert_eq!(
+        sim.nodes[p].net.core.restarts(),
+        1,
+        "the genuine offer restarts ICE"
+    );
+    assert_eq!(
+        finish(&mut sim, &result, Duration::from_secs(60)),
+        (200, size, true)
+    );
+    assert_eq!(sim.nodes[p].net.open_peers(), vec![provider_peer]);
+}
+
+#[test]
 fn without_the_restart_feature_a_move_costs_the_session_as_before() {
     let mut sim = Sim::new(59);
     let size = 64 << 20;
