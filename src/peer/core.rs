@@ -245,6 +245,10 @@ pub struct PeerCore {
     stream_out: VecDeque<(usize, SocketAddr, Vec<u8>)>,
     /// The driver saw a path lost: the shell should look at its local addresses now.
     addr_check_due: bool,
+    /// A consumer gave up a restartable session whose path stayed lost: its signaling
+    /// connection, whose bytes may have been stuck behind the same outage (TCP backing off
+    /// for tens of seconds), should be made anew.
+    resignal_due: bool,
     /// ICE restarts completed (answer accepted, or a restart offer answered).
     restarts: u64,
     /// Our member id in the room, to notice a rejoin under a new one.
@@ -293,6 +297,7 @@ impl PeerCore {
             last_regather: None,
             stream_out: VecDeque::new(),
             addr_check_due: false,
+            resignal_due: false,
             restarts: 0,
             own_id: None,
         };
@@ -306,6 +311,11 @@ impl PeerCore {
     /// Whether the shell should bind fresh sockets now (and call [`PeerCore::regathered`]).
     pub fn take_regather(&mut self) -> bool {
         std::mem::take(&mut self.regather_due)
+    }
+
+    /// Whether the shell should make its signaling connection anew now.
+    pub fn take_resignal(&mut self) -> bool {
+        std::mem::take(&mut self.resignal_due)
     }
 
     /// Whether the shell should look at its local addresses now (a path was lost).
@@ -939,6 +949,10 @@ impl PeerCore {
     /// Ends one session that the driver gave up on (its path stayed down): like a failure the
     /// core noticed itself, so the member, still in the room, is offered to again.
     pub fn drop_session(&mut self, peer: PeerId, reason: &str, now: Instant) {
+        let restartable = self.sessions.iter().any(|s| s.id == peer && s.restartable);
+        if restartable && self.role == RoomRole::Consumer {
+            self.resignal_due = true;
+        }
         self.lose(peer, reason.to_string(), now);
     }
 

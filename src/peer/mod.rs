@@ -41,6 +41,11 @@ const TCP_FIRST: usize = Link::TOKENS - core::MAX_TURN;
 /// How often a link without `--ice-addr` looks at the host's addresses (see
 /// [`local_ice_addrs`]): a change of network is noticed within this.
 pub const ADDR_CHECK: Duration = Duration::from_secs(2);
+/// A signaling connection not open (TCP and WebSocket handshake) this long is given up and
+/// tried again: a connect into a dead network would otherwise wait for the kernel's SYN
+/// retries, which back off to minutes, and miss the network's return. (A TLS handshake over a
+/// satellite path takes about 2.5 s.)
+pub const WS_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Unread bytes a TURN stream may hold (a message is at most 64 KiB plus its header).
 const TURN_STREAM_BUF: usize = 70 * 1024;
 
@@ -99,6 +104,8 @@ pub struct Link {
     turn_streams: Vec<Option<TurnStream>>,
     /// No `--ice-addr`: the host's addresses are followed; when to look at them next.
     next_addr_check: Option<Instant>,
+    /// The signaling connection being made is given up at this instant.
+    ws_deadline: Option<Instant>,
     closed: bool,
 }
 
@@ -174,9 +181,10 @@ impl Link {
             sockets,
             turn_streams: Vec::new(),
             next_addr_check: (!explicit).then(|| now + ADDR_CHECK),
+            ws_deadline: None,
             closed: false,
         };
-        link.connect_ws(registry);
+        link.connect_ws(registry, now);
         Ok((link, core))
     }
 
@@ -221,7 +229,15 @@ impl Link {
         }
         if self.reconnect_at.is_some_and(|t| t <= now) {
             self.reconnect_at = None;
-            self.connect_ws(registry);
+            self.connect_ws(registry, now);
+        }
+        if self.ws_deadline.is_some_and(|t| t <= now) {
+            self.ws_deadline = None;
+            if let Some(mut ws) = self.ws.take() {
+                ws.close(registry);
+            }
+            let why = format!("no connection within {} s", WS_CONNECT_TIMEOUT.as_secs());
+            self.ws_closed(core, why, registry, now);
         }
         if self.next_addr_check.is_some_and(|t| t <= now) {
             self.check_addrs(core, registry, now);
@@ -232,11 +248,21 @@ impl Link {
         self.pump(core, registry, now);
     }
 
+    /// Carries out what the core asked of the shell since (fresh sockets, a look at the
+    /// addresses, a new signaling connection): the driver calls it after telling the core
+    /// about its paths.
+    pub fn service(&mut self, core: &mut PeerCore, registry: &Registry, now: Instant) {
+        if !self.closed {
+            self.pump(core, registry, now);
+        }
+    }
+
     /// The earliest instant at which [`Link::handle_timeout`] has work to do.
     pub fn next_deadline(&self, core: &PeerCore) -> Option<Instant> {
         [
             self.reconnect_at,
             self.next_addr_check,
+            self.ws_deadline,
             core.next_deadline(),
         ]
         .into_iter()
@@ -278,6 +304,7 @@ impl Link {
         }
         self.closed = true;
         self.reconnect_at = None;
+        self.ws_deadline = None;
         self.ws_events.clear();
     }
 
@@ -391,9 +418,10 @@ impl Link {
         }
     }
 
-    fn connect_ws(&mut self, registry: &Registry) {
+    fn connect_ws(&mut self, registry: &Registry, now: Instant) {
         let addr = self.url.addrs[self.addr_index % self.url.addrs.len()];
         self.ws_open = false;
+        self.ws_deadline = Some(now + WS_CONNECT_TIMEOUT);
         match WsClient::connect(&self.url, addr, registry, Token(self.token_base)) {
             Ok(ws) => self.ws = Some(ws),
             Err(e) => self.ws_events.push_back(WsEvent::Closed(e)),
@@ -480,19 +508,29 @@ impl Link {
         // next attempt (no route a moment ago) tries the new addresses now.
         let reconnect = !gone.is_empty() || (!new.is_empty() && self.reconnect_at.is_some());
         if reconnect {
-            log::info!("signaling: reconnecting from the new addresses");
-            if let Some(mut ws) = self.ws.take() {
-                ws.close(registry);
-            }
-            core.disconnected();
-            self.ws_open = false;
+            self.drop_ws(core, registry);
         }
         core.regathered(self.local_addrs(), now);
         if reconnect {
-            self.backoff = 0;
-            self.reconnect_at = None;
-            self.connect_ws(registry);
+            self.reconnect_now(registry, now, "from the new addresses");
         }
+    }
+
+    /// Closes the signaling connection (the core sees it go).
+    fn drop_ws(&mut self, core: &mut PeerCore, registry: &Registry) {
+        if let Some(mut ws) = self.ws.take() {
+            ws.close(registry);
+        }
+        core.disconnected();
+        self.ws_open = false;
+    }
+
+    /// Makes the signaling connection anew at once (backoff reset).
+    fn reconnect_now(&mut self, registry: &Registry, now: Instant, why: &str) {
+        log::info!("signaling: reconnecting {why}");
+        self.backoff = 0;
+        self.reconnect_at = None;
+        self.connect_ws(registry, now);
     }
 
     /// Processes WebSocket events and the core's signaling output until nothing is left.
@@ -500,6 +538,14 @@ impl Link {
         self.regather(core, registry, now);
         if core.take_addr_check() {
             self.check_addrs(core, registry, now);
+        }
+        if core.take_resignal() && !self.closed {
+            self.drop_ws(core, registry);
+            self.reconnect_now(
+                registry,
+                now,
+                "(the path to the peer stayed lost: so may this connection, silently)",
+            );
         }
         loop {
             let mut progressed = false;
@@ -531,6 +577,7 @@ impl Link {
             WsEvent::Open => {
                 log::info!("signaling: connected to {}", self.url.url);
                 self.ws_open = true;
+                self.ws_deadline = None;
                 self.addrs_tried = 0;
                 core.connected();
             }
@@ -551,6 +598,7 @@ impl Link {
         registry: &Registry,
         now: Instant,
     ) {
+        self.ws_deadline = None;
         if let Some(mut ws) = self.ws.take() {
             ws.deregister(registry);
         }
@@ -564,7 +612,7 @@ impl Link {
             self.addrs_tried += 1;
             if self.addrs_tried < self.url.addrs.len() {
                 log::debug!("signaling: {reason}; trying the next address");
-                self.connect_ws(registry);
+                self.connect_ws(registry, now);
                 return;
             }
         }

@@ -606,6 +606,7 @@ fn run_loop(
         for change in net.check_paths(now) {
             role.on_path(net, &change, now);
         }
+        link.service(&mut net.core, poll.registry(), now);
         drain(net, role, poll.registry(), now);
         role.on_tick(net, poll.registry(), now);
         drain(net, role, poll.registry(), now);
