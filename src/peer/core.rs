@@ -947,7 +947,9 @@ impl PeerCore {
     }
 
     /// Ends one session that the driver gave up on (its path stayed down): like a failure the
-    /// core noticed itself, so the member, still in the room, is offered to again.
+    /// core noticed itself, so the member, still in the room, is offered to again. A consumer
+    /// giving up a restartable session also asks the shell for a new signaling connection
+    /// ([`PeerCore::take_resignal`]).
     pub fn drop_session(&mut self, peer: PeerId, reason: &str, now: Instant) {
         let restartable = self.sessions.iter().any(|s| s.id == peer && s.restartable);
         if restartable && self.role == RoomRole::Consumer {
