@@ -25,10 +25,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use serde_json::json;
 use serde_json::value::RawValue;
+use serde_json::{json, Value};
 
-use super::dialect::{ConnId, Dialect, Outbox, Page, RoomCaps};
+use super::dialect::{is_remote, Announce, ConnId, Dialect, Note, Outbox, Page, RoomCaps};
 use super::relay::RelayIce;
 use crate::util::uuid_v4;
 
@@ -49,6 +49,17 @@ enum Kind {
     Legacy,
     Provider,
     Consumer,
+}
+
+impl Kind {
+    /// Its name in the cluster's member records.
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Legacy => "legacy",
+            Kind::Provider => "provider",
+            Kind::Consumer => "consumer",
+        }
+    }
 }
 
 /// The `role` a `join` asks for: `Legacy` when absent, `None` when it is not a valid role.
@@ -133,6 +144,15 @@ impl TunnelRooms {
         (!servers.is_empty()).then(|| serde_json::Value::Array(servers))
     }
 
+    /// The peer ids in `room` (for the cluster: whom a joiner was introduced to).
+    fn known(&self, room: &str) -> Vec<&str> {
+        let members = self
+            .rooms
+            .get(room)
+            .map_or(&[][..], |r| r.members.as_slice());
+        members.iter().filter_map(|&c| self.peer_id(c)).collect()
+    }
+
     fn peer_id(&self, conn: ConnId) -> Option<&str> {
         self.members.get(&conn).map(|m| m.peer_id.as_str())
     }
@@ -210,6 +230,17 @@ impl TunnelRooms {
             out.send(other, &joined);
         }
         log::debug!("{kind:?} {peer_id} joined room '{room_name}'");
+        let provider_id = match kind {
+            Kind::Provider => Some(peer_id.as_str()),
+            _ => provider.and_then(|p| self.peer_id(p)),
+        };
+        let known = self.known(&room_name);
+        out.notes.push(Note::Joined {
+            conn,
+            room: room_name.clone(),
+            data: json!({"peerId": peer_id, "role": kind.name(), "provider": provider_id,
+                         "known": known}),
+        });
         let room = self.rooms.entry(room_name.clone()).or_default();
         room.with_roles = true;
         room.provider = if kind == Kind::Provider {
@@ -251,6 +282,12 @@ impl TunnelRooms {
             out.send(other, &joined);
         }
         log::debug!("peer {peer_id} joined room '{room_name}'");
+        let known = self.known(&room_name);
+        out.notes.push(Note::Joined {
+            conn,
+            room: room_name.clone(),
+            data: json!({"peerId": peer_id, "role": Kind::Legacy.name(), "known": known}),
+        });
         self.rooms
             .entry(room_name.clone())
             .or_default()
@@ -328,6 +365,9 @@ impl TunnelRooms {
         let Some(member) = self.members.remove(&conn) else {
             return;
         };
+        if !is_remote(conn) {
+            out.notes.push(Note::Left(conn));
+        }
         let left = json!({"type": "peer-left", "peerId": member.peer_id});
         if let Some(room) = self.rooms.get_mut(&member.room) {
             let kind = room.kind(conn);
@@ -378,6 +418,77 @@ impl Dialect for TunnelRooms {
 
     fn set_relay(&mut self, ice: RelayIce) {
         self.ice = Some(ice);
+    }
+
+    /// A member of another instance: it takes its place in the room as its instance decided
+    /// (its kind, the room's provider), without the caps (its instance checked them).
+    fn adopt(
+        &mut self,
+        conn: ConnId,
+        room_name: &str,
+        data: &Value,
+        announce: Announce,
+        out: &mut Outbox,
+    ) {
+        let Some(peer_id) = data["peerId"].as_str() else {
+            return;
+        };
+        let kind = match data["role"].as_str() {
+            Some("provider") => Kind::Provider,
+            Some("consumer") => Kind::Consumer,
+            _ => Kind::Legacy,
+        };
+        let room = self.rooms.get(room_name);
+        let members = room.map_or(&[][..], |r| r.members.as_slice());
+        let provider = match (kind, data["provider"].as_str()) {
+            (Kind::Provider, _) => Some(conn),
+            (_, Some(p)) => members
+                .iter()
+                .copied()
+                .find(|&c| self.peer_id(c) == Some(p)),
+            _ => room.and_then(|r| r.provider),
+        };
+        // Members and the joiner see each other when both are legacy or one is the provider.
+        let sees = |c: ConnId| match kind {
+            Kind::Consumer => provider == Some(c),
+            _ => true,
+        };
+        let told: Vec<ConnId> = match announce {
+            Announce::Origin => Vec::new(),
+            Announce::Locals => members.to_vec(),
+            Announce::Missed => {
+                let known: Vec<&str> = data["known"]
+                    .as_array()
+                    .map_or(Vec::new(), |k| k.iter().filter_map(Value::as_str).collect());
+                members
+                    .iter()
+                    .copied()
+                    .filter(|&c| self.peer_id(c).is_some_and(|id| !known.contains(&id)))
+                    .collect()
+            }
+        };
+        let joined = json!({"type": "peer-joined", "peerId": peer_id});
+        for other in told.into_iter().filter(|&c| !is_remote(c) && sees(c)) {
+            out.send(other, &joined);
+            if announce == Announce::Missed {
+                if let Some(id) = self.peer_id(other) {
+                    out.send(conn, &json!({"type": "peer-joined", "peerId": id}));
+                }
+            }
+        }
+        let room = self.rooms.entry(room_name.to_string()).or_default();
+        if kind != Kind::Legacy {
+            room.with_roles = true;
+            room.provider = provider;
+        }
+        room.members.push(conn);
+        self.members.insert(
+            conn,
+            Member {
+                peer_id: peer_id.to_string(),
+                room: room_name.to_string(),
+            },
+        );
     }
 
     fn on_open_at(&mut self, conn: ConnId, host: &str, out: &mut Outbox) {
