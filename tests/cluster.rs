@@ -144,19 +144,25 @@ fn silent(ws: &mut Ws, ms: u64) {
 /// Waits until the instance at `addr` holds `n` members of other instances (a join's news
 /// crosses Redis in well under a millisecond, but asynchronously).
 fn wait_remote(addr: SocketAddr, n: u64) {
+    wait_metric(addr, "tunnel_signal_cluster_remote_members", n);
+}
+
+/// Waits until the gauge `name` of the instance at `addr` reads `n`.
+fn wait_metric(addr: SocketAddr, name: &str, n: u64) {
     let start = Instant::now();
+    let prefix = format!("{name} ");
     loop {
         let (_, _, metrics) = get(addr, "/metrics");
         let held = metrics
             .lines()
-            .find_map(|l| l.strip_prefix("tunnel_signal_cluster_remote_members "))
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
             .and_then(|v| v.parse::<u64>().ok());
         if held == Some(n) {
             return;
         }
         assert!(
             start.elapsed() < Duration::from_secs(5),
-            "{addr} holds {held:?} remote members, not {n}"
+            "{addr}: {name} is {held:?}, not {n}"
         );
         std::thread::park_timeout(Duration::from_millis(5));
     }
@@ -267,6 +273,105 @@ fn download(addr: SocketAddr, want: &str) {
     let (status, _, body) = request(addr, "GET", "/blob", b"");
     assert_eq!(status, 200);
     assert_eq!(sha256(&body), want, "download intact");
+}
+
+#[test]
+fn webllm_devices_on_two_instances_share_a_room() {
+    let Some(redis) = Redis::start() else { return };
+    let (_ia, a) = instance(&redis.url(), &["--dialect", "webllm"]);
+    let (_ib, b) = instance(&redis.url(), &["--dialect", "webllm"]);
+    let mut da = ws(a, "/");
+    let mut db = ws(b, "/");
+    send(
+        &mut da,
+        r#"{"type":"register","deviceId":"dev-a","deviceName":"Mac-deva"}"#,
+    );
+    assert_eq!(
+        recv(&mut da),
+        json!({"type": "registered", "deviceId": "dev-a"})
+    );
+    send(&mut da, r#"{"type":"join-room","token":"ABC123"}"#);
+    assert_eq!(
+        recv(&mut da),
+        json!({"type": "room-joined", "token": "ABC123", "peers": []})
+    );
+    wait_remote(b, 1);
+    send(
+        &mut db,
+        r#"{"type":"register","deviceId":"dev-b","deviceName":"Lin-devb"}"#,
+    );
+    recv(&mut db);
+    send(&mut db, r#"{"type":"join-room","token":"ABC123"}"#);
+    assert_eq!(
+        recv_text(&mut db),
+        r#"{"type":"room-joined","token":"ABC123","peers":[{"id":"dev-a","name":"Mac-deva"}]}"#
+    );
+    assert_eq!(
+        recv_text(&mut da),
+        r#"{"type":"peer-joined","peerId":"dev-b","peerName":"Lin-devb"}"#
+    );
+    send(
+        &mut db,
+        r#"{"type":"signal","targetId":"dev-a","signalType":"offer","data":{"type":"offer","sdp":"v=0"}}"#,
+    );
+    assert_eq!(
+        recv_text(&mut da),
+        r#"{"type":"signal","signalType":"offer","data":{"type":"offer","sdp":"v=0"},"fromId":"dev-b","fromName":"Lin-devb"}"#
+    );
+    send(&mut db, r#"{"type":"broadcast","data":{"k":1}}"#);
+    assert_eq!(
+        recv_text(&mut da),
+        r#"{"type":"broadcast","data":{"k":1},"fromId":"dev-b","fromName":"Lin-devb"}"#
+    );
+    send(&mut db, r#"{"type":"leave-room"}"#);
+    assert_eq!(
+        recv_text(&mut da),
+        r#"{"type":"peer-left","peerId":"dev-b","peerName":"Lin-devb"}"#
+    );
+}
+
+#[test]
+fn chronoflux_peers_on_two_instances_meet() {
+    let Some(redis) = Redis::start() else { return };
+    let (_ia, a) = instance(&redis.url(), &["--dialect", "chronoflux"]);
+    let (_ib, b) = instance(&redis.url(), &["--dialect", "chronoflux"]);
+    let mut x = ws(a, "/");
+    let welcome = recv(&mut x);
+    let idx = welcome["peerId"].as_str().unwrap().to_string();
+    assert!(idx.starts_with("peer-"), "{welcome}");
+    assert_eq!(welcome["peers"], json!([]));
+    wait_remote(b, 1);
+    let mut y = ws(b, "/");
+    let welcome = recv(&mut y);
+    let idy = welcome["peerId"].as_str().unwrap().to_string();
+    assert_ne!(idx, idy, "ids differ across instances");
+    assert_eq!(welcome["peers"], json!([idx]));
+    assert_eq!(recv(&mut x), json!({"type": "peer-joined", "peerId": idy}));
+    send(
+        &mut x,
+        r#"{"type":"join-room","room":"lab","metadata":{"n":1}}"#,
+    );
+    assert_eq!(recv(&mut x), json!({"type": "room-peers", "peers": []}));
+    wait_metric(b, "tunnel_signal_rooms", 1);
+    send(&mut y, r#"{"type":"join-room","room":"lab"}"#);
+    assert_eq!(
+        recv(&mut y),
+        json!({"type": "room-peers", "peers": [{"id": idx, "metadata": {"n": 1}}]})
+    );
+    assert_eq!(
+        recv(&mut x),
+        json!({"type": "peer-joined-room", "peerId": idy, "metadata": {}})
+    );
+    send(
+        &mut y,
+        &format!(r#"{{"type":"signal","to":"{idx}","signal":{{"s":1}}}}"#),
+    );
+    assert_eq!(
+        recv(&mut x),
+        json!({"type": "signal", "from": idy, "signal": {"s": 1}})
+    );
+    drop(y);
+    assert_eq!(recv(&mut x), json!({"type": "peer-left", "peerId": idy}));
 }
 
 #[test]

@@ -213,6 +213,11 @@ impl Cluster {
         &self.id
     }
 
+    /// A number drawn from the instance id (random), for dialects' id spaces.
+    pub fn seed(&self) -> u64 {
+        u64::from_str_radix(&self.id, 16).unwrap_or(0)
+    }
+
     /// Whether Redis is reachable and the subscription confirmed.
     pub fn is_up(&self) -> bool {
         matches!(self.link, Link::Up { since: Some(_) })

@@ -188,6 +188,10 @@ pub trait Dialect {
     ) {
     }
 
+    /// The server is one of several instances (`--cluster`); `seed` is random, for dialects
+    /// whose ids must not collide across instances.
+    fn set_cluster_seed(&mut self, _seed: u64) {}
+
     /// The built-in TURN relay runs: a dialect may hand its clients the relay's `iceServers`.
     fn set_relay(&mut self, _ice: RelayIce) {}
 

@@ -303,7 +303,9 @@ impl Server {
         let cluster = match cfg.cluster.clone() {
             Some(c) => {
                 let registry = poll.registry().try_clone().map_err(|e| e.to_string())?;
-                Some(Cluster::new(c, registry, now))
+                let cluster = Cluster::new(c, registry, now);
+                cfg.dialect.set_cluster_seed(cluster.seed());
+                Some(cluster)
             }
             None => None,
         };
