@@ -954,4 +954,93 @@ mod tests {
         core.on_text(4, r#"{"type":"join","room":"b"}"#, &mut out);
         assert!(out.joined);
     }
+
+    /// What `adopt` of a remote member sends, with `announce`.
+    fn adopt(
+        core: &mut TunnelRooms,
+        conn: ConnId,
+        data: Value,
+        announce: Announce,
+    ) -> Vec<(ConnId, Value)> {
+        let mut out = Outbox::default();
+        core.adopt(conn, "r", &data, announce, &mut out);
+        parsed(out)
+    }
+
+    const R: ConnId = crate::signal::dialect::REMOTE_BASE;
+
+    #[test]
+    fn a_remote_provider_is_met_as_a_local_one() {
+        let mut core = TunnelRooms::new(2, 32);
+        let data = json!({"peerId": "P", "role": "provider", "provider": "P", "known": []});
+        assert!(adopt(&mut core, R, data, Announce::Origin).is_empty());
+        // A local consumer sees it; the news goes to the remote provider's stand-in.
+        let (c, out) = joined(&mut core, 1, "consumer");
+        assert_eq!(peers(&out), json!(["P"]));
+        assert_eq!(notices(&out), vec![note(R, "peer-joined", &c)]);
+        // The join is noted for the other instances, with the room's provider.
+        let mut out = Outbox::default();
+        core.on_text(
+            2,
+            r#"{"type":"join","room":"r","role":"consumer"}"#,
+            &mut out,
+        );
+        let Some(Note::Joined {
+            conn: 2,
+            room,
+            data,
+        }) = out.notes.first()
+        else {
+            panic!("{:?}", out.notes);
+        };
+        assert_eq!((room.as_str(), &data["provider"]), ("r", &json!("P")));
+        assert_eq!(data["known"].as_array().map(Vec::len), Some(2));
+        // A second provider is refused, whichever instance holds the first.
+        assert_eq!(
+            join(&mut core, 3, "provider"),
+            error(3, "room 'r' already has a provider")
+        );
+        // The remote provider leaves (its instance died): local consumers hear it, and no
+        // note goes out for a member that is not ours.
+        let mut out = Outbox::default();
+        core.on_close(R, &mut out);
+        assert!(out.notes.is_empty());
+        assert_eq!(
+            parsed(out),
+            vec![note(1, "peer-left", "P"), note(2, "peer-left", "P")]
+        );
+    }
+
+    #[test]
+    fn members_that_joined_at_once_are_introduced_by_one_instance() {
+        let mut core = TunnelRooms::new(2, 32);
+        let (l, _) = joined(&mut core, 1, "");
+        // The remote member's instance did not know `l` when it joined.
+        let data = json!({"peerId": "X", "role": "legacy", "known": []});
+        assert!(adopt(&mut core, R, data.clone(), Announce::Origin).is_empty());
+        let mut other = TunnelRooms::new(2, 32);
+        joined(&mut other, 1, "");
+        assert_eq!(
+            adopt(&mut other, R, data.clone(), Announce::Missed),
+            vec![
+                note(1, "peer-joined", "X"),
+                note(R, "peer-joined", &other.members[&1].peer_id)
+            ]
+        );
+        // A member it knew of is not introduced again; resynchronising tells locals only.
+        let mut known = TunnelRooms::new(2, 32);
+        joined(&mut known, 1, "");
+        let id = known.members[&1].peer_id.clone();
+        let data = json!({"peerId": "Y", "role": "legacy", "known": [id]});
+        assert!(adopt(&mut known, R, data, Announce::Missed).is_empty());
+        let mut resync = TunnelRooms::new(2, 32);
+        joined(&mut resync, 1, "");
+        let data = json!({"peerId": "Z", "role": "legacy"});
+        assert_eq!(
+            adopt(&mut resync, R, data, Announce::Locals),
+            vec![note(1, "peer-joined", "Z")]
+        );
+        assert_eq!(core.peer_id(R), Some("X"));
+        assert_eq!(bye(&mut core, 1), vec![note(R, "peer-left", &l)]);
+    }
 }
