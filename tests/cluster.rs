@@ -458,6 +458,7 @@ fn agent_peers_on_different_instances_exchange_signals() {
     let ja = sa.expect("joined");
     let (ida, toka) = (ja["id"].as_str().unwrap(), ja["token"].as_str().unwrap());
     assert_eq!(sa.expect("roster"), json!([ida]));
+    wait_remote(b, 1);
     let mut sb = Sse::open(b, "agents");
     let jb = sb.expect("joined");
     let (idb, tokb) = (jb["id"].as_str().unwrap(), jb["token"].as_str().unwrap());
@@ -524,6 +525,23 @@ fn a_killed_instance_is_seen_leaving_and_its_members_meet_again_on_the_other() {
     assert_eq!(
         recv(&mut x),
         json!({"type": "offer", "peerId": idy, "sdp": "again"})
+    );
+    // An instance stopped cleanly (SIGTERM) says goodbye: its members go at once, not after
+    // the TTL.
+    let (mut ic, c) = instance(&redis.url(), &[]);
+    let mut w = ws(c, "/");
+    let (idw, _) = joined_id(&mut w, "k2");
+    wait_remote(b, 1);
+    let mut v = ws(b, "/");
+    let (_, peers) = joined_id(&mut v, "k2");
+    assert_eq!(peers, json!([idw]));
+    let stopped = Instant::now();
+    assert_eq!(ic.terminate(5), Some(0));
+    assert_eq!(recv(&mut v), json!({"type": "peer-left", "peerId": idw}));
+    assert!(
+        stopped.elapsed() < Duration::from_secs(1),
+        "peer-left {:?} after the stop",
+        stopped.elapsed()
     );
 }
 
@@ -638,7 +656,7 @@ fn serve_and_proxy_through_haproxy_survive_an_instance_killed() {
     // (the proxy drops that session) and the new one; the tunnel comes back.
     serve.wait_count("joined room", 2, 20);
     let survivor = &mut instances[alive];
-    survivor.wait_line("is gone (its presence expired)", 15);
+    survivor.wait_line("is gone (stopped, or its presence expired)", 15);
     let start = Instant::now();
     loop {
         let (status, _, body) = request(paddr, "GET", "/blob", b"");

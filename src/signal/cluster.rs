@@ -538,6 +538,7 @@ impl Cluster {
                 self.instances.insert(inst.clone(), ());
                 self.read_members(inst);
             }
+            "bye" => self.instance_gone(&inst),
             _ => {}
         }
     }
@@ -631,9 +632,11 @@ impl Cluster {
         }
     }
 
-    /// `inst`'s presence expired: its members are gone.
+    /// `inst`'s presence expired, or it said goodbye: its members are gone.
     fn instance_gone(&mut self, inst: &str) {
-        self.instances.remove(inst);
+        if self.instances.remove(inst).is_none() {
+            return;
+        }
         let keys: Vec<String> = self
             .remotes
             .values()
@@ -641,7 +644,7 @@ impl Cluster {
             .map(|r| r.key.clone())
             .collect();
         log::info!(
-            "cluster: instance {inst} is gone (its presence expired); its {} members left",
+            "cluster: instance {inst} is gone (stopped, or its presence expired); its {} members left",
             keys.len()
         );
         for key in keys {
@@ -652,6 +655,29 @@ impl Cluster {
             &[b"SREM", set.as_bytes(), inst.as_bytes()],
             Pending::Ignore("SREM"),
         );
+    }
+
+    /// The instance stops: its records go at once and the others drop its members now
+    /// rather than after the TTL. Best effort: what the socket takes without waiting.
+    pub fn stop(&mut self) {
+        if !self.is_up() {
+            return;
+        }
+        let presence = self.key(&format!("inst:{}", self.id));
+        let members = self.key(&format!("members:{}", self.id));
+        let set = self.key("instances");
+        self.command(
+            &[b"DEL", presence.as_bytes(), members.as_bytes()],
+            Pending::Ignore("DEL"),
+        );
+        self.command(
+            &[b"SREM", set.as_bytes(), self.id.clone().as_bytes()],
+            Pending::Ignore("SREM"),
+        );
+        let bye = json!({"op": "bye", "i": self.id}).to_string();
+        self.publish_all(&bye);
+        self.flush();
+        log::info!("cluster: left (instance {})", self.id);
     }
 
     /// A local member joined `room`; `data` is what the other instances' cores need of it.

@@ -374,6 +374,9 @@ impl Server {
             }
             if crate::stop::requested() {
                 log::info!("stopping");
+                if let Some(c) = &mut self.cluster {
+                    c.stop();
+                }
                 return Ok(());
             }
             let now = Instant::now();
