@@ -1,6 +1,6 @@
 //! `tunnel-bench`: the benchmarks behind `make bench`. The first argument picks one (`signal`:
-//! the signaling server on loopback, then two instances sharing rooms through Redis; `tunnel`: HTTP through serve + proxy against the same
-//! requests sent straight to the upstream); each prints a table of its figures next to those of
+//! the signaling server on loopback, then two instances sharing rooms through Redis; `tunnel`:
+//! HTTP through serve + proxy against the same requests sent straight to the upstream); each prints a table of its figures next to those of
 //! the original implementation. It runs the release `tunnel` binary found next to itself.
 
 mod cluster;
