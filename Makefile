@@ -31,6 +31,7 @@ test: test-deps
 
 # The agent API guide's Python and Node clients run in the tests: httpx and eventsource@2.
 # systemd-analyze verifies the units `tunnel service` prints (a few MB from apt, as root).
+# redis-server and haproxy run in tests/cluster.rs (`tunnel signal --cluster`).
 AGENT_CLIENTS := $(TARGET_DIR)/tmp/agent-clients
 test-deps:
 	@python3 -c 'import httpx' 2>/dev/null || pip install -q httpx
@@ -39,6 +40,11 @@ test-deps:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null; } || \
 	  echo "*** systemd-analyze is missing: tests/release.rs checks the units' content only; \
 	  install systemd (apt-get install systemd) to verify them too ***"
+	@command -v redis-server >/dev/null && command -v haproxy >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server haproxy >/dev/null; } || \
+	  echo "*** redis-server or haproxy is missing: tests/cluster.rs skips what needs them; \
+	  install them (apt-get install redis-server haproxy) to run them ***"
 	@test -d $(AGENT_CLIENTS)/node_modules/eventsource || \
 	  (mkdir -p $(AGENT_CLIENTS) && npm install --silent --no-audit --no-fund --prefix $(AGENT_CLIENTS) eventsource@2)
 
@@ -93,12 +99,12 @@ bench-wan:
 	TUNNEL_WAN_BENCH=1 $(CARGO) test --release --test wan_bench; \
 	status=$$?; echo "make bench-wan: $$(( $$(date +%s) - start )) s"; exit $$status
 
-## fuzz: run each fuzz target (frame codec, HTTP/1.1 codec, TURN) for FUZZ_SECONDS (nightly +
+## fuzz: run each fuzz target (frame codec, HTTP/1.1 codec, TURN, RESP) for FUZZ_SECONDS (nightly +
 ## cargo-fuzz); new inputs go to target/fuzz-corpus, the committed seeds stay as they are
 fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz
 	@rustup toolchain list | grep -q nightly || rustup toolchain install nightly --profile minimal
-	@for t in frame http1 turn; do \
+	@for t in frame http1 turn resp; do \
 	  mkdir -p target/fuzz-corpus/$$t && \
 	  (cd fuzz && $(CARGO) +nightly fuzz run $$t ../target/fuzz-corpus/$$t corpus/$$t -- \
 	    -max_total_time=$(FUZZ_SECONDS)) || exit 1; \

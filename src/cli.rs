@@ -195,6 +195,13 @@ pub struct SignalOpts {
     /// address of the default route)
     #[argh(option)]
     pub relay_ip: Option<String>,
+    /// share rooms with other instances through Redis: redis://[:PASSWORD@]HOST:PORT
+    #[argh(option)]
+    pub cluster: Option<String>,
+    /// with --cluster: seconds a dead instance's members stay before the others see them
+    /// leave (its presence TTL, refreshed every third of it; default 10)
+    #[argh(option, default = "10")]
+    pub cluster_ttl: u64,
 }
 
 /// Expose an upstream HTTP service (an LLM server, any HTTP API) through the tunnel: the provider.

@@ -1,5 +1,5 @@
 //! Replays the committed fuzz seed corpora (`fuzz/corpus/frame/`, `fuzz/corpus/http1/`,
-//! `fuzz/corpus/turn/`) through the fuzz entry points on stable Rust, so `cargo test` catches
+//! `fuzz/corpus/turn/`, `fuzz/corpus/resp/`) through the fuzz entry points on stable Rust, so `cargo test` catches
 //! what the fuzzers once found.
 
 use std::fs;
@@ -84,4 +84,26 @@ fn turn_corpus_replays_cleanly() {
         replayed += 1;
     }
     assert!(replayed >= 15, "only {replayed} corpus files in {dir:?}");
+}
+
+#[test]
+fn resp_corpus_replays_cleanly() {
+    use tunnel::signal::redis;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/resp");
+    let mut replayed = 0;
+    for entry in fs::read_dir(&dir).expect("fuzz/corpus/resp is committed") {
+        let path = entry.expect("readable corpus entry").path();
+        if !path.is_file() {
+            continue;
+        }
+        let data = fs::read(&path).expect("readable corpus file");
+        redis::fuzz_one(&data);
+        // `bad_*` seeds are malformed or cut short on purpose; every other one is one whole
+        // reply.
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let whole = matches!(redis::parse(&data), Ok(Some((_, n))) if n == data.len());
+        assert_eq!(whole, !name.starts_with("bad_"), "{path:?}");
+        replayed += 1;
+    }
+    assert!(replayed >= 10, "only {replayed} corpus files in {dir:?}");
 }

@@ -128,6 +128,13 @@ pub struct SseOut {
     pub close: Vec<ConnId>,
     pub rate_limited: u64,
     pub relayed: u64,
+    /// Local sessions that joined a room (id, room, token) or left (id), for the other
+    /// instances (`signal::cluster`).
+    pub joined: Vec<(String, String, String)>,
+    pub left: Vec<String>,
+    /// Sessions of other instances asked to leave (`POST /api/leave` reached this one): their
+    /// stand-ins.
+    pub remote_leaves: Vec<ConnId>,
 }
 
 /// The bytes of one SSE event.
@@ -150,6 +157,9 @@ struct Session {
     refilled: Instant,
     /// Its stream has had a `joined` with TURN credentials.
     turn_sent: bool,
+    /// A session of another instance (`stream` is its stand-in, `signal::cluster`): it gets
+    /// signals, never rosters or `joined` from here.
+    remote: bool,
 }
 
 #[derive(Default)]
@@ -242,7 +252,8 @@ impl Agent {
         };
         let text = event_text("roster", &roster);
         for id in ids {
-            if let Some(conn) = self.sessions.get(id).and_then(|s| s.stream) {
+            let local = self.sessions.get(id).filter(|s| !s.remote);
+            if let Some(conn) = local.and_then(|s| s.stream) {
                 out.events.push((conn, text.clone()));
             }
         }
@@ -286,7 +297,7 @@ impl Agent {
             .filter(|id| {
                 self.sessions
                     .get(*id)
-                    .is_some_and(|s| s.stream.is_some() && !s.turn_sent)
+                    .is_some_and(|s| s.stream.is_some() && !s.turn_sent && !s.remote)
             })
             .cloned()
             .collect();
@@ -321,7 +332,7 @@ impl Agent {
         }
         let resumed = match session_id.filter(|s| !s.is_empty()) {
             Some(id) => match self.sessions.get_mut(id) {
-                Some(s) if s.room == room => {
+                Some(s) if s.room == room && !s.remote => {
                     if token != Some(s.token.as_str()) {
                         return Err(Reply::unauthorized());
                     }
@@ -342,16 +353,19 @@ impl Agent {
             None => {
                 self.admit(&room)?;
                 let id = uuid_v4();
+                let token = uuid_v4();
+                out.joined.push((id.clone(), room.clone(), token.clone()));
                 self.sessions.insert(
                     id.clone(),
                     Session {
                         room: room.clone(),
-                        token: uuid_v4(),
+                        token,
                         stream: Some(conn),
                         last_active: now,
                         tokens: BURST,
                         refilled: now,
                         turn_sent: false,
+                        remote: false,
                     },
                 );
                 self.rooms.entry(room.clone()).or_default().push(id.clone());
@@ -463,7 +477,14 @@ impl Agent {
         }
         match self.authenticate(&room, &body) {
             Ok(sender) => {
-                self.remove(&sender, out);
+                match self.sessions.get(&sender) {
+                    Some(Session {
+                        remote: true,
+                        stream: Some(conn),
+                        ..
+                    }) => out.remote_leaves.push(*conn),
+                    _ => self.remove(&sender, out),
+                }
                 Reply::ok()
             }
             Err(reply) => reply,
@@ -474,7 +495,10 @@ impl Agent {
         let Some(s) = self.sessions.remove(id) else {
             return;
         };
-        if let Some(conn) = s.stream {
+        if !s.remote {
+            out.left.push(id.to_string());
+        }
+        if let Some(conn) = s.stream.filter(|_| !s.remote) {
             self.streams.remove(&conn);
             out.close.push(conn);
         }
@@ -486,6 +510,74 @@ impl Agent {
         }
         self.roster(&s.room, out);
         log::debug!("agent: session {id} left room '{}'", s.room);
+    }
+
+    /// A session of another instance joined `room` (`data`: its id and token); `conn` stands
+    /// for its stream. Local members get the new roster.
+    pub fn adopt(
+        &mut self,
+        conn: ConnId,
+        room: &str,
+        data: &Value,
+        now: Instant,
+        out: &mut SseOut,
+    ) {
+        let (Some(id), Some(token)) = (data["id"].as_str(), data["token"].as_str()) else {
+            return;
+        };
+        if self.sessions.contains_key(id) {
+            return;
+        }
+        self.sessions.insert(
+            id.to_string(),
+            Session {
+                room: room.to_string(),
+                token: token.to_string(),
+                stream: Some(conn),
+                last_active: now,
+                tokens: BURST,
+                refilled: now,
+                turn_sent: true,
+                remote: true,
+            },
+        );
+        self.rooms
+            .entry(room.to_string())
+            .or_default()
+            .push(id.to_string());
+        self.roster(room, out);
+    }
+
+    /// The session of another instance that `conn` stands for left.
+    pub fn drop_remote(&mut self, conn: ConnId, out: &mut SseOut) {
+        let id = self
+            .sessions
+            .iter()
+            .find(|(_, s)| s.remote && s.stream == Some(conn))
+            .map(|(id, _)| id.clone());
+        if let Some(id) = id {
+            self.remove(&id, out);
+        }
+    }
+
+    /// A local session leaves at the request of another instance.
+    pub fn leave_local(&mut self, id: &str, out: &mut SseOut) {
+        if self.sessions.get(id).is_some_and(|s| !s.remote) {
+            self.remove(id, out);
+        }
+    }
+
+    /// An SSE event from another instance for local session `id`.
+    pub fn deliver(&mut self, id: &str, text: &str, out: &mut SseOut) {
+        if let Some(conn) = self
+            .sessions
+            .get(id)
+            .filter(|s| !s.remote)
+            .and_then(|s| s.stream)
+        {
+            out.events.push((conn, Arc::from(text)));
+            out.relayed += 1;
+        }
     }
 
     /// The driver saw stream `conn` end; its session stays until pruned.

@@ -11,7 +11,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde_json::{json, Map, Value};
 
-use super::dialect::{msg_type, ConnId, Dialect, Outbox, Page, RoomCaps};
+use super::dialect::{
+    is_remote, msg_type, Announce, ConnId, Dialect, Note, Outbox, Page, RoomCaps,
+};
 
 struct Peer {
     conn: ConnId,
@@ -124,6 +126,11 @@ impl Dialect for ChronoFlux {
         for p in self.peers.values() {
             out.send(p.conn, &joined);
         }
+        out.notes.push(Note::Joined {
+            conn,
+            room: String::new(),
+            data: json!({"id": id, "room": null, "metadata": {}, "known": others}),
+        });
         self.by_conn.insert(conn, self.counter);
         self.peers.insert(
             self.counter,
@@ -162,11 +169,17 @@ impl Dialect for ChronoFlux {
                         return;
                     }
                 }
-                self.set_room(conn, room);
+                self.set_room(conn, room.clone());
                 if let Some(p) = self.peer_mut(conn) {
                     p.metadata = metadata.clone();
                 }
                 let mates = self.room_mates(conn);
+                let known: Vec<&str> = self.peers.values().map(|p| p.id.as_str()).collect();
+                out.notes.push(Note::Joined {
+                    conn,
+                    room: room.clone().unwrap_or_default(),
+                    data: json!({"id": from, "room": room, "metadata": metadata, "known": known}),
+                });
                 let peers: Vec<Value> = mates
                     .iter()
                     .filter_map(|c| self.peer(*c))
@@ -230,10 +243,76 @@ impl Dialect for ChronoFlux {
         else {
             return;
         };
+        if !is_remote(conn) {
+            out.notes.push(Note::Left(conn));
+        }
         let left = json!({"type": "peer-left", "peerId": p.id});
         for other in self.peers.values() {
             out.send(other.conn, &left);
         }
+    }
+
+    /// Ids of this instance start at a random base, so that peers of several instances never
+    /// share one (they keep the `peer-N` form).
+    fn set_cluster_seed(&mut self, seed: u64) {
+        if self.counter == 0 {
+            self.counter = (seed % (1 << 32)) << 20;
+        }
+    }
+
+    /// A peer of another instance (every peer is everyone's, as on one instance), in its room.
+    fn adopt(
+        &mut self,
+        conn: ConnId,
+        _room: &str,
+        data: &Value,
+        announce: Announce,
+        out: &mut Outbox,
+    ) {
+        let Some(id) = data["id"].as_str() else {
+            return;
+        };
+        let Some(n) = id.strip_prefix("peer-").and_then(|n| n.parse::<u64>().ok()) else {
+            return;
+        };
+        if self.peers.contains_key(&n) {
+            return;
+        }
+        let room = data["room"].as_str().map(str::to_string);
+        let known: Vec<&str> = data["known"]
+            .as_array()
+            .map_or(Vec::new(), |k| k.iter().filter_map(Value::as_str).collect());
+        let joined = json!({"type": "peer-joined", "peerId": id});
+        let metadata = data["metadata"].clone();
+        for p in self.peers.values().filter(|p| !is_remote(p.conn)) {
+            let tell = match announce {
+                Announce::Origin => false,
+                Announce::Locals => true,
+                Announce::Missed => !known.contains(&p.id.as_str()),
+            };
+            if tell {
+                out.send(p.conn, &joined);
+                if room.is_some() && p.room == room {
+                    let note =
+                        json!({"type": "peer-joined-room", "peerId": id, "metadata": metadata});
+                    out.send(p.conn, &note);
+                }
+            }
+            if tell && announce == Announce::Missed {
+                out.send(conn, &json!({"type": "peer-joined", "peerId": p.id}));
+            }
+        }
+        self.by_conn.insert(conn, n);
+        self.peers.insert(
+            n,
+            Peer {
+                conn,
+                id: id.to_string(),
+                room: None,
+                metadata,
+            },
+        );
+        self.set_room(conn, room);
     }
 
     fn rooms(&self) -> usize {

@@ -11,6 +11,42 @@ use super::relay::RelayIce;
 /// The driver's handle for one WebSocket connection.
 pub type ConnId = usize;
 
+/// `ConnId`s from here up stand for members of other instances (`signal::cluster`): what a
+/// core sends to one is published to the instance that holds it.
+pub const REMOTE_BASE: ConnId = usize::MAX / 4;
+
+/// Whether `conn` stands for a member of another instance.
+pub fn is_remote(conn: ConnId) -> bool {
+    conn >= REMOTE_BASE
+}
+
+/// Who hears of a member of another instance when it joins ([`Dialect::adopt`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Announce {
+    /// Its instance told every member it knew of. Local members it could not know of yet
+    /// (they joined while its join was on its way) are introduced to it, and it to them, by
+    /// one of the two instances: the one whose id sorts first (`Missed`); the other does
+    /// nothing more (`Origin`).
+    Origin,
+    Missed,
+    /// Nobody was told (a member found when the cluster resynchronises): the local members
+    /// that see it are, as on a join.
+    Locals,
+}
+
+/// A change of a local member's room, for the other instances (`signal::cluster`).
+#[derive(Debug, PartialEq)]
+pub enum Note {
+    /// `conn` joined `room`; `data` is what the other instances' cores need to know of it
+    /// ([`Dialect::adopt`] reads it).
+    Joined {
+        conn: ConnId,
+        room: String,
+        data: Value,
+    },
+    Left(ConnId),
+}
+
 /// Caps on what WebSocket clients can make a core hold (README "Hardening").
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RoomCaps {
@@ -72,6 +108,8 @@ pub struct Outbox {
     pub joined: bool,
     /// Joins refused because `may_join` was false (counted by /metrics).
     pub join_refused: u64,
+    /// Local members' joins and leaves, for the other instances.
+    pub notes: Vec<Note>,
 }
 
 impl Default for Outbox {
@@ -83,6 +121,7 @@ impl Default for Outbox {
             may_join: true,
             joined: false,
             join_refused: 0,
+            notes: Vec::new(),
         }
     }
 }
@@ -134,6 +173,24 @@ pub trait Dialect {
     fn rooms(&self) -> usize;
     /// The answer to a plain HTTP request for `path` that no common route took.
     fn page(&self, path: &str, host: &str) -> Page;
+
+    /// A member of another instance joined `room`; `conn` stands for it here from now on
+    /// (it leaves through [`Dialect::on_close`]). `data` is what the member's own core put in
+    /// its [`Note::Joined`]; `announce` says who must be told here. Dialects that share
+    /// nothing across instances ignore it.
+    fn adopt(
+        &mut self,
+        _conn: ConnId,
+        _room: &str,
+        _data: &Value,
+        _announce: Announce,
+        _out: &mut Outbox,
+    ) {
+    }
+
+    /// The server is one of several instances (`--cluster`); `seed` is random, for dialects
+    /// whose ids must not collide across instances.
+    fn set_cluster_seed(&mut self, _seed: u64) {}
 
     /// The built-in TURN relay runs: a dialect may hand its clients the relay's `iceServers`.
     fn set_relay(&mut self, _ice: RelayIce) {}

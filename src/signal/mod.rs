@@ -5,8 +5,10 @@
 
 pub mod agent;
 pub mod chronoflux;
+pub mod cluster;
 pub mod dialect;
 pub mod limits;
+pub mod redis;
 pub mod relay;
 pub mod server;
 pub mod tunnel_rooms;
@@ -166,6 +168,10 @@ pub fn config(opts: &SignalOpts) -> Result<(Config, DialectKind), String> {
             probe_timeout: Duration::from_secs(opts.webllm_probe_timeout),
         },
         relay,
+        cluster: match &opts.cluster {
+            Some(url) => Some(cluster::ClusterConfig::parse(url, opts.cluster_ttl)?),
+            None => None,
+        },
     };
     Ok((cfg, kind))
 }
@@ -249,6 +255,7 @@ pub fn bind_builtin(listen: SocketAddr, max_consumers: usize) -> Result<Server, 
             deny_private: Some(true),
             ..RelayConfig::default()
         }),
+        cluster: None,
     };
     Server::bind(cfg)
 }

@@ -29,7 +29,8 @@ use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
 use super::agent::{Agent, AgentCaps, IceConfig, Reply, SseOut, KEEPALIVE_EVERY, PRUNE_EVERY};
-use super::dialect::{ConnId, Dialect, Outbox};
+use super::cluster::{Cluster, ClusterConfig, REDIS_CMD, REDIS_SUB};
+use super::dialect::{is_remote, ConnId, Dialect, Outbox};
 use super::limits::{AddrConns, AddrKey, AddrRates};
 use super::relay::{self, Relay, RelayConfig};
 use crate::http1::{self, BodyDecoder, BodyFraming, HeadError, Request};
@@ -69,6 +70,8 @@ pub struct Config {
     /// Agent API caps (sessions, rooms, names, members, TURN credentials).
     pub agent: AgentCaps,
     pub limits: Limits,
+    /// Rooms shared with other instances through Redis (`--cluster`), or None.
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// Per-address limits and timeouts of the driver (README "Hardening").
@@ -240,6 +243,8 @@ pub struct Server {
     next_prune: Instant,
     scratch: Vec<u8>,
     relay: Option<Relay>,
+    /// The link to the other instances (`--cluster`): `server/cluster_link.rs`.
+    cluster: Option<Cluster>,
 }
 
 impl Server {
@@ -295,6 +300,15 @@ impl Server {
         let addr_conns = AddrConns::new(cfg.limits.max_connections_per_addr);
         let join_rates = AddrRates::new(cfg.limits.join_rate);
         let stun_rates = AddrRates::new(cfg.limits.stun_rate);
+        let cluster = match cfg.cluster.clone() {
+            Some(c) => {
+                let registry = poll.registry().try_clone().map_err(|e| e.to_string())?;
+                let cluster = Cluster::new(c, registry, now);
+                cfg.dialect.set_cluster_seed(cluster.seed());
+                Some(cluster)
+            }
+            None => None,
+        };
         Ok(Server {
             poll,
             listener,
@@ -317,6 +331,7 @@ impl Server {
             next_prune: now + PRUNE_EVERY,
             scratch: vec![0; READ_CHUNK],
             relay,
+            cluster,
         })
     }
 
@@ -359,6 +374,9 @@ impl Server {
             }
             if crate::stop::requested() {
                 log::info!("stopping");
+                if let Some(c) = &mut self.cluster {
+                    c.stop();
+                }
                 return Ok(());
             }
             let now = Instant::now();
@@ -367,6 +385,7 @@ impl Server {
                     LISTENER => self.accept(now),
                     STUN => self.stun_readable(now),
                     crate::stop::TOKEN => {}
+                    t @ (REDIS_CMD | REDIS_SUB) => self.cluster_ready(t, now),
                     t if Relay::port_of(t).is_some() => self.relay_readable(t, now),
                     Token(t) => self.conn_ready(t - FIRST_CONN, event.is_read_closed(), now),
                 }
@@ -385,11 +404,15 @@ impl Server {
         if let Some(t) = self.relay.as_ref().and_then(Relay::next_deadline) {
             next = next.min(t);
         }
+        if let Some(c) = &self.cluster {
+            next = next.min(c.next_deadline());
+        }
         Some(next)
     }
 
     fn on_timers(&mut self, now: Instant) {
         self.relay_timeout(now);
+        self.cluster_timers(now);
         while let Some(Reverse((t, id, generation))) = self.timers.peek().copied() {
             if t > now {
                 break;
@@ -976,6 +999,9 @@ impl Server {
         if let Some(relay) = &self.relay {
             s.push_str(&relay.metrics_text());
         }
+        if let Some(c) = &self.cluster {
+            s.push_str(&c.metrics_text());
+        }
         s
     }
 
@@ -1069,7 +1095,8 @@ impl Server {
 
     // ---- SSE ------------------------------------------------------------------------------
 
-    fn deliver_sse(&mut self, out: SseOut, now: Instant) {
+    fn deliver_sse(&mut self, mut out: SseOut, now: Instant) {
+        self.cluster_agent_notes(&mut out);
         self.metrics.rate_limited += out.rate_limited;
         self.metrics.relayed += out.relayed;
         for conn in out.close {
@@ -1077,6 +1104,10 @@ impl Server {
         }
         let mut touched = Vec::new();
         for (id, text) in out.events {
+            if is_remote(id) {
+                self.cluster_forward(id, &text);
+                continue;
+            }
             if let Some(Some(Conn {
                 state: State::Sse(s),
                 ..
@@ -1092,6 +1123,7 @@ impl Server {
                 touched.push(id);
             }
         }
+        self.cluster_flush();
         touched.dedup();
         for id in touched {
             self.flush(id, now);
@@ -1297,13 +1329,21 @@ impl Server {
 
     /// Sends the dialect's messages (connections that cannot take them are closed) and
     /// probes the connections it asks about.
-    fn deliver(&mut self, out: Outbox, now: Instant) {
+    fn deliver(&mut self, mut out: Outbox, now: Instant) {
         self.metrics.errors += out.errors;
         for id in out.probes {
             self.probe(id, now);
         }
+        let clustered = !out.notes.is_empty();
+        self.cluster_notes(std::mem::take(&mut out.notes));
         let mut touched = Vec::new();
+        let mut forwarded = false;
         for (id, text) in out.msgs {
+            if is_remote(id) {
+                self.cluster_forward(id, &text);
+                forwarded = true;
+                continue;
+            }
             let Some(Some(Conn {
                 state: State::Ws(w),
                 ..
@@ -1322,6 +1362,9 @@ impl Server {
                 }
                 Err(_) => self.doomed.push(id),
             }
+        }
+        if clustered || forwarded {
+            self.cluster_flush();
         }
         touched.sort_unstable();
         touched.dedup();
@@ -1655,4 +1698,5 @@ fn head_only(mut resp: Vec<u8>) -> Vec<u8> {
     resp
 }
 
+mod cluster_link;
 mod turn_tcp;

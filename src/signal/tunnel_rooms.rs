@@ -25,10 +25,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use serde_json::json;
 use serde_json::value::RawValue;
+use serde_json::{json, Value};
 
-use super::dialect::{ConnId, Dialect, Outbox, Page, RoomCaps};
+use super::dialect::{is_remote, Announce, ConnId, Dialect, Note, Outbox, Page, RoomCaps};
 use super::relay::RelayIce;
 use crate::util::uuid_v4;
 
@@ -49,6 +49,17 @@ enum Kind {
     Legacy,
     Provider,
     Consumer,
+}
+
+impl Kind {
+    /// Its name in the cluster's member records.
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Legacy => "legacy",
+            Kind::Provider => "provider",
+            Kind::Consumer => "consumer",
+        }
+    }
 }
 
 /// The `role` a `join` asks for: `Legacy` when absent, `None` when it is not a valid role.
@@ -133,6 +144,15 @@ impl TunnelRooms {
         (!servers.is_empty()).then(|| serde_json::Value::Array(servers))
     }
 
+    /// The peer ids in `room` (for the cluster: whom a joiner was introduced to).
+    fn known(&self, room: &str) -> Vec<&str> {
+        let members = self
+            .rooms
+            .get(room)
+            .map_or(&[][..], |r| r.members.as_slice());
+        members.iter().filter_map(|&c| self.peer_id(c)).collect()
+    }
+
     fn peer_id(&self, conn: ConnId) -> Option<&str> {
         self.members.get(&conn).map(|m| m.peer_id.as_str())
     }
@@ -210,6 +230,17 @@ impl TunnelRooms {
             out.send(other, &joined);
         }
         log::debug!("{kind:?} {peer_id} joined room '{room_name}'");
+        let provider_id = match kind {
+            Kind::Provider => Some(peer_id.as_str()),
+            _ => provider.and_then(|p| self.peer_id(p)),
+        };
+        let known = self.known(&room_name);
+        out.notes.push(Note::Joined {
+            conn,
+            room: room_name.clone(),
+            data: json!({"peerId": peer_id, "role": kind.name(), "provider": provider_id,
+                         "known": known}),
+        });
         let room = self.rooms.entry(room_name.clone()).or_default();
         room.with_roles = true;
         room.provider = if kind == Kind::Provider {
@@ -251,6 +282,12 @@ impl TunnelRooms {
             out.send(other, &joined);
         }
         log::debug!("peer {peer_id} joined room '{room_name}'");
+        let known = self.known(&room_name);
+        out.notes.push(Note::Joined {
+            conn,
+            room: room_name.clone(),
+            data: json!({"peerId": peer_id, "role": Kind::Legacy.name(), "known": known}),
+        });
         self.rooms
             .entry(room_name.clone())
             .or_default()
@@ -328,6 +365,9 @@ impl TunnelRooms {
         let Some(member) = self.members.remove(&conn) else {
             return;
         };
+        if !is_remote(conn) {
+            out.notes.push(Note::Left(conn));
+        }
         let left = json!({"type": "peer-left", "peerId": member.peer_id});
         if let Some(room) = self.rooms.get_mut(&member.room) {
             let kind = room.kind(conn);
@@ -378,6 +418,77 @@ impl Dialect for TunnelRooms {
 
     fn set_relay(&mut self, ice: RelayIce) {
         self.ice = Some(ice);
+    }
+
+    /// A member of another instance: it takes its place in the room as its instance decided
+    /// (its kind, the room's provider), without the caps (its instance checked them).
+    fn adopt(
+        &mut self,
+        conn: ConnId,
+        room_name: &str,
+        data: &Value,
+        announce: Announce,
+        out: &mut Outbox,
+    ) {
+        let Some(peer_id) = data["peerId"].as_str() else {
+            return;
+        };
+        let kind = match data["role"].as_str() {
+            Some("provider") => Kind::Provider,
+            Some("consumer") => Kind::Consumer,
+            _ => Kind::Legacy,
+        };
+        let room = self.rooms.get(room_name);
+        let members = room.map_or(&[][..], |r| r.members.as_slice());
+        let provider = match (kind, data["provider"].as_str()) {
+            (Kind::Provider, _) => Some(conn),
+            (_, Some(p)) => members
+                .iter()
+                .copied()
+                .find(|&c| self.peer_id(c) == Some(p)),
+            _ => room.and_then(|r| r.provider),
+        };
+        // Members and the joiner see each other when both are legacy or one is the provider.
+        let sees = |c: ConnId| match kind {
+            Kind::Consumer => provider == Some(c),
+            _ => true,
+        };
+        let told: Vec<ConnId> = match announce {
+            Announce::Origin => Vec::new(),
+            Announce::Locals => members.to_vec(),
+            Announce::Missed => {
+                let known: Vec<&str> = data["known"]
+                    .as_array()
+                    .map_or(Vec::new(), |k| k.iter().filter_map(Value::as_str).collect());
+                members
+                    .iter()
+                    .copied()
+                    .filter(|&c| self.peer_id(c).is_some_and(|id| !known.contains(&id)))
+                    .collect()
+            }
+        };
+        let joined = json!({"type": "peer-joined", "peerId": peer_id});
+        for other in told.into_iter().filter(|&c| !is_remote(c) && sees(c)) {
+            out.send(other, &joined);
+            if announce == Announce::Missed {
+                if let Some(id) = self.peer_id(other) {
+                    out.send(conn, &json!({"type": "peer-joined", "peerId": id}));
+                }
+            }
+        }
+        let room = self.rooms.entry(room_name.to_string()).or_default();
+        if kind != Kind::Legacy {
+            room.with_roles = true;
+            room.provider = provider;
+        }
+        room.members.push(conn);
+        self.members.insert(
+            conn,
+            Member {
+                peer_id: peer_id.to_string(),
+                room: room_name.to_string(),
+            },
+        );
     }
 
     fn on_open_at(&mut self, conn: ConnId, host: &str, out: &mut Outbox) {
@@ -842,5 +953,94 @@ mod tests {
         let mut out = Outbox::default();
         core.on_text(4, r#"{"type":"join","room":"b"}"#, &mut out);
         assert!(out.joined);
+    }
+
+    /// What `adopt` of a remote member sends, with `announce`.
+    fn adopt(
+        core: &mut TunnelRooms,
+        conn: ConnId,
+        data: Value,
+        announce: Announce,
+    ) -> Vec<(ConnId, Value)> {
+        let mut out = Outbox::default();
+        core.adopt(conn, "r", &data, announce, &mut out);
+        parsed(out)
+    }
+
+    const R: ConnId = crate::signal::dialect::REMOTE_BASE;
+
+    #[test]
+    fn a_remote_provider_is_met_as_a_local_one() {
+        let mut core = TunnelRooms::new(2, 32);
+        let data = json!({"peerId": "P", "role": "provider", "provider": "P", "known": []});
+        assert!(adopt(&mut core, R, data, Announce::Origin).is_empty());
+        // A local consumer sees it; the news goes to the remote provider's stand-in.
+        let (c, out) = joined(&mut core, 1, "consumer");
+        assert_eq!(peers(&out), json!(["P"]));
+        assert_eq!(notices(&out), vec![note(R, "peer-joined", &c)]);
+        // The join is noted for the other instances, with the room's provider.
+        let mut out = Outbox::default();
+        core.on_text(
+            2,
+            r#"{"type":"join","room":"r","role":"consumer"}"#,
+            &mut out,
+        );
+        let Some(Note::Joined {
+            conn: 2,
+            room,
+            data,
+        }) = out.notes.first()
+        else {
+            panic!("{:?}", out.notes);
+        };
+        assert_eq!((room.as_str(), &data["provider"]), ("r", &json!("P")));
+        assert_eq!(data["known"].as_array().map(Vec::len), Some(2));
+        // A second provider is refused, whichever instance holds the first.
+        assert_eq!(
+            join(&mut core, 3, "provider"),
+            error(3, "room 'r' already has a provider")
+        );
+        // The remote provider leaves (its instance died): local consumers hear it, and no
+        // note goes out for a member that is not ours.
+        let mut out = Outbox::default();
+        core.on_close(R, &mut out);
+        assert!(out.notes.is_empty());
+        assert_eq!(
+            parsed(out),
+            vec![note(1, "peer-left", "P"), note(2, "peer-left", "P")]
+        );
+    }
+
+    #[test]
+    fn members_that_joined_at_once_are_introduced_by_one_instance() {
+        let mut core = TunnelRooms::new(2, 32);
+        let (l, _) = joined(&mut core, 1, "");
+        // The remote member's instance did not know `l` when it joined.
+        let data = json!({"peerId": "X", "role": "legacy", "known": []});
+        assert!(adopt(&mut core, R, data.clone(), Announce::Origin).is_empty());
+        let mut other = TunnelRooms::new(2, 32);
+        joined(&mut other, 1, "");
+        assert_eq!(
+            adopt(&mut other, R, data.clone(), Announce::Missed),
+            vec![
+                note(1, "peer-joined", "X"),
+                note(R, "peer-joined", &other.members[&1].peer_id)
+            ]
+        );
+        // A member it knew of is not introduced again; resynchronising tells locals only.
+        let mut known = TunnelRooms::new(2, 32);
+        joined(&mut known, 1, "");
+        let id = known.members[&1].peer_id.clone();
+        let data = json!({"peerId": "Y", "role": "legacy", "known": [id]});
+        assert!(adopt(&mut known, R, data, Announce::Missed).is_empty());
+        let mut resync = TunnelRooms::new(2, 32);
+        joined(&mut resync, 1, "");
+        let data = json!({"peerId": "Z", "role": "legacy"});
+        assert_eq!(
+            adopt(&mut resync, R, data, Announce::Locals),
+            vec![note(1, "peer-joined", "Z")]
+        );
+        assert_eq!(core.peer_id(R), Some("X"));
+        assert_eq!(bye(&mut core, 1), vec![note(R, "peer-left", &l)]);
     }
 }

@@ -18,7 +18,9 @@ use std::collections::HashMap;
 
 use serde_json::{json, Value};
 
-use super::dialect::{msg_type, ConnId, Dialect, Outbox, Page, RoomCaps};
+use super::dialect::{
+    is_remote, msg_type, Announce, ConnId, Dialect, Note, Outbox, Page, RoomCaps,
+};
 
 struct Device {
     conn: ConnId,
@@ -151,6 +153,9 @@ impl WebLlm {
             return;
         };
         let left = json!({"type": "peer-left", "peerId": id, "peerName": device.name});
+        if !is_remote(device.conn) {
+            out.notes.push(Note::Left(device.conn));
+        }
         if let Some(members) = self.rooms.get_mut(&code) {
             members.retain(|m| m != id);
             for m in members.iter() {
@@ -212,6 +217,12 @@ impl WebLlm {
                 out.send(d.conn, &joined);
             }
         }
+        let known: Vec<&String> = members.iter().collect();
+        out.notes.push(Note::Joined {
+            conn,
+            room: code.to_string(),
+            data: json!({"id": id, "name": name, "known": known}),
+        });
         members.push(id.to_string());
         if let Some(d) = self.devices.get_mut(id) {
             d.room = Some(code.to_string());
@@ -309,6 +320,61 @@ impl Dialect for WebLlm {
             log::debug!("webllm: '{id}' is still held by connection {conn}; claim refused");
             out.error(claim.conn, &in_use(id));
         }
+    }
+
+    /// A device of another instance in room `code`. Device ids are the clients' own: one
+    /// that is registered here already keeps it, and the remote one is not seen here.
+    fn adopt(
+        &mut self,
+        conn: ConnId,
+        code: &str,
+        data: &Value,
+        announce: Announce,
+        out: &mut Outbox,
+    ) {
+        let (Some(id), Some(name)) = (data["id"].as_str(), data["name"].as_str()) else {
+            return;
+        };
+        if self.devices.contains_key(id) {
+            log::warn!(
+                "webllm: device '{id}' of another instance is registered here too; not shared"
+            );
+            return;
+        }
+        let members = self.rooms.entry(code.to_string()).or_default();
+        let known: Vec<&str> = data["known"]
+            .as_array()
+            .map_or(Vec::new(), |k| k.iter().filter_map(Value::as_str).collect());
+        let joined = json!({"type": "peer-joined", "peerId": id, "peerName": name});
+        for m in members.iter() {
+            let Some(d) = self.devices.get(m).filter(|d| !is_remote(d.conn)) else {
+                continue;
+            };
+            let tell = match announce {
+                Announce::Origin => false,
+                Announce::Locals => true,
+                Announce::Missed => !known.contains(&m.as_str()),
+            };
+            if tell {
+                out.send(d.conn, &joined);
+            }
+            if tell && announce == Announce::Missed {
+                out.send(
+                    conn,
+                    &json!({"type": "peer-joined", "peerId": m, "peerName": d.name}),
+                );
+            }
+        }
+        members.push(id.to_string());
+        self.by_conn.insert(conn, id.to_string());
+        self.devices.insert(
+            id.to_string(),
+            Device {
+                conn,
+                name: name.to_string(),
+                room: Some(code.to_string()),
+            },
+        );
     }
 
     fn rooms(&self) -> usize {

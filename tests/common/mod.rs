@@ -98,6 +98,25 @@ impl Proc {
         }
     }
 
+    /// Waits (up to `secs`) until `n` output lines in all contain `needle`; returns the last.
+    pub fn wait_count(&mut self, needle: &str, n: usize, secs: u64) -> String {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let found: Vec<&String> = self.seen.iter().filter(|l| l.contains(needle)).collect();
+            if found.len() >= n {
+                return found[n - 1].clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => panic!(
+                    "fewer than {n} lines containing {needle:?} within {secs}s; output so far:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
     /// Takes the lines printed so far without waiting.
     pub fn drain(&mut self) -> &[String] {
         while let Ok(line) = self.lines.try_recv() {

@@ -1,8 +1,9 @@
 //! `tunnel-bench`: the benchmarks behind `make bench`. The first argument picks one (`signal`:
-//! the signaling server on loopback; `tunnel`: HTTP through serve + proxy against the same
-//! requests sent straight to the upstream); each prints a table of its figures next to those of
+//! the signaling server on loopback, then two instances sharing rooms through Redis; `tunnel`:
+//! HTTP through serve + proxy against the same requests sent straight to the upstream); each prints a table of its figures next to those of
 //! the original implementation. It runs the release `tunnel` binary found next to itself.
 
+mod cluster;
 mod fds;
 mod procfs;
 mod signal;
@@ -16,7 +17,9 @@ const USAGE: &str = "usage: tunnel-bench signal|tunnel";
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("signal") => tunnel_binary().and_then(|bin| signal::run(&bin)),
+        Some("signal") => {
+            tunnel_binary().and_then(|bin| signal::run(&bin).and_then(|()| cluster::run(&bin)))
+        }
         Some("tunnel") => tunnel_binary().and_then(|bin| tunnel::run(&bin)),
         Some(other) => Err(format!("unknown benchmark `{other}`; {USAGE}")),
         None => Err(USAGE.to_string()),
