@@ -3553,7 +3553,7 @@ fn test_fast_retransmission_wraps_tsn() -> Result<()> {
             cumulative_tsn.wrapping_add(3),
         ];
         for tsn in retransmitted_tsns {
-            a.outbound_queue.get_mut(tsn).unwrap().miss_indicator = 3;
+            a.outbound_queue.get_mut(tsn).unwrap().lost = true;
         }
         a.will_retransmit_fast = true;
 
@@ -5569,7 +5569,7 @@ fn test_fast_retransmission_abandons_message_and_pending_tail() {
     a.send_next_data_chunk(now).unwrap();
     a.send_next_data_chunk(now).unwrap();
     for tsn in 1..=2 {
-        a.outbound_queue.get_mut(tsn).unwrap().miss_indicator = 3;
+        a.outbound_queue.get_mut(tsn).unwrap().lost = true;
     }
     a.will_retransmit_fast = true;
     assert!(
@@ -5619,7 +5619,7 @@ fn test_fast_retry_counts_toward_timer_retransmission_limit() {
             a.send_next_data_chunk(now).unwrap();
         }
         for tsn in 1..=3 {
-            a.outbound_queue.get_mut(tsn).unwrap().miss_indicator = 3;
+            a.outbound_queue.get_mut(tsn).unwrap().lost = true;
         }
         a.will_retransmit_fast = true;
         assert_eq!(
@@ -5708,7 +5708,7 @@ fn review_fast_abandonment_cancels_pending_fragments_in_same_poll() {
     a.send_next_data_chunk(now).unwrap();
     // Three missing reports make the original a fast-recovery candidate.
     // The congestion window also permits the pending tail in this poll.
-    a.outbound_queue.get_mut(1).unwrap().miss_indicator = 3;
+    a.outbound_queue.get_mut(1).unwrap().lost = true;
     a.will_retransmit_fast = true;
     let (packets, _) = a.gather_outbound(now);
     assert!(a.outbound_queue.is_abandoned(1));

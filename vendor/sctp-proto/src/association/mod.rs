@@ -36,6 +36,7 @@ use crate::queue::reassembly_queue::ReassemblyQueue;
 use crate::shared::{AssociationEventInner, AssociationId, EndpointEvent, EndpointEventInner};
 use crate::util::{sna16lt, sna32gt, sna32gte, sna32lt, sna32lte};
 use crate::{AssociationEvent, Payload, Side, Transmit};
+use path_model::PathModel;
 use stream::DataChannelStats;
 use stream::{ReliabilityType, Stream, StreamEvent, StreamId, StreamResetError, StreamState};
 use timer::{ACK_INTERVAL, RtoManager, Timer, TimerTable};
@@ -57,8 +58,12 @@ use rand::random;
 use rustc_hash::{FxHashMap, FxHashSet};
 use std::collections::HashMap;
 use std::time::Instant;
+
+/// The shortest tail-loss probe timeout, in ms (PATCHES.md §3).
+const PROBE_MIN: u64 = 10;
 use thiserror::Error;
 
+mod path_model;
 pub(crate) mod state;
 pub(crate) mod stats;
 pub(crate) mod stream;
@@ -306,6 +311,16 @@ pub struct Association {
     partial_bytes_acked: u32,
     pub(crate) in_fast_recovery: bool,
     fast_recover_exit_point: u32,
+    /// The loss that started this fast recovery was judged noise, not congestion: cwnd was not
+    /// reduced and may keep growing (PATCHES.md §3).
+    recovery_from_noise: bool,
+    /// RTT, delivery rate and loss share measured on the path (PATCHES.md §3).
+    path: PathModel,
+    /// The latest send time of a chunk acknowledged on its first transmission: chunks sent
+    /// more than a reordering window before it and still unacknowledged are lost (RACK).
+    rack_xmit: Option<Instant>,
+    /// Tail-loss probes sent since data was last acknowledged (each doubles the next wait).
+    probes: u32,
 
     // Chunks stored for retransmission
     stored_init: Option<ChunkInit>,
@@ -407,6 +422,10 @@ impl Default for Association {
             partial_bytes_acked: 0,
             in_fast_recovery: false,
             fast_recover_exit_point: 0,
+            recovery_from_noise: false,
+            path: PathModel::default(),
+            rack_xmit: None,
+            probes: 0,
 
             // Chunks stored for retransmission
             stored_init: None,
@@ -782,6 +801,8 @@ impl Association {
 
             if timer == Timer::Ack {
                 self.on_ack_timeout();
+            } else if timer == Timer::Probe {
+                self.on_probe_timeout(now);
             } else if failure {
                 self.on_retransmission_failure(timer);
             } else {
@@ -2559,6 +2580,8 @@ impl Association {
             self.cumulative_tsn_ack_point = d.cumulative_tsn_ack;
             cum_tsn_ack_point_advanced = true;
             self.on_cumulative_tsn_ack_point_advanced(total_bytes_acked, now);
+        } else if self.in_fast_recovery && self.recovery_from_noise && total_bytes_acked > 0 {
+            self.grow_cwnd(total_bytes_acked);
         }
 
         for (si, n_bytes_acked) in &bytes_acked_per_stream {
@@ -2607,9 +2630,54 @@ impl Association {
             self.awake_write_loop();
         }
 
+        if total_bytes_acked > 0 {
+            self.probes = 0;
+            self.arm_probe(now);
+        }
         self.postprocess_sack(state, cum_tsn_ack_point_advanced, now);
 
         Ok(vec![])
+    }
+
+    /// Arms the tail-loss probe (RFC 8985 §7, PATCHES.md §3) two smoothed RTTs from now (at
+    /// least [`PROBE_MIN`] ms), doubled for each probe already sent without progress, while
+    /// data is in flight and that comes before the T3-rtx timer.
+    fn arm_probe(&mut self, now: Instant) {
+        let srtt = self.rto_mgr.srtt;
+        let pto = (2 * srtt).max(PROBE_MIN) << self.probes.min(8);
+        let due =
+            self.outbound_queue.inflight_len() > 0 && srtt > 0 && pto < self.rto_mgr.get_rto();
+        self.timers
+            .set(Timer::Probe, due.then(|| now + Duration::from_millis(pto)));
+    }
+
+    /// The probe timer fired: nothing was acknowledged for two RTTs though data is in flight.
+    /// The earliest chunk outstanding is resent at once, asking for an immediate SACK: it
+    /// repairs a lost last message (a streamed token, the end of a response) or a lost
+    /// retransmission that holds everything behind it, in a few RTTs instead of the 1 s
+    /// T3-rtx floor, without the timeout's fall of cwnd to one MTU.
+    fn on_probe_timeout(&mut self, now: Instant) {
+        let mut tsn = self.cumulative_tsn_ack_point.wrapping_add(1);
+        while let Some(c) = self.outbound_queue.get_mut(tsn) {
+            if !c.acked && !c.abandoned {
+                if !c.lost && !c.retransmit {
+                    c.lost = true;
+                    c.immediate_sack = true;
+                    debug!(
+                        "[{}] tail-loss probe {}: resending tsn={}",
+                        self.side,
+                        self.probes + 1,
+                        tsn
+                    );
+                    self.will_retransmit_fast = true;
+                    self.awake_write_loop();
+                }
+                break;
+            }
+            tsn = tsn.wrapping_add(1);
+        }
+        self.probes += 1;
+        self.arm_probe(now);
     }
 
     fn handle_reconfig(&mut self, c: &ChunkReconfig) -> Result<Vec<Packet>> {
@@ -3021,6 +3089,7 @@ impl Association {
     ) -> Result<(HashMap<u16, i64>, u32)> {
         let mut bytes_acked_per_stream = HashMap::new();
         let mut newly_acked_data = false;
+        let (mut acked_bytes, mut acked_chunks) = (0u64, 0u64);
         let earliest_outstanding = self.outbound_queue.earliest_outstanding_tsn();
 
         // New ack point, so pop cumulatively ACKed chunks from the outbound queue.
@@ -3034,6 +3103,9 @@ impl Association {
                 newly_acked_data |= !c.acked && c.nsent > 0;
                 if !c.acked && !c.abandoned {
                     let n_bytes_acked = c.user_data.len() as i64;
+                    acked_bytes += n_bytes_acked as u64;
+                    acked_chunks += 1;
+                    self.on_chunk_acked(c.nsent, c.sent_at, now);
 
                     // Sum the number of bytes acknowledged per stream
                     if !self
@@ -3091,20 +3163,26 @@ impl Association {
             for i in g.start..=g.end {
                 let tsn = d.cumulative_tsn_ack.wrapping_add(i as u32);
 
-                let (is_existed, is_acked) = if let Some(c) = self.outbound_queue.get(tsn) {
+                let (is_existed, is_acked, sample) = if let Some(c) = self.outbound_queue.get(tsn) {
                     newly_acked_data |= !c.acked && c.nsent > 0;
-                    (true, c.acked)
+                    let sample = (!c.acked && !c.abandoned).then_some((c.nsent, c.sent_at));
+                    (true, c.acked, sample)
                 } else {
-                    (false, false)
+                    (false, false, None)
                 };
                 let n_bytes_acked = if is_existed && !is_acked {
                     self.outbound_queue.mark_as_acked(tsn) as i64
                 } else {
                     0
                 };
+                if let Some((nsent, sent_at)) = sample {
+                    self.on_chunk_acked(nsent, sent_at, now);
+                }
 
                 if let Some(c) = self.outbound_queue.get(tsn) {
                     if !is_acked && !c.abandoned {
+                        acked_bytes += n_bytes_acked as u64;
+                        acked_chunks += 1;
                         // Sum the number of bytes acknowledged per stream
                         if !self
                             .streams
@@ -3145,6 +3223,9 @@ impl Association {
             }
         }
 
+        if acked_chunks > 0 {
+            self.path.on_acked(acked_bytes, acked_chunks, now);
+        }
         // Local retirement and duplicate SACKs are not new peer progress.
         if newly_acked_data {
             self.timers.reset_retrans(Timer::T3RTX);
@@ -3176,7 +3257,14 @@ impl Association {
             self.timers
                 .restart_if_stale(Timer::T3RTX, now, self.rto_mgr.get_rto());
         }
+        self.grow_cwnd(total_bytes_acked);
+    }
 
+    /// Congestion control on new acknowledgements: slow start or congestion avoidance. Called
+    /// when the cumulative TSN ack point advances, and (PATCHES.md §3) during a recovery from
+    /// noise for chunks acknowledged by gap blocks too, since the hole that holds the ack point
+    /// back says nothing about the path's capacity.
+    fn grow_cwnd(&mut self, total_bytes_acked: i64) {
         // Update congestion control parameters
         if self.cwnd <= self.ssthresh {
             // RFC 4096, sec 7.2.1.  Slow-Start
@@ -3190,7 +3278,9 @@ impl Association {
             //      most, the lesser of 1) the total size of the previously
             //      outstanding DATA chunk(s) acknowledged, and 2) the destination's
             //      path MTU.
-            if !self.in_fast_recovery && self.outbound_queue.pending_len() != 0 {
+            if (!self.in_fast_recovery || self.recovery_from_noise)
+                && self.outbound_queue.pending_len() != 0
+            {
                 self.cwnd += core::cmp::min(total_bytes_acked as u32, self.cwnd); // TCP way
                 // self.cwnd += min32(uint32(total_bytes_acked), self.mtu) // SCTP way (slow)
                 trace!(
@@ -3239,6 +3329,7 @@ impl Association {
         htna: u32,
         cum_tsn_ack_point_advanced: bool,
     ) -> Result<()> {
+        let mut newly_lost = 0u64;
         // HTNA algorithm - RFC 4960 Sec 7.2.4
         // Increment missIndicator of each chunks that the SACK reported missing
         // when either of the following is met:
@@ -3264,24 +3355,9 @@ impl Association {
                 if let Some(c) = self.outbound_queue.get_mut(tsn) {
                     if !c.acked && !c.abandoned && c.miss_indicator < 3 {
                         c.miss_indicator += 1;
-                        if c.miss_indicator == 3 && !self.in_fast_recovery {
-                            // 2)  If not in Fast Recovery, adjust the ssthresh and cwnd of the
-                            //     destination address(es) to which the missing DATA chunks were
-                            //     last sent, according to the formula described in Section 7.2.3.
-                            self.in_fast_recovery = true;
-                            self.fast_recover_exit_point = htna;
-                            self.ssthresh = core::cmp::max(self.cwnd / 2, 4 * self.mtu);
-                            self.cwnd = self.ssthresh;
-                            self.partial_bytes_acked = 0;
-                            self.will_retransmit_fast = true;
-
-                            trace!(
-                                "[{}] updated cwnd={} ssthresh={} inflight={} (FR)",
-                                self.side,
-                                self.cwnd,
-                                self.ssthresh,
-                                self.outbound_queue.inflight_bytes()
-                            );
+                        if c.miss_indicator == 3 && c.nsent == 1 && !c.lost && !c.retransmit {
+                            c.lost = true;
+                            newly_lost += 1;
                         }
                     }
                 } else {
@@ -3291,12 +3367,96 @@ impl Association {
                 tsn = tsn.wrapping_add(1);
             }
         }
+        newly_lost += self.detect_losses_by_time(cum_tsn_ack_point);
 
-        if self.in_fast_recovery && cum_tsn_ack_point_advanced {
+        if newly_lost > 0 {
+            self.path.on_lost(newly_lost);
+            self.will_retransmit_fast = true;
+            let congestion = self.path.loss_is_congestion();
+            if !self.in_fast_recovery || (self.recovery_from_noise && congestion) {
+                // 2)  If not in Fast Recovery, adjust the ssthresh and cwnd of the
+                //     destination address(es) to which the missing DATA chunks were
+                //     last sent, according to the formula described in Section 7.2.3.
+                // (PATCHES.md §3: only for a loss judged congestion, and not below the
+                // bandwidth-delay product measured, as in TCP Westwood+; the recovery lasts
+                // until everything outstanding now is acknowledged, as RFC 4960 has it.)
+                self.in_fast_recovery = true;
+                self.fast_recover_exit_point = self.my_next_tsn.wrapping_sub(1);
+                self.recovery_from_noise = !congestion;
+                if congestion {
+                    let keep = core::cmp::max(self.cwnd / 2, self.path.bdp());
+                    self.ssthresh = core::cmp::max(keep.min(self.cwnd), 4 * self.mtu);
+                    self.cwnd = self.ssthresh;
+                    self.partial_bytes_acked = 0;
+                }
+                trace!(
+                    "[{}] updated cwnd={} ssthresh={} inflight={} congestion={} (FR)",
+                    self.side,
+                    self.cwnd,
+                    self.ssthresh,
+                    self.outbound_queue.inflight_bytes(),
+                    congestion
+                );
+            }
+        } else if self.in_fast_recovery && cum_tsn_ack_point_advanced {
             self.will_retransmit_fast = true;
         }
 
         Ok(())
+    }
+
+    /// A chunk newly acknowledged, sent `nsent` times, last at `sent_at`: an RTT sample for
+    /// the path model if it was sent once (Karn), and the RACK reference time if it was sent
+    /// once or its last transmission is at least a minimum RTT old (so the acknowledgement
+    /// cannot be of an earlier one).
+    fn on_chunk_acked(&mut self, nsent: u32, sent_at: Option<Instant>, now: Instant) {
+        let Some(at) = sent_at else {
+            return;
+        };
+        let rtt = now.saturating_duration_since(at);
+        if nsent == 1 {
+            self.path.on_rtt(rtt, now);
+        }
+        if nsent == 1 || self.path.min_rtt().is_some_and(|min| rtt >= min) {
+            self.rack_xmit = self.rack_xmit.max(sent_at);
+        }
+    }
+
+    /// Time-based loss detection (RACK, RFC 8985, PATCHES.md §3): a chunk still unacknowledged
+    /// that was last sent more than a reordering window (a quarter of the minimum RTT) before
+    /// a chunk that has been acknowledged is lost. Unlike the three miss indications, this
+    /// finds the loss of a lone message followed by one more (a streamed token), and of a fast
+    /// retransmission. Returns how many chunks it declared lost.
+    fn detect_losses_by_time(&mut self, cum_tsn_ack_point: u32) -> u64 {
+        let (Some(xmit), Some(min_rtt)) = (self.rack_xmit, self.path.min_rtt()) else {
+            return 0;
+        };
+        let Some(before) = xmit.checked_sub(min_rtt / 4) else {
+            return 0;
+        };
+        let mut lost = 0;
+        let mut tsn = cum_tsn_ack_point.wrapping_add(1);
+        while sna32lt(tsn, self.my_next_tsn) {
+            let Some(c) = self.outbound_queue.get_mut(tsn) else {
+                break;
+            };
+            match c.sent_at {
+                // Sent after the horizon: so is every later first transmission.
+                Some(at) if at >= before => {
+                    if c.nsent == 1 {
+                        break;
+                    }
+                }
+                _ => {
+                    if !c.acked && !c.abandoned && !c.lost && !c.retransmit {
+                        c.lost = true;
+                        lost += 1;
+                    }
+                }
+            }
+            tsn = tsn.wrapping_add(1);
+        }
+        lost
     }
 
     /// The caller must hold the lock. This method was only added because the
@@ -3746,6 +3906,7 @@ impl Association {
         if self.will_retransmit_fast {
             self.will_retransmit_fast = false;
 
+            let mut full_packets: Vec<Vec<Box<dyn Chunk + Send + Sync>>> = vec![];
             let mut to_fast_retrans: Vec<Box<dyn Chunk + Send + Sync>> = vec![];
             let mut fast_retrans_size = COMMON_HEADER_SIZE;
 
@@ -3756,7 +3917,7 @@ impl Association {
                     .wrapping_add(i)
                     .wrapping_add(1);
                 if let Some(c) = self.outbound_queue.get(tsn) {
-                    if c.acked || c.abandoned || c.nsent > 1 || c.miss_indicator < 3 {
+                    if c.acked || c.abandoned || !c.lost {
                         i += 1;
                         continue;
                     }
@@ -3779,12 +3940,21 @@ impl Association {
                     let c = self.outbound_queue.get_mut(tsn).unwrap();
                     let data_chunk_size = DATA_CHUNK_HEADER_SIZE + c.user_data.len() as u32;
                     if self.mtu < fast_retrans_size + data_chunk_size {
-                        break;
+                        // (PATCHES.md §3: every chunk declared lost goes now, in as many
+                        // packets as it takes; each was declared lost once, so this is
+                        // bounded by what the path dropped.)
+                        if to_fast_retrans.is_empty() {
+                            break;
+                        }
+                        full_packets.push(std::mem::take(&mut to_fast_retrans));
+                        fast_retrans_size = COMMON_HEADER_SIZE;
                     }
 
                     fast_retrans_size += data_chunk_size;
                     self.stats.inc_fast_retrans();
                     c.nsent += 1;
+                    c.lost = false;
+                    c.sent_at = Some(now);
                 } else {
                     break; // end of pending data
                 }
@@ -3799,11 +3969,15 @@ impl Association {
                 i += 1;
             }
 
-            to_fast_retrans.retain(|chunk| {
-                let data = chunk.as_any().downcast_ref::<ChunkPayloadData>().unwrap();
-                !self.outbound_queue.is_abandoned(data.tsn)
-            });
-            if !to_fast_retrans.is_empty() {
+            full_packets.push(to_fast_retrans);
+            for mut to_fast_retrans in full_packets {
+                to_fast_retrans.retain(|chunk| {
+                    let data = chunk.as_any().downcast_ref::<ChunkPayloadData>().unwrap();
+                    !self.outbound_queue.is_abandoned(data.tsn)
+                });
+                if to_fast_retrans.is_empty() {
+                    continue;
+                }
                 if let Ok(raw) = self.create_packet(to_fast_retrans).marshal() {
                     raw_packets.push(raw);
                 } else {
@@ -4005,6 +4179,8 @@ impl Association {
         for chunk in &mut chunks {
             let c = self.outbound_queue.get_mut(chunk.tsn).unwrap();
             c.retransmit = false;
+            c.lost = false;
+            c.sent_at = Some(now);
             c.nsent += 1;
             chunk.nsent = c.nsent;
         }
@@ -4015,7 +4191,7 @@ impl Association {
     /// the cwnd and rwnd allows to send.
     fn pop_pending_data_chunks_to_send(&mut self, now: Instant) -> Vec<ChunkPayloadData> {
         self.expire_inflight_messages(now);
-        let mut chunks = vec![];
+        let mut chunks: Vec<ChunkPayloadData> = vec![];
         if self.outbound_queue.pending_len() != 0 {
             // RFC 4960 sec 6.1.  Transmission of DATA Chunks
             //   A) At any given time, the data sender MUST NOT transmit new data to
@@ -4078,6 +4254,9 @@ impl Association {
                     last.immediate_sack = true;
                 }
             }
+        }
+        if !chunks.is_empty() {
+            self.arm_probe(now);
         }
 
         chunks
@@ -4369,7 +4548,9 @@ impl Association {
                 //      ssthresh = max(cwnd/2, 4*MTU)
                 //      cwnd = 1*MTU
 
-                self.ssthresh = core::cmp::max(self.cwnd / 2, 4 * self.mtu);
+                // (PATCHES.md §3: ssthresh not below the bandwidth-delay product measured.)
+                self.ssthresh =
+                    core::cmp::max(core::cmp::max(self.cwnd / 2, self.path.bdp()), 4 * self.mtu);
                 self.cwnd = self.mtu;
                 trace!(
                     "[{}] updated cwnd={} ssthresh={} inflight={} (RTO)",

@@ -34,7 +34,7 @@ fn timed_recovery_obeys_exact_deadline() {
                 a.outbound_queue.mark_all_to_retransmit();
                 for tsn in 1..=3 {
                     let c = a.outbound_queue.get_mut(tsn).unwrap();
-                    c.miss_indicator = 3;
+                    c.lost = true;
                 }
                 let later = now + Duration::from_millis(delay);
                 let packets = if fast {
@@ -69,7 +69,7 @@ fn timed_expiry_is_not_hidden_by_window_or_fast_packet_limit() {
         first.message_id = u64::MAX;
         for tsn in 1..=3 {
             let c = a.outbound_queue.get_mut(tsn).unwrap();
-            c.miss_indicator = 3;
+            c.lost = true;
         }
         a.cwnd = 0;
         a.mtu = 0;

@@ -113,6 +113,10 @@ pub struct ChunkPayloadData {
     pub(crate) deadline: Option<Instant>,
     /// number of transmission made for this chunk
     pub(crate) nsent: u32,
+    /// When this chunk was last transmitted (time-based loss detection, PATCHES.md §3).
+    pub(crate) sent_at: Option<Instant>,
+    /// Declared lost since its last transmission and waiting for its fast retransmission.
+    pub(crate) lost: bool,
 
     /// Retransmission flag set when T1-RTX timeout occurred and this
     /// chunk is still in the inflight queue
@@ -139,6 +143,8 @@ impl Default for ChunkPayloadData {
             reliability: None,
             deadline: None,
             nsent: 0,
+            sent_at: None,
+            lost: false,
             retransmit: false,
         }
     }
@@ -219,6 +225,8 @@ impl Chunk for ChunkPayloadData {
             reliability: None,
             deadline: None,
             nsent: 0,
+            sent_at: None,
+            lost: false,
             retransmit: false,
         })
     }

@@ -82,6 +82,7 @@ impl OutboundQueue {
         chunk.tsn = *next_tsn;
         *next_tsn = next_tsn.wrapping_add(1);
         chunk.since = Some(now);
+        chunk.sent_at = Some(now);
         chunk.nsent = 1;
         self.inflight.push_no_check(chunk.clone());
         Some(chunk)
