@@ -4548,9 +4548,16 @@ impl Association {
                 //      ssthresh = max(cwnd/2, 4*MTU)
                 //      cwnd = 1*MTU
 
-                // (PATCHES.md §3: ssthresh not below the bandwidth-delay product measured.)
-                self.ssthresh =
+                // (PATCHES.md §3: ssthresh not below the bandwidth-delay product measured, and
+                // kept when the path shows neither a queue nor heavy loss: slow start then
+                // brings cwnd back to where it was.)
+                let cut =
                     core::cmp::max(core::cmp::max(self.cwnd / 2, self.path.bdp()), 4 * self.mtu);
+                self.ssthresh = if self.path.loss_is_congestion() {
+                    cut
+                } else {
+                    core::cmp::max(self.ssthresh, cut)
+                };
                 self.cwnd = self.mtu;
                 trace!(
                     "[{}] updated cwnd={} ssthresh={} inflight={} (RTO)",
