@@ -69,7 +69,7 @@ pub fn raise_nofile(want: u64) -> FdLimit {
     };
     let short = (limit < target).then(|| {
         format!(
-            "cannot raise the hard limit from {} to {target} ({why}; raising it needs root)",
+            "cannot raise the hard limit from {} to {target} ({why}; raising it needs CAP_SYS_RESOURCE, which root may lack in a container)",
             lim.rlim_max
         )
     });
