@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Poll};
 use serde_json::{json, Value};
 use tungstenite::protocol::Role;
 use tungstenite::{Message, WebSocket};
@@ -264,17 +264,7 @@ fn pingpong(addrs: &[SocketAddr; 2], pids: &[u32], tag: &str, pairs: usize) -> R
             return Err(format!("first member of pair {pair} got {pj}"));
         }
         for ws in [first, second] {
-            let s = ws.into_inner();
-            s.set_nonblocking(true)
-                .map_err(|e| format!("nonblocking: {e}"))?;
-            let mut stream = mio::net::TcpStream::from_std(s);
-            poll.registry()
-                .register(
-                    &mut stream,
-                    Token(socks.len()),
-                    Interest::READABLE | Interest::WRITABLE,
-                )
-                .map_err(|e| format!("register: {e}"))?;
+            let stream = crate::signal::register(&poll, ws.into_inner(), socks.len())?;
             socks.push(WebSocket::from_raw_socket(stream, Role::Client, None));
         }
     }

@@ -383,16 +383,7 @@ fn relay(addr: SocketAddr, server_pid: u32) -> Result<(Relay, Vec<Ws>), String> 
         }
         let (a, b) = join_pair(addr, Ipv4Addr::LOCALHOST, &format!("relay-{pair}"))?;
         for s in [a, b] {
-            s.set_nonblocking(true)
-                .map_err(|e| format!("set_nonblocking: {e}"))?;
-            let mut stream = mio::net::TcpStream::from_std(s);
-            poll.registry()
-                .register(
-                    &mut stream,
-                    Token(socks.len()),
-                    Interest::READABLE | Interest::WRITABLE,
-                )
-                .map_err(|e| format!("register: {e}"))?;
+            let stream = register(&poll, s, socks.len())?;
             let stream = Drained {
                 stream,
                 short: false,
@@ -475,6 +466,22 @@ fn relay(addr: SocketAddr, server_pid: u32) -> Result<(Relay, Vec<Ws>), String> 
 }
 
 /// Queues and writes one message; what the socket cannot take now goes out on `WRITABLE`.
+/// Makes a joined client socket non-blocking and registers it with `poll` under `token`, for
+/// reading and writing (the relay phases here and in `cluster`).
+pub fn register(poll: &Poll, s: TcpStream, token: usize) -> Result<mio::net::TcpStream, String> {
+    s.set_nonblocking(true)
+        .map_err(|e| format!("set_nonblocking: {e}"))?;
+    let mut stream = mio::net::TcpStream::from_std(s);
+    poll.registry()
+        .register(
+            &mut stream,
+            Token(token),
+            Interest::READABLE | Interest::WRITABLE,
+        )
+        .map_err(|e| format!("register: {e}"))?;
+    Ok(stream)
+}
+
 fn send(ws: &mut Ws, msg: Message) -> Result<(), String> {
     match ws.send(msg) {
         Ok(()) => Ok(()),
