@@ -138,6 +138,9 @@ fn the_counters_move_with_requests_through_the_tunnel() {
             .unwrap_or_else(|| panic!("no round trip in\n{page}"));
         assert!(rtt > 0.0 && rtt < 1.0, "{rtt}");
         assert_eq!(must(page, "tunnel_path_lost_total"), 0.0, "{page}");
+        // Loopback loses nothing; tests/wan.rs (cut3) sees these move.
+        must(page, "tunnel_sctp_retransmitted_chunks_total");
+        must(page, "tunnel_sctp_timeouts_total");
     }
     let policy = "tunnel_refusals_total{reason=\"policy_403\"}";
     assert_eq!(must(&serve_page, policy), 1.0, "{serve_page}");

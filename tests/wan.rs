@@ -126,7 +126,10 @@ fn three_second_cut_mid_download_completes_intact() {
         return;
     }
     const LEN: u64 = 16 << 20;
-    let (wan, _up, mut t) = setup("cut3", Path::new(RTT_MS, 0.0, MBIT), CONNECT);
+    let wan = Wan::new("cut3", Path::new(RTT_MS, 0.0, MBIT));
+    let up = traffic::upstream(&wan.ns('a'));
+    let metrics = ["--metrics", "127.0.0.1:0"];
+    let mut t = wan.start_tunnel(up.port, &metrics, &[], CONNECT);
     let (progress, done) = background_download(&wan, t.addr, LEN, Duration::from_secs(90));
     wait_progress(
         &progress,
@@ -154,12 +157,41 @@ fn three_second_cut_mid_download_completes_intact() {
         "cut3: download after a 3 s cut at byte {at}: {got:?}\n{}",
         report(&wan, &mut t)
     );
+    // What the cut cost is counted: the data sent into it went again, after a timeout.
+    let page = serve_metrics(&wan, &mut t);
+    let retransmitted = sample(&page, "tunnel_sctp_retransmitted_chunks_total");
+    let timeouts = sample(&page, "tunnel_sctp_timeouts_total");
+    assert!(
+        retransmitted > 0.0 && timeouts > 0.0,
+        "cut3: serve's SCTP counters after the cut:\n{page}"
+    );
     eprintln!(
-        "WAN cut3: {} MiB intact in {:.1} s across a 3 s cut at {:.1} MiB",
+        "WAN cut3: {} MiB intact in {:.1} s across a 3 s cut at {:.1} MiB; serve resent \
+         {retransmitted} chunks after {timeouts} timeouts",
         LEN >> 20,
         got.secs,
         at as f64 / 1048576.0
     );
+}
+
+/// serve's `--metrics` page (serve started with `--metrics 127.0.0.1:0`, side A).
+fn serve_metrics(wan: &Wan, t: &mut Tunnel) -> String {
+    let line = t.serve.wait_line("metrics on http://", 5);
+    let addr: SocketAddr = line
+        .rsplit("http://")
+        .next()
+        .and_then(|a| a.trim().strip_suffix("/metrics")?.parse().ok())
+        .unwrap_or_else(|| panic!("no metrics address in {line:?}"));
+    let (status, _, page) = in_netns(&wan.ns('a'), move || common::get(addr, "/metrics"));
+    assert_eq!(status, 200, "GET /metrics: {page}");
+    page
+}
+
+/// The value of the unlabelled sample `name` on a metrics page.
+fn sample(page: &str, name: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{page}"))
 }
 
 /// A 30 s cut of the whole path: the request in flight ends within the grace + 5 s, new

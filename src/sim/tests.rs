@@ -1845,7 +1845,12 @@ fn streamed_tokens_at_1_percent_loss_never_pause_for_more_than_250_ms() {
 fn random_loss_of_1_percent_costs_a_long_path_little_of_its_rate() {
     // Reno-style halving on every loss held this at ~0.3 MB/s (Mathis: MSS/RTT · 1.22/√p);
     // the vendored SCTP's loss model keeps cwnd when the queue is empty (PATCHES.md §3).
+    let resent = sctp_proto::process_retransmitted_chunks();
     let rate = bulk_rate(Duration::from_millis(25), 0.01, 1 << 20, 16 << 20);
     println!("50 ms round trip, 1 % loss, 1 MiB window: {rate:.1} MB/s (virtual time)");
     assert!(rate > 4.0, "{rate:.1} MB/s");
+    // The losses were repaired by retransmissions, and `--metrics` sees them (the counter is
+    // the process's, so other tests may add to it too; this one adds ~1 % of 12 000 chunks).
+    let resent = sctp_proto::process_retransmitted_chunks() - resent;
+    assert!(resent >= 20, "{resent} chunks retransmitted");
 }

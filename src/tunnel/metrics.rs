@@ -285,6 +285,19 @@ pub fn render_peers(page: &mut Exposition, net: &Net, peers: &[(PeerId, String)]
         "Times a peer's path went silent past the liveness timeout.",
         net.path_lost_total,
     );
+    page.single(
+        "sctp_retransmitted_chunks_total",
+        Kind::Counter,
+        "SCTP DATA chunks sent again (fast retransmit, tail-loss probe or T3-rtx timeout), over \
+         every peer of this process.",
+        sctp_proto::process_retransmitted_chunks(),
+    );
+    page.single(
+        "sctp_timeouts_total",
+        Kind::Counter,
+        "SCTP T3-rtx retransmission timeouts, over every peer of this process.",
+        sctp_proto::process_t3_timeouts(),
+    );
     page.family(
         "peer_path",
         Kind::Gauge,

@@ -64,7 +64,9 @@ mod association;
 pub use crate::association::Association;
 pub use crate::association::AssociationError;
 pub use crate::association::Event;
-pub use crate::association::stats::AssociationStats;
+pub use crate::association::stats::{
+    AssociationStats, process_retransmitted_chunks, process_t3_timeouts,
+};
 pub use crate::association::stream::{
     DataChannelStats, ReliabilityType, Stream, StreamEvent, StreamId, StreamResetError, StreamState,
 };

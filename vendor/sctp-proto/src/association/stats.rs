@@ -1,3 +1,28 @@
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Chunks retransmitted (fast retransmit, tail-loss probe or T3-rtx) by every association of
+/// this process; see [`process_retransmitted_chunks`].
+static RETRANSMITTED_CHUNKS: AtomicU64 = AtomicU64::new(0);
+/// T3-rtx timeouts of every association of this process.
+static T3_TIMEOUTS: AtomicU64 = AtomicU64::new(0);
+
+/// DATA chunks sent again, over every association of this process since it started. For an
+/// application that holds its associations through a library that keeps them private (str0m's
+/// `Rtc`) and wants a retransmission counter for its metrics.
+pub fn process_retransmitted_chunks() -> u64 {
+    RETRANSMITTED_CHUNKS.load(Ordering::Relaxed)
+}
+
+/// T3-rtx timeouts, over every association of this process since it started.
+pub fn process_t3_timeouts() -> u64 {
+    T3_TIMEOUTS.load(Ordering::Relaxed)
+}
+
+/// Counts `n` chunks sent again, in the process-wide total.
+pub(crate) fn add_retransmitted_chunks(n: u64) {
+    RETRANSMITTED_CHUNKS.fetch_add(n, Ordering::Relaxed);
+}
+
 /// Association statistics
 #[derive(Default, Debug, Copy, Clone)]
 pub struct AssociationStats {
@@ -27,6 +52,7 @@ impl AssociationStats {
 
     pub fn inc_t3timeouts(&mut self) {
         self.n_t3timeouts += 1;
+        T3_TIMEOUTS.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn get_num_t3timeouts(&mut self) -> u64 {
@@ -43,6 +69,7 @@ impl AssociationStats {
 
     pub fn inc_fast_retrans(&mut self) {
         self.n_fast_retrans += 1;
+        add_retransmitted_chunks(1);
     }
 
     pub fn get_num_fast_retrans(&mut self) -> u64 {
