@@ -112,6 +112,8 @@ fn measure(path: Path) -> Row {
         bad_streams: Vec::new(),
     });
     let targets = [tunnel.addr, direct];
+    // The path's counters after each transfer (cumulative): what each one lost and overflowed.
+    let via = |addr: SocketAddr| if addr == direct { "TCP" } else { "tunnel" };
     for (side, &addr) in sides.iter_mut().zip(&targets) {
         streams(&wan, addr, side);
     }
@@ -119,12 +121,14 @@ fn measure(path: Path) -> Row {
         side.down = in_netns(&wan.ns('b'), move || {
             traffic::download(addr, TRANSFER, CAP, &AtomicU64::new(0))
         });
+        eprintln!("wan_bench: {} download done: {}", via(addr), wan.counters());
     }
     for (side, &addr) in sides.iter_mut().zip(&targets) {
         let received = std::sync::Arc::clone(&up.received);
         side.up = in_netns(&wan.ns('b'), move || {
             traffic::upload(addr, TRANSFER, CAP, &received)
         });
+        eprintln!("wan_bench: {} upload done: {}", via(addr), wan.counters());
     }
     drop(tunnel);
     eprintln!("wan_bench: forwarder: {}", wan.counters());

@@ -3633,6 +3633,41 @@ fn test_gap_sack_wraps_tsn() -> Result<()> {
 }
 
 #[test]
+fn test_fast_recovery_counts_only_chunks_the_sack_reports_missing() -> Result<()> {
+    let now = Instant::now();
+    for cumulative_tsn in [10, u32::MAX - 1] {
+        let mut a = association_with_inflight_data(cumulative_tsn, now);
+        a.in_fast_recovery = true;
+        a.fast_recover_exit_point = cumulative_tsn.wrapping_add(3);
+        // The SACK acknowledges the second chunk; the third was sent after what it reports.
+        let reported = cumulative_tsn.wrapping_add(2);
+        a.outbound_queue.mark_as_acked(reported);
+        for offset in [1, 3] {
+            a.outbound_queue
+                .get_mut(cumulative_tsn.wrapping_add(offset))
+                .unwrap()
+                .miss_indicator = 2;
+        }
+
+        a.process_fast_retransmission(cumulative_tsn, reported, reported, true)?;
+
+        let first = a
+            .outbound_queue
+            .get(cumulative_tsn.wrapping_add(1))
+            .unwrap();
+        assert_eq!(first.miss_indicator, 3);
+        assert!(first.lost);
+        let third = a
+            .outbound_queue
+            .get(cumulative_tsn.wrapping_add(3))
+            .unwrap();
+        assert_eq!(third.miss_indicator, 2, "not reported missing");
+        assert!(!third.lost);
+    }
+    Ok(())
+}
+
+#[test]
 fn test_fast_recovery_wraps_tsn() -> Result<()> {
     let now = Instant::now();
     for cumulative_tsn in [10, u32::MAX - 1, u32::MAX] {
@@ -3649,7 +3684,7 @@ fn test_fast_recovery_wraps_tsn() -> Result<()> {
                     .miss_indicator = 2;
             }
 
-            a.process_fast_retransmission(cumulative_tsn, htna, true)?;
+            a.process_fast_retransmission(cumulative_tsn, htna, htna, true)?;
 
             assert!(a.in_fast_recovery);
             assert!(a.will_retransmit_fast);

@@ -2608,7 +2608,17 @@ impl Association {
             self.rwnd = d.advertised_receiver_window_credit - bytes_outstanding;
         }
 
-        self.process_fast_retransmission(d.cumulative_tsn_ack, htna, cum_tsn_ack_point_advanced)?;
+        // The highest TSN this SACK reports received: those below it that it leaves out are
+        // the ones it reports missing.
+        let highest_reported = d.gap_ack_blocks.last().map_or(d.cumulative_tsn_ack, |g| {
+            d.cumulative_tsn_ack.wrapping_add(g.end as u32)
+        });
+        self.process_fast_retransmission(
+            d.cumulative_tsn_ack,
+            htna,
+            highest_reported,
+            cum_tsn_ack_point_advanced,
+        )?;
 
         if self.use_forward_tsn {
             self.advance_peer_tsn_ack_point();
@@ -3266,7 +3276,8 @@ impl Association {
     /// back says nothing about the path's capacity.
     fn grow_cwnd(&mut self, total_bytes_acked: i64) {
         // Update congestion control parameters
-        if self.cwnd <= self.ssthresh {
+        // (PATCHES.md §3: also in slow start above ssthresh while the RTT shows no queue.)
+        if self.cwnd <= self.ssthresh || self.path.has_room() {
             // RFC 4096, sec 7.2.1.  Slow-Start
             //   o  When cwnd is less than or equal to ssthresh, an SCTP endpoint MUST
             //		use the slow-start algorithm to increase cwnd only if the current
@@ -3327,6 +3338,7 @@ impl Association {
         &mut self,
         cum_tsn_ack_point: u32,
         htna: u32,
+        highest_reported: u32,
         cum_tsn_ack_point_advanced: bool,
     ) -> Result<()> {
         let mut newly_lost = 0u64;
@@ -3344,10 +3356,11 @@ impl Association {
                 // a) increment only for missing TSNs prior to the HTNA
                 htna
             } else {
-                // b) increment for all TSNs reported missing
-                cum_tsn_ack_point
-                    .wrapping_add(self.outbound_queue.inflight_len() as u32)
-                    .wrapping_add(1)
+                // b) increment for all TSNs reported missing: below the highest TSN the SACK
+                // reports received (PATCHES.md §3: not every chunk in flight, which counted
+                // chunks sent after the SACK's data as missing; with cwnd kept through a
+                // recovery from noise, three such SACKs declared the whole flight lost).
+                highest_reported
             };
 
             let mut tsn = cum_tsn_ack_point.wrapping_add(1);
@@ -3389,13 +3402,16 @@ impl Association {
                     self.cwnd = self.ssthresh;
                     self.partial_bytes_acked = 0;
                 }
-                trace!(
-                    "[{}] updated cwnd={} ssthresh={} inflight={} congestion={} (FR)",
+                debug!(
+                    "[{}] loss of {} chunks, {}: cwnd={} ssthresh={} inflight={} rwnd={} {:?}",
                     self.side,
+                    newly_lost,
+                    if congestion { "congestion" } else { "noise" },
                     self.cwnd,
                     self.ssthresh,
                     self.outbound_queue.inflight_bytes(),
-                    congestion
+                    self.rwnd,
+                    self.path
                 );
             }
         } else if self.in_fast_recovery && cum_tsn_ack_point_advanced {

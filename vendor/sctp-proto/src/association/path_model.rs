@@ -94,18 +94,34 @@ impl PathModel {
     /// is building at the bottleneck), or more than one chunk in ten of the last two rounds was
     /// lost (of at least 50). Before the first RTT sample, every loss is.
     pub(crate) fn loss_is_congestion(&self) -> bool {
-        let Some(min) = self.min_rtt() else {
-            return true;
-        };
-        let recent = self.round_rtt.iter().flatten().min();
-        if recent
-            .is_some_and(|r| r.saturating_sub(min) > (min / QUEUE_RTT_SHARE).max(QUEUE_RTT_SLACK))
-        {
+        if self.min_rtt().is_none() || self.queue_building() {
             return true;
         }
         let lost: u64 = self.lost.iter().sum();
         let acked: u64 = self.acked.iter().sum();
         lost + acked >= LOSS_SHARE_MIN_CHUNKS && lost * CONGESTION_LOSS_RATIO > lost + acked
+    }
+}
+
+impl PathModel {
+    /// The recent RTT stands above the minimum by more than a quarter (at least 4 ms): a queue
+    /// is building at the bottleneck.
+    fn queue_building(&self) -> bool {
+        let Some(min) = self.min_rtt() else {
+            return false;
+        };
+        let recent = self.round_rtt.iter().flatten().min();
+        recent.is_some_and(|r| r.saturating_sub(min) > (min / QUEUE_RTT_SHARE).max(QUEUE_RTT_SLACK))
+    }
+
+    /// The path has room: RTT samples this round or the one before, and none above the
+    /// minimum by as much as a queue would add. The sender may then keep growing its window
+    /// as in slow start even above ssthresh, which a timeout or a loss while the flight was
+    /// small may have left far below the path's capacity.
+    pub(crate) fn has_room(&self) -> bool {
+        self.min_rtt().is_some()
+            && self.round_rtt.iter().any(Option::is_some)
+            && !self.queue_building()
     }
 }
 
