@@ -1,7 +1,8 @@
 //! Prometheus text exposition (format 0.0.4): a writer of metric families, each a HELP and a
 //! TYPE line followed by its samples, with label values and help texts escaped as the format
 //! requires. `tunnel serve` and `tunnel proxy` render their `--metrics` page with it
-//! (`tunnel::metrics`); it suits any other /metrics page of the crate.
+//! (`tunnel::metrics`), and `tunnel signal` its /metrics page (`signal::server`, with the
+//! relay's and the cluster link's families).
 
 use std::fmt::{Display, Write};
 

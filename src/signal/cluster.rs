@@ -29,6 +29,7 @@ use serde_json::{json, Value};
 
 use super::dialect::{Announce, ConnId, REMOTE_BASE};
 use super::redis::{Conn, Reply};
+use crate::prom::{Exposition, Kind};
 
 /// The command connection's token in the signal server's poll.
 pub const REDIS_CMD: Token = Token(usize::MAX - 2);
@@ -763,26 +764,32 @@ impl Cluster {
         }
     }
 
-    /// Prometheus lines for /metrics.
-    pub fn metrics_text(&self) -> String {
-        format!(
-            "# HELP tunnel_signal_cluster_up Whether Redis is reachable (1) or not (0).\n\
-             # TYPE tunnel_signal_cluster_up gauge\ntunnel_signal_cluster_up {}\n\
-             # HELP tunnel_signal_cluster_remote_members Members of other instances seen here.\n\
-             # TYPE tunnel_signal_cluster_remote_members gauge\n\
-             tunnel_signal_cluster_remote_members {}\n\
-             # HELP tunnel_signal_cluster_published_total Messages published to other instances.\n\
-             # TYPE tunnel_signal_cluster_published_total counter\n\
-             tunnel_signal_cluster_published_total {}\n\
-             # HELP tunnel_signal_cluster_dropped_total Messages for other instances dropped \
-             (Redis away or its buffer full).\n\
-             # TYPE tunnel_signal_cluster_dropped_total counter\n\
-             tunnel_signal_cluster_dropped_total {}\n",
+    /// The cluster link's families on the signal server's /metrics page.
+    pub fn render_metrics(&self, page: &mut Exposition) {
+        page.single(
+            "cluster_up",
+            Kind::Gauge,
+            "Whether Redis is reachable (1) or not (0).",
             u8::from(self.is_up()),
+        );
+        page.single(
+            "cluster_remote_members",
+            Kind::Gauge,
+            "Members of other instances seen here.",
             self.remotes.len(),
+        );
+        page.single(
+            "cluster_published_total",
+            Kind::Counter,
+            "Messages published to other instances.",
             self.published,
-            self.dropped
-        )
+        );
+        page.single(
+            "cluster_dropped_total",
+            Kind::Counter,
+            "Messages for other instances dropped (Redis away or its buffer full).",
+            self.dropped,
+        );
     }
 }
 

@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 
 use super::dialect::ConnId;
 use crate::nbio::would_block;
+use crate::prom::{Exposition, Kind};
 use crate::turn::policy::{self, Cidr, PeerPolicy};
 use crate::turn::server::{self as core, Client, Dropped, Output, Refusal, TurnServer};
 
@@ -426,64 +427,46 @@ impl Relay {
         true
     }
 
-    /// The relay's lines for /metrics (Prometheus text).
-    pub fn metrics_text(&self) -> String {
+    /// The relay's families on the signal server's /metrics page.
+    pub fn render_metrics(&self, page: &mut Exposition) {
         let stats = self.core.stats();
-        let mut s = String::new();
-        let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
-            s.push_str(&format!(
-                "# HELP tunnel_signal_relay_{name} {help}\n# TYPE tunnel_signal_relay_{name} {kind}\n"
-            ));
-            for (labels, value) in samples {
-                s.push_str(&format!("tunnel_signal_relay_{name}{labels} {value}\n"));
-            }
-        };
-        let plain = |v: u64| [(String::new(), v)];
-        let label = |key: &str, value: &str, v: u64| (format!("{{{key}=\"{value}\"}}"), v);
-        family(
-            "allocations",
-            "gauge",
+        page.single(
+            "relay_allocations",
+            Kind::Gauge,
             "TURN allocations held.",
-            &plain(self.core.allocations() as u64),
+            self.core.allocations(),
         );
-        family(
-            "allocations_total",
-            "counter",
+        page.single(
+            "relay_allocations_total",
+            Kind::Counter,
             "TURN allocations granted since start.",
-            &plain(stats.allocations_total),
+            stats.allocations_total,
         );
-        family(
-            "bytes_total",
-            "counter",
+        page.family(
+            "relay_bytes_total",
+            Kind::Counter,
             "Payload bytes relayed, by direction.",
-            &[
-                label("direction", "to_peers", stats.bytes_to_peers),
-                label("direction", "to_clients", stats.bytes_to_clients),
-            ],
         );
-        let refusals: Vec<_> = Refusal::ALL
-            .iter()
-            .map(|r| label("reason", r.name(), stats.refused(*r)))
-            .collect();
-        family(
-            "refusals_total",
-            "counter",
+        page.sample(&[("direction", "to_peers")], stats.bytes_to_peers);
+        page.sample(&[("direction", "to_clients")], stats.bytes_to_clients);
+        page.family(
+            "relay_refusals_total",
+            Kind::Counter,
             "TURN requests refused, by reason.",
-            &refusals,
         );
-        let mut dropped: Vec<_> = Dropped::ALL
-            .iter()
-            .map(|d| label("reason", d.name(), stats.dropped(*d)))
-            .collect();
-        dropped.push(label("reason", "tcp_backlog", self.tcp_dropped));
-        dropped.push(label("reason", "send_failed", self.send_failed));
-        family(
-            "dropped_total",
-            "counter",
+        for r in Refusal::ALL {
+            page.sample(&[("reason", r.name())], stats.refused(r));
+        }
+        page.family(
+            "relay_dropped_total",
+            Kind::Counter,
             "Datagrams not relayed, by reason.",
-            &dropped,
         );
-        s
+        for d in Dropped::ALL {
+            page.sample(&[("reason", d.name())], stats.dropped(d));
+        }
+        page.sample(&[("reason", "tcp_backlog")], self.tcp_dropped);
+        page.sample(&[("reason", "send_failed")], self.send_failed);
     }
 }
 
@@ -589,7 +572,9 @@ mod tests {
             "127.0.0.1:8787".parse().unwrap(),
             Some("127.0.0.1:8787".parse().unwrap()),
         );
-        let text = relay.metrics_text();
+        let mut page = Exposition::new("tunnel_signal_");
+        relay.render_metrics(&mut page);
+        let text = page.finish();
         assert!(text.contains("tunnel_signal_relay_allocations 0\n"));
         assert!(text.contains("tunnel_signal_relay_refusals_total{reason=\"forbidden_peer\"} 0\n"));
         assert!(text.contains("tunnel_signal_relay_bytes_total{direction=\"to_peers\"} 0\n"));

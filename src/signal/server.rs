@@ -35,6 +35,7 @@ use super::limits::{AddrConns, AddrKey, AddrRates};
 use super::relay::{self, Relay, RelayConfig};
 use crate::http1::{self, BodyDecoder, BodyFraming, HeadError, Request};
 use crate::nbio::{accept, would_block, write_out};
+use crate::prom::{Exposition, Kind};
 use crate::stun;
 
 const LISTENER: Token = Token(0);
@@ -917,92 +918,89 @@ impl Server {
     }
 
     fn metrics_text(&self) -> String {
-        let mut s = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
-            s.push_str(&format!(
-                "# HELP tunnel_signal_{name} {help}\n# TYPE tunnel_signal_{name} {kind}\ntunnel_signal_{name} {value}\n"
-            ));
-        };
-        metric(
+        let mut page = Exposition::new("tunnel_signal_");
+        page.single(
             "connections",
-            "gauge",
+            Kind::Gauge,
             "Open client connections.",
-            self.live as u64,
+            self.live,
         );
-        metric(
+        page.single(
             "rooms",
-            "gauge",
+            Kind::Gauge,
             "Rooms with members (WebSocket and agent API).",
-            self.rooms() as u64,
+            self.rooms(),
         );
-        metric(
+        page.single(
             "agent_sessions",
-            "gauge",
+            Kind::Gauge,
             "Agent API sessions.",
-            self.agent.sessions() as u64,
+            self.agent.sessions(),
         );
-        metric(
+        page.single(
             "messages_relayed_total",
-            "counter",
+            Kind::Counter,
             "Messages delivered to a client.",
             self.metrics.relayed,
         );
-        metric(
+        page.single(
             "errors_total",
-            "counter",
+            Kind::Counter,
             "Errors answered or connections refused.",
             self.metrics.errors,
         );
-        metric(
+        page.single(
             "rate_limited_total",
-            "counter",
+            Kind::Counter,
             "Messages refused by a rate limit.",
             self.metrics.rate_limited,
         );
-        metric(
+        page.single(
             "uptime_seconds",
-            "counter",
+            Kind::Counter,
             "Seconds since start.",
             self.started.elapsed().as_secs(),
         );
-        metric(
+        page.single(
             "stun_answered_total",
-            "counter",
+            Kind::Counter,
             "STUN Binding requests answered.",
             self.metrics.stun_answered,
         );
         let m = &self.metrics;
-        labelled(
-            &mut s,
+        page.family(
             "refused_total",
+            Kind::Counter,
             "Connections, joins and STUN answers refused by a cap.",
-            "cap",
-            &[
-                ("max_connections", m.refused_full),
-                ("max_connections_per_addr", m.refused_addr),
-                ("join_rate", m.refused_joins),
-                ("stun_rate", m.refused_stun),
-            ],
         );
-        labelled(
-            &mut s,
+        for (cap, n) in [
+            ("max_connections", m.refused_full),
+            ("max_connections_per_addr", m.refused_addr),
+            ("join_rate", m.refused_joins),
+            ("stun_rate", m.refused_stun),
+        ] {
+            page.sample(&[("cap", cap)], n);
+        }
+        page.family(
             "closed_total",
+            Kind::Counter,
             "Connections closed by the server, by reason.",
-            "reason",
-            &[
-                ("idle", m.closed_idle),
-                ("stalled", m.closed_stalled),
-                ("slow_reader", m.closed_slow),
-                ("probe", m.closed_probe),
-            ],
         );
+        for (reason, n) in [
+            ("idle", m.closed_idle),
+            ("stalled", m.closed_stalled),
+            ("slow_reader", m.closed_slow),
+            ("probe", m.closed_probe),
+        ] {
+            page.sample(&[("reason", reason)], n);
+        }
         if let Some(relay) = &self.relay {
-            s.push_str(&relay.metrics_text());
+            relay.render_metrics(&mut page);
         }
         if let Some(c) = &self.cluster {
-            s.push_str(&c.metrics_text());
+            c.render_metrics(&mut page);
         }
-        s
+        page.finish()
     }
 
     fn upgrade(&mut self, id: ConnId, req: &Request) {
@@ -1548,17 +1546,6 @@ impl Server {
 }
 
 /// Appends a Prometheus counter family with one label.
-fn labelled(s: &mut String, name: &str, help: &str, label: &str, values: &[(&str, u64)]) {
-    s.push_str(&format!(
-        "# HELP tunnel_signal_{name} {help}\n# TYPE tunnel_signal_{name} counter\n"
-    ));
-    for (value, n) in values {
-        s.push_str(&format!(
-            "tunnel_signal_{name}{{{label}=\"{value}\"}} {n}\n"
-        ));
-    }
-}
-
 /// Why a batch of WebSocket reads ended.
 enum BatchEnd {
     /// `WS_BATCH` messages read; there may be more.
