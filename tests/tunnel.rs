@@ -52,7 +52,7 @@ fn models_and_health_through_the_tunnel() {
 fn both_sides_size_the_send_window_from_a_ping_after_agree() {
     let mut t = Tunnel::start(&api_upstream());
     // Each side measures the round trip of its own PINGs and logs the window it chose, within
-    // the link's 32–256 KiB.
+    // the link's 32 KiB–1 MiB (on loopback the floor, unless a busy machine delays a PONG).
     for side in [&mut t.serve, &mut t.proxy] {
         let line = side.wait_line("send window", 5);
         let kib: usize = line
@@ -60,7 +60,7 @@ fn both_sides_size_the_send_window_from_a_ping_after_agree() {
             .next()
             .and_then(|w| w.trim_end_matches(" KiB").parse().ok())
             .unwrap_or_else(|| panic!("no window in {line:?}"));
-        assert!((32..=256).contains(&kib), "{line}");
+        assert!((32..=1024).contains(&kib), "{line}");
     }
     let (status, _, _) = request(t.addr, "GET", "/health", b"");
     assert_eq!(status, 200);
