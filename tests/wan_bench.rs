@@ -5,7 +5,10 @@
 //! `tunnel proxy` on side B, then measures from side B, through the proxy on 127.0.0.1 and
 //! straight to the upstream across the path: SSE streams of 20 tokens 50 ms apart (first token,
 //! worst and p99 gap between tokens), a 20 MiB download and a 20 MiB upload (stopped after a
-//! cap when the path is too slow for that, and said so). Prints one table and the run time.
+//! cap when the path is too slow for that, and said so). With `ORIG_CLIENT` set to a build of
+//! `orig-client` (tests/interop: the original p2p-llm-tunnel's stand-in, webrtc-rs on tokio;
+//! `make bench-wan` builds it), the same through the original, in a column of its own. Prints
+//! one table and the run time.
 //!
 //! A test target without libtest's harness (`harness = false` in Cargo.toml), so the table is
 //! printed as it is; it runs only with `TUNNEL_WAN_BENCH=1` as root (`make bench-wan` builds it
@@ -22,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use netbed::in_netns;
 use netbed::traffic::{self, Transfer};
-use netbed::wan::{Path, Wan, A_IP};
+use netbed::wan::{Path, Wan, A_IP, B_IP};
 
 const RTTS_MS: [u64; 2] = [50, 200];
 const LOSSES_PCT: [f64; 3] = [0.0, 1.0, 3.0];
@@ -84,13 +87,27 @@ struct Side {
 /// One row of the table.
 struct Row {
     path: Path,
-    tunnel: Side,
-    tcp: Side,
+    /// What each way measured, with its column label: the tunnel, plain TCP and, when
+    /// ORIG_CLIENT names it, the original.
+    sides: Vec<(&'static str, Side)>,
     congestion: String,
 }
 
+impl Side {
+    fn new() -> Side {
+        Side {
+            down: Err("not run".into()),
+            up: Err("not run".into()),
+            first: Vec::new(),
+            gaps: Vec::new(),
+            bad_streams: Vec::new(),
+        }
+    }
+}
+
 /// Fresh namespaces and processes for `path`; every measurement through the tunnel, then the
-/// same straight to the upstream, alternating so that neither gets a quieter link.
+/// same straight to the upstream (and through the original), in turn so that none gets a
+/// quieter link.
 fn measure(path: Path) -> Row {
     let case = format!("b{}-{}", path.rtt.as_millis(), (path.loss * 100.0) as u32);
     let wan = Wan::new(&case, path);
@@ -104,40 +121,115 @@ fn measure(path: Path) -> Row {
             .map(|s| s.trim().to_string())
             .unwrap_or_else(|e| format!("unknown ({e})"))
     });
-    let mut sides: [Side; 2] = std::array::from_fn(|_| Side {
-        down: Err("not run".into()),
-        up: Err("not run".into()),
-        first: Vec::new(),
-        gaps: Vec::new(),
-        bad_streams: Vec::new(),
-    });
-    let targets = [tunnel.addr, direct];
+    let mut targets = vec![("tunnel", tunnel.addr), ("TCP", direct)];
+    let original = std::env::var("ORIG_CLIENT")
+        .ok()
+        .filter(|bin| !bin.is_empty())
+        .and_then(|bin| start_original(&wan, &bin, up.port));
+    if let Some(o) = &original {
+        targets.push(("original", o.addr));
+    }
+    let mut sides: Vec<(&'static str, Side)> = targets
+        .iter()
+        .map(|(label, _)| (*label, Side::new()))
+        .collect();
     // The path's counters after each transfer (cumulative): what each one lost and overflowed.
-    let via = |addr: SocketAddr| if addr == direct { "TCP" } else { "tunnel" };
-    for (side, &addr) in sides.iter_mut().zip(&targets) {
+    for ((_, side), &(_, addr)) in sides.iter_mut().zip(&targets) {
         streams(&wan, addr, side);
     }
-    for (side, &addr) in sides.iter_mut().zip(&targets) {
+    for ((label, side), &(_, addr)) in sides.iter_mut().zip(&targets) {
         side.down = in_netns(&wan.ns('b'), move || {
             traffic::download(addr, TRANSFER, CAP, &AtomicU64::new(0))
         });
-        eprintln!("wan_bench: {} download done: {}", via(addr), wan.counters());
+        eprintln!("wan_bench: {label} download done: {}", wan.counters());
     }
-    for (side, &addr) in sides.iter_mut().zip(&targets) {
+    for ((label, side), &(_, addr)) in sides.iter_mut().zip(&targets) {
         let received = std::sync::Arc::clone(&up.received);
         side.up = in_netns(&wan.ns('b'), move || {
             traffic::upload(addr, TRANSFER, CAP, &received)
         });
-        eprintln!("wan_bench: {} upload done: {}", via(addr), wan.counters());
+        eprintln!("wan_bench: {label} upload done: {}", wan.counters());
     }
+    drop(original);
     drop(tunnel);
     eprintln!("wan_bench: forwarder: {}", wan.counters());
-    let [tunnel, tcp] = sides;
     Row {
         path,
-        tunnel,
-        tcp,
+        sides,
         congestion,
+    }
+}
+
+/// The original p2p-llm-tunnel's serve and proxy: `orig-client` (tests/interop), its stand-in
+/// built as the original is (webrtc-rs on tokio), on the same path and signal server.
+struct Original {
+    _serve: common::Proc,
+    _proxy: common::Proc,
+    addr: SocketAddr,
+}
+
+/// Starts the original at `bin` for the upstream on `upstream_port`: serve on side A, proxy
+/// on side B, ICE on the path's addresses, in a room of its own on the tunnel's `tunnel
+/// signal`; `None`, said why, if it does not come up.
+fn start_original(wan: &Wan, bin: &str, upstream_port: u16) -> Option<Original> {
+    let signal = format!("ws://{A_IP}:8787");
+    let room = format!("orig-{}", std::process::id());
+    let upstream = format!("http://127.0.0.1:{upstream_port}");
+    let start = |side: char, ice: &str, args: &[&str]| {
+        let ns = wan.ns(side);
+        let mut all = vec!["netns", "exec", &ns, bin];
+        all.extend_from_slice(args);
+        common::Proc::start_program("ip", &all, &[("RUST_LOG", "info"), ("ORIG_ICE_ADDR", ice)])
+    };
+    let serve = start(
+        'a',
+        A_IP,
+        &[
+            "serve",
+            "--signal",
+            &signal,
+            "--room",
+            &room,
+            "--upstream",
+            &upstream,
+        ],
+    );
+    let proxy = start(
+        'b',
+        B_IP,
+        &[
+            "proxy",
+            "--signal",
+            &signal,
+            "--room",
+            &room,
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let mut o = (serve, proxy);
+    let up = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let line = o.1.wait_line("proxy listening on http://", 10);
+        o.0.wait_line("tunnel ready", CONNECT.as_secs());
+        o.1.wait_line("tunnel ready", CONNECT.as_secs());
+        line.rsplit("http://")
+            .next()?
+            .trim()
+            .parse::<SocketAddr>()
+            .ok()
+    }));
+    match up {
+        Ok(Some(addr)) => Some(Original {
+            _serve: o.0,
+            _proxy: o.1,
+            addr,
+        }),
+        _ => {
+            eprintln!(
+                "*** wan_bench: the original ({bin}) did not come up: its column is empty ***"
+            );
+            None
+        }
     }
 }
 
@@ -200,24 +292,30 @@ fn rate(t: &Result<Transfer, String>, notes: &mut Vec<String>, what: String) -> 
 }
 
 fn print_table(rows: &[Row]) {
+    let labels: Vec<&str> = rows
+        .iter()
+        .max_by_key(|r| r.sides.len())
+        .map(|r| r.sides.iter().map(|(label, _)| *label).collect())
+        .unwrap_or_default();
+    let group = |title: &str| {
+        std::iter::once(title.to_string()).chain((1..labels.len()).map(|_| String::new()))
+    };
     let mut table: Vec<Vec<String>> = vec![
-        [
-            "path",
-            "download MB/s",
-            "",
-            "upload MB/s",
-            "",
-            "first token ms",
-            "",
-            "worst gap ms",
-            "",
-            "p99 gap ms",
-            "",
-        ]
-        .map(String::from)
-        .to_vec(),
+        std::iter::once("path".to_string())
+            .chain(
+                [
+                    "download MB/s",
+                    "upload MB/s",
+                    "first token ms",
+                    "worst gap ms",
+                    "p99 gap ms",
+                ]
+                .into_iter()
+                .flat_map(group),
+            )
+            .collect(),
         std::iter::once(String::new())
-            .chain((0..5).flat_map(|_| ["tunnel".to_string(), "TCP".to_string()]))
+            .chain((0..5).flat_map(|_| labels.iter().map(|l| l.to_string())))
             .collect(),
     ];
     let mut notes = Vec::new();
@@ -227,6 +325,7 @@ fn print_table(rows: &[Row]) {
             row.path.rtt.as_millis(),
             row.path.loss * 100.0
         );
+        let side = |label: &str| row.sides.iter().find(|(l, _)| *l == label).map(|(_, s)| s);
         let mut cells = vec![name.clone()];
         for (what, pick) in [
             (
@@ -235,20 +334,18 @@ fn print_table(rows: &[Row]) {
             ),
             ("upload", |s: &Side| &s.up),
         ] {
-            for (side, label) in [(&row.tunnel, "tunnel"), (&row.tcp, "TCP")] {
-                cells.push(rate(
-                    pick(side),
-                    &mut notes,
-                    format!("{name}, {label} {what}"),
-                ));
+            for &label in &labels {
+                cells.push(side(label).map_or("—".into(), |s| {
+                    rate(pick(s), &mut notes, format!("{name}, {label} {what}"))
+                }));
             }
         }
-        for (side, label) in [(&row.tunnel, "tunnel"), (&row.tcp, "TCP")] {
-            if !side.bad_streams.is_empty() {
+        for (label, s) in &row.sides {
+            if !s.bad_streams.is_empty() {
                 notes.push(format!(
                     "{name}, {label}: {} of {STREAMS} SSE streams left out: {}",
-                    side.bad_streams.len(),
-                    side.bad_streams.join("; ")
+                    s.bad_streams.len(),
+                    s.bad_streams.join("; ")
                 ));
             }
         }
@@ -257,8 +354,9 @@ fn print_table(rows: &[Row]) {
             |s: &Side| s.gaps.last().copied(),
             |s: &Side| percentile(&s.gaps, 99),
         ] {
-            cells.push(ms(figure(&row.tunnel)));
-            cells.push(ms(figure(&row.tcp)));
+            for &label in &labels {
+                cells.push(ms(side(label).and_then(figure)));
+            }
         }
         table.push(cells);
     }
@@ -272,8 +370,9 @@ fn print_table(rows: &[Row]) {
     let congestion = rows.first().map_or("", |r| r.congestion.as_str());
     println!(
         "tunnel (signal + serve beside the upstream, proxy on the client's side) vs. plain TCP to \
-         the upstream, on an emulated path: {MBIT} Mbit/s each way, drop-tail queue of one RTT, \
-         random loss on each direction; TCP congestion control {congestion}; release build; \
+         the upstream (and the original p2p-llm-tunnel, tests/interop's stand-in, when \
+         ORIG_CLIENT names it), on an emulated path: {MBIT} Mbit/s each way, drop-tail queue \
+         of one RTT, random loss on each direction; TCP congestion control {congestion}; release build; \
          MB/s = 10^6 bytes/s of {} MiB; first token = median of {STREAMS} streams of {TOKENS} \
          tokens {} ms apart; gaps between tokens over all {} of them",
         TRANSFER >> 20,

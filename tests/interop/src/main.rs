@@ -1,7 +1,8 @@
 //! `orig-client`: a stand-in of the original p2p-llm-tunnel Rust client (webrtc-rs + tokio), for
 //! interop tests of `tunnel`. `orig-client serve --signal URL --room R --upstream URL` and
 //! `orig-client proxy --signal URL --room R --listen ADDR`. ICE is restricted to 127.0.0.1 (no
-//! STUN, no mDNS) so test traffic stays on loopback. Run by `tests/interop.rs`.
+//! STUN, no mDNS) so test traffic stays on loopback, or to the one address in `ORIG_ICE_ADDR`.
+//! Run by `tests/interop.rs`, and by `make bench-wan` for its column of the original.
 
 mod frame;
 mod http;

@@ -83,7 +83,13 @@ async fn new_pc(
     ufrag: Arc<Mutex<String>>,
 ) -> Result<Arc<RTCPeerConnection>> {
     let mut se = SettingEngine::default();
-    se.set_ip_filter(Box::new(|ip: IpAddr| ip == IpAddr::V4(Ipv4Addr::LOCALHOST)));
+    // ICE on 127.0.0.1, or on the one address in ORIG_ICE_ADDR (`make bench-wan` runs it on
+    // the emulated path between two network namespaces).
+    let only: IpAddr = std::env::var("ORIG_ICE_ADDR")
+        .ok()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    se.set_ip_filter(Box::new(move |ip: IpAddr| ip == only));
     se.set_include_loopback_candidate(true);
     se.set_ice_multicast_dns_mode(MulticastDnsMode::Disabled);
     se.set_network_types(vec![NetworkType::Udp4]);
