@@ -89,7 +89,7 @@ bench: static
 ## bench-wan: the tunnel next to plain TCP and the original (tests/interop's orig-client, a
 ## release build: several minutes the first time) on an emulated WAN path (tests/netbed/wan.rs;
 ## root): RTT 50 and 200 ms × loss 0 / 1 / 3 % at 100 Mbit/s; download and upload MB/s of
-## 20 MiB, first SSE token, worst and p99 gap between tokens; about 6-8 minutes
+## 20 MiB, first SSE token, worst and p99 gap between tokens; about 7-9 minutes
 bench-wan:
 	@if [ "$$(id -u)" != 0 ]; then \
 	  echo "*** make bench-wan needs root (network namespaces, TUN devices): SKIPPED ***"; \

@@ -171,6 +171,28 @@ mod tests {
     }
 
     #[test]
+    fn the_path_has_room_while_recent_rtts_show_no_queue() {
+        let t0 = Instant::now();
+        let mut m = PathModel::default();
+        assert!(!m.has_room(), "nothing measured yet");
+        m.on_rtt(Duration::from_millis(50), t0);
+        m.on_acked(100_000, 100, t0);
+        assert!(m.has_room(), "RTT at its minimum");
+        // Rounds whose samples stand 40 % above the minimum: a queue, so no more slow start.
+        m.on_acked(100_000, 100, t0 + Duration::from_millis(50));
+        m.on_rtt(Duration::from_millis(70), t0 + Duration::from_millis(60));
+        m.on_acked(100_000, 100, t0 + Duration::from_millis(110));
+        m.on_rtt(Duration::from_millis(70), t0 + Duration::from_millis(120));
+        assert!(!m.has_room(), "RTT 40 % above its minimum");
+        // Two rounds without a sample (an idle or app-limited sender): nothing to go by.
+        m.on_acked(100_000, 100, t0 + Duration::from_millis(170));
+        m.on_acked(100_000, 100, t0 + Duration::from_millis(230));
+        assert!(!m.has_room(), "no recent sample");
+        m.on_rtt(Duration::from_millis(51), t0 + Duration::from_millis(240));
+        assert!(m.has_room(), "back near the minimum");
+    }
+
+    #[test]
     fn the_minimum_rtt_ages_out() {
         let t0 = Instant::now();
         let mut m = PathModel::default();
