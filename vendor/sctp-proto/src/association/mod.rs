@@ -4200,7 +4200,7 @@ impl Association {
             c.nsent += 1;
             chunk.nsent = c.nsent;
         }
-        stats::add_retransmitted_chunks(chunks.len() as u64);
+        stats::add_retransmitted_chunks(chunks.len());
         self.bundle_data_chunks_into_packets(chunks)
     }
 

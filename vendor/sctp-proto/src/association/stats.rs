@@ -1,25 +1,28 @@
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+// Process-wide totals (PATCHES.md §4), in `usize` atomics: 32-bit MIPS has no 64-bit ones.
+// There they wrap after 2^32 counts.
 
 /// Chunks retransmitted (fast retransmit, tail-loss probe or T3-rtx) by every association of
 /// this process; see [`process_retransmitted_chunks`].
-static RETRANSMITTED_CHUNKS: AtomicU64 = AtomicU64::new(0);
+static RETRANSMITTED_CHUNKS: AtomicUsize = AtomicUsize::new(0);
 /// T3-rtx timeouts of every association of this process.
-static T3_TIMEOUTS: AtomicU64 = AtomicU64::new(0);
+static T3_TIMEOUTS: AtomicUsize = AtomicUsize::new(0);
 
 /// DATA chunks sent again, over every association of this process since it started. For an
 /// application that holds its associations through a library that keeps them private (str0m's
 /// `Rtc`) and wants a retransmission counter for its metrics.
 pub fn process_retransmitted_chunks() -> u64 {
-    RETRANSMITTED_CHUNKS.load(Ordering::Relaxed)
+    RETRANSMITTED_CHUNKS.load(Ordering::Relaxed) as u64
 }
 
 /// T3-rtx timeouts, over every association of this process since it started.
 pub fn process_t3_timeouts() -> u64 {
-    T3_TIMEOUTS.load(Ordering::Relaxed)
+    T3_TIMEOUTS.load(Ordering::Relaxed) as u64
 }
 
 /// Counts `n` chunks sent again, in the process-wide total.
-pub(crate) fn add_retransmitted_chunks(n: u64) {
+pub(crate) fn add_retransmitted_chunks(n: usize) {
     RETRANSMITTED_CHUNKS.fetch_add(n, Ordering::Relaxed);
 }
 
