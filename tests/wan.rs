@@ -49,11 +49,16 @@ fn enabled(case: &str) -> bool {
     true
 }
 
-/// A path, an upstream on side A and a tunnel across.
-fn setup(case: &str, path: Path, connect: Duration) -> (Wan, traffic::Upstream, Tunnel) {
+/// A path, an upstream on side A and a tunnel across (`extra`: arguments for serve and proxy).
+fn setup(
+    case: &str,
+    path: Path,
+    connect: Duration,
+    extra: &[&str],
+) -> (Wan, traffic::Upstream, Tunnel) {
     let wan = Wan::new(case, path);
     let up = traffic::upstream(&wan.ns('a'));
-    let tunnel = wan.start_tunnel(up.port, &[], &[], connect);
+    let tunnel = wan.start_tunnel(up.port, extra, &[], connect);
     (wan, up, tunnel)
 }
 
@@ -97,6 +102,15 @@ fn wait_progress(progress: &AtomicU64, done: &Done, bytes: u64, timeout: Duratio
     }
 }
 
+/// Starts a download of `len` bytes (capped at `cap`) and waits up to 30 s until
+/// [`BEFORE_CUT`] bytes have arrived; returns where its result will come and the bytes
+/// arrived by then.
+fn under_way(wan: &Wan, addr: SocketAddr, len: u64, cap: Duration, what: &str) -> (Done, u64) {
+    let (progress, done) = background_download(wan, addr, len, cap);
+    wait_progress(&progress, &done, BEFORE_CUT, Duration::from_secs(30), what);
+    (done, progress.load(Ordering::Relaxed))
+}
+
 /// `GET /small` through the proxy, from side B: (status, lower-cased head).
 fn small(wan: &Wan, addr: SocketAddr, timeout: Duration) -> Result<(u16, String), String> {
     in_netns(&wan.ns('b'), move || {
@@ -126,19 +140,15 @@ fn three_second_cut_mid_download_completes_intact() {
         return;
     }
     const LEN: u64 = 16 << 20;
-    let wan = Wan::new("cut3", Path::new(RTT_MS, 0.0, MBIT));
-    let up = traffic::upstream(&wan.ns('a'));
     let metrics = ["--metrics", "127.0.0.1:0"];
-    let mut t = wan.start_tunnel(up.port, &metrics, &[], CONNECT);
-    let (progress, done) = background_download(&wan, t.addr, LEN, Duration::from_secs(90));
-    wait_progress(
-        &progress,
-        &done,
-        BEFORE_CUT,
-        Duration::from_secs(30),
+    let (wan, _up, mut t) = setup("cut3", Path::new(RTT_MS, 0.0, MBIT), CONNECT, &metrics);
+    let (done, at) = under_way(
+        &wan,
+        t.addr,
+        LEN,
+        Duration::from_secs(90),
         "cut3: before the cut",
     );
-    let at = progress.load(Ordering::Relaxed);
     wan.cut(Cut::All);
     // The cut lasts 3 s, watched: nothing crosses it, so the download cannot end meanwhile.
     if let Ok((ended, _)) = done.recv_timeout(Duration::from_secs(3)) {
@@ -203,17 +213,10 @@ fn thirty_second_cut_ends_in_flight_answers_503_and_recovers() {
         return;
     }
     const CUT: Duration = Duration::from_secs(30);
-    let (wan, _up, mut t) = setup("cut30", Path::new(RTT_MS, 0.0, MBIT), CONNECT);
+    let (wan, _up, mut t) = setup("cut30", Path::new(RTT_MS, 0.0, MBIT), CONNECT, &[]);
     // Far more than can arrive before the cut: still in flight when it starts.
-    let (progress, done) =
-        background_download(&wan, t.addr, 1 << 40, CUT + GRACE + Duration::from_secs(60));
-    wait_progress(
-        &progress,
-        &done,
-        BEFORE_CUT,
-        Duration::from_secs(30),
-        "cut30: before the cut",
-    );
+    let cap = CUT + GRACE + Duration::from_secs(60);
+    let (done, _) = under_way(&wan, t.addr, 1 << 40, cap, "cut30: before the cut");
     let cut = Instant::now();
     wan.cut(Cut::All);
 
@@ -311,15 +314,13 @@ fn address_change_mid_download_completes_intact_through_an_ice_restart() {
     let wan = Wan::new("move", Path::new(RTT_MS, 0.0, MBIT));
     let up = traffic::upstream(&wan.ns('a'));
     let mut t = wan.start_tunnel_with(up.port, &[], &[], CONNECT, None);
-    let (progress, done) = background_download(&wan, t.addr, LEN, Duration::from_secs(90));
-    wait_progress(
-        &progress,
-        &done,
-        BEFORE_CUT,
-        Duration::from_secs(30),
+    let (done, at) = under_way(
+        &wan,
+        t.addr,
+        LEN,
+        Duration::from_secs(90),
         "move: before the move",
     );
-    let at = progress.load(Ordering::Relaxed);
     // More than a send window is still to come: it must cross the new path.
     assert!(at + (2 << 20) < LEN, "move: {at} bytes already arrived");
     let moved = Instant::now();
@@ -387,7 +388,7 @@ fn sse_at_three_percent_loss_arrives_whole_and_in_order() {
     }
     const TOKENS: usize = 20;
     const STREAMS: usize = 3;
-    let (wan, _up, mut t) = setup("sse3", Path::new(50, 3.0, MBIT), CONNECT_LOSSY);
+    let (wan, _up, mut t) = setup("sse3", Path::new(50, 3.0, MBIT), CONNECT_LOSSY, &[]);
     let addr = t.addr;
     let want = traffic::sse_body(TOKENS);
     for i in 0..STREAMS {

@@ -960,6 +960,27 @@ fn downloading(
 }
 
 /// Runs until the download ends (at most `limit` of virtual time) and returns its result.
+/// The download behind `result` ends whole and intact (within 60 s), and each node of `kept`
+/// still has just those sessions open: none was replaced along the way.
+fn completes_on_the_same_sessions(
+    sim: &mut Sim,
+    result: &mpsc::Receiver<(u16, usize, bool)>,
+    size: usize,
+    kept: &[(usize, Vec<PeerId>)],
+) {
+    assert_eq!(
+        finish(sim, result, Duration::from_secs(60)),
+        (200, size, true)
+    );
+    for (node, sessions) in kept {
+        assert_eq!(
+            &sim.nodes[*node].net.open_peers(),
+            sessions,
+            "node {node}: the same sessions throughout"
+        );
+    }
+}
+
 fn finish(
     sim: &mut Sim,
     result: &mpsc::Receiver<(u16, usize, bool)>,
@@ -1004,15 +1025,7 @@ fn a_partition_shorter_than_the_grace_is_bridged_by_ice_restarts_and_the_downloa
     });
     assert!(ok, "the path is back within 5 s of the restore");
     println!("path back {:?} after the restore", sim.now - back);
-    assert_eq!(
-        finish(&mut sim, &result, Duration::from_secs(60)),
-        (200, size, true)
-    );
-    assert_eq!(
-        sim.nodes[c].net.open_peers(),
-        vec![session],
-        "the same session throughout"
-    );
+    completes_on_the_same_sessions(&mut sim, &result, size, &[(c, vec![session])]);
 }
 
 /// The consumer's host moves to another network mid-download; with `rejoin` its signaling
@@ -1043,19 +1056,11 @@ fn consumer_moves(seed: u64, rejoin: bool) {
         "at once: {:?}",
         sim.now - t0
     );
-    assert_eq!(
-        finish(&mut sim, &result, Duration::from_secs(60)),
-        (200, size, true)
-    );
-    assert_eq!(
-        sim.nodes[c].net.open_peers(),
-        vec![session],
-        "the consumer's one session"
-    );
-    assert_eq!(
-        sim.nodes[p].net.open_peers(),
-        provider_session,
-        "the provider's one session"
+    completes_on_the_same_sessions(
+        &mut sim,
+        &result,
+        size,
+        &[(c, vec![session]), (p, provider_session)],
     );
 }
 
@@ -1122,11 +1127,7 @@ fn a_restart_offer_naming_another_certificate_is_ignored() {
         1,
         "the genuine offer restarts ICE"
     );
-    assert_eq!(
-        finish(&mut sim, &result, Duration::from_secs(60)),
-        (200, size, true)
-    );
-    assert_eq!(sim.nodes[p].net.open_peers(), vec![provider_peer]);
+    completes_on_the_same_sessions(&mut sim, &result, size, &[(p, vec![provider_peer])]);
 }
 
 #[test]
