@@ -13,13 +13,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use mio::{Events, Poll};
+use mio::Poll;
 use serde_json::{json, Value};
 use tungstenite::protocol::Role;
 use tungstenite::{Message, WebSocket};
 
 use crate::procfs::{percentile, schedstat, status_bytes, Sched};
-use crate::signal::{http_get, metric};
+use crate::signal::{http_get, metric, ping_pong};
 
 /// Room pairs ping-ponging candidates.
 const PAIRS: usize = 100;
@@ -29,7 +29,6 @@ const RUN: Duration = Duration::from_secs(3);
 const REMOTE_HELD: usize = 2000;
 const START_TIMEOUT: Duration = Duration::from_secs(5);
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
-const CANDIDATE: &str = r#"{"candidate":"candidate:842163049 1 udp 1677729535 203.0.113.7 46154 typ srflx raddr 192.168.1.23 rport 46154 generation 0 ufrag sK3n network-cost 999","sdpMid":"0","sdpMLineIndex":0}"#;
 
 /// A child process, stopped when dropped.
 struct Kid(Child);
@@ -268,7 +267,6 @@ fn pingpong(addrs: &[SocketAddr; 2], pids: &[u32], tag: &str, pairs: usize) -> R
             socks.push(WebSocket::from_raw_socket(stream, Role::Client, None));
         }
     }
-    let msg = Message::text(json!({"type": "candidate", "candidate": CANDIDATE}).to_string());
     let cpu = |pids: &[u32]| -> Result<Duration, String> {
         let mut total = Duration::ZERO;
         for pid in pids {
@@ -278,68 +276,11 @@ fn pingpong(addrs: &[SocketAddr; 2], pids: &[u32], tag: &str, pairs: usize) -> R
         Ok(total)
     };
     let cpu_before = cpu(pids)?;
-    let start = Instant::now();
-    let stop = start + RUN;
-    let mut sent_at = vec![start; pairs];
-    for (pair, at) in sent_at.iter_mut().enumerate() {
-        *at = Instant::now();
-        send(&mut socks[2 * pair], msg.clone())?;
-    }
-    let (mut in_flight, mut in_time, mut delivered) = (pairs, 0u64, 0u64);
-    let mut latencies = Vec::with_capacity(1 << 20);
-    let mut events = Events::with_capacity(1024);
-    while in_flight > 0 {
-        if Instant::now() > stop + Duration::from_secs(2) {
-            return Err(format!("{in_flight} candidates not delivered in time"));
-        }
-        poll.poll(&mut events, Some(Duration::from_millis(100)))
-            .map_err(|e| format!("poll: {e}"))?;
-        for ev in events.iter() {
-            let i = ev.token().0;
-            let Some(ws) = socks.get_mut(i) else { continue };
-            if ev.is_writable() {
-                match ws.flush() {
-                    Ok(()) => {}
-                    Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(format!("flush: {e}")),
-                }
-            }
-            loop {
-                match ws.read() {
-                    Ok(Message::Text(_)) => {}
-                    Ok(Message::Close(_)) => return Err(format!("socket {i} closed by server")),
-                    Ok(_) => continue,
-                    Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                        break
-                    }
-                    Err(e) => return Err(format!("socket {i}: {e}")),
-                }
-                let now = Instant::now();
-                latencies.push(now - sent_at[i / 2]);
-                delivered += 1;
-                if now < stop {
-                    in_time += 1;
-                    sent_at[i / 2] = now;
-                    send(ws, msg.clone())?;
-                } else {
-                    in_flight -= 1;
-                }
-            }
-        }
-    }
+    let run = ping_pong(&mut poll, &mut socks, RUN)?;
     let used = cpu(pids)?.saturating_sub(cpu_before);
-    latencies.sort_unstable();
     Ok(Run {
-        rate: in_time as f64 / RUN.as_secs_f64(),
-        latencies,
-        cpu_per_msg: used / u32::try_from(delivered.max(1)).unwrap_or(u32::MAX),
+        rate: run.in_time as f64 / RUN.as_secs_f64(),
+        latencies: run.latencies,
+        cpu_per_msg: used / u32::try_from(run.delivered.max(1)).unwrap_or(u32::MAX),
     })
-}
-
-fn send(ws: &mut WebSocket<mio::net::TcpStream>, msg: Message) -> Result<(), String> {
-    match ws.send(msg) {
-        Ok(()) => Ok(()),
-        Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
-        Err(e) => Err(format!("send: {e}")),
-    }
 }

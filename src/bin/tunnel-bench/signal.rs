@@ -392,20 +392,72 @@ fn relay(addr: SocketAddr, server_pid: u32) -> Result<(Relay, Vec<Ws>), String> 
         }
     }
 
-    let msg = Message::text(json!({"type": "candidate", "candidate": CANDIDATE}).to_string());
-    let mut sent_at = vec![Instant::now(); PAIRS];
-    let mut latencies = Vec::with_capacity(1 << 20);
     let server_stat = format!("/proc/{server_pid}/schedstat");
     let cpu_before = [schedstat(&server_stat)?, schedstat(CLIENT_STAT)?];
     let start = Instant::now();
-    let stop = start + RELAY_TIME;
+    let run = ping_pong(&mut poll, &mut socks, RELAY_TIME)?;
+    let wall = start.elapsed();
+    let [server_before, client_before] = cpu_before;
+    let server = schedstat(&server_stat)?.since(server_before);
+    let client = schedstat(CLIENT_STAT)?.since(client_before);
+    let relay = Relay {
+        rate: run.in_time as f64 / RELAY_TIME.as_secs_f64(),
+        delivered: run.delivered,
+        latencies: run.latencies,
+        wall,
+        server,
+        client,
+    };
+    Ok((relay, socks))
+}
+
+/// Makes a joined client socket non-blocking and registers it with `poll` under `token`, for
+/// reading and writing (the relay phases here and in `cluster`).
+pub fn register(poll: &Poll, s: TcpStream, token: usize) -> Result<mio::net::TcpStream, String> {
+    s.set_nonblocking(true)
+        .map_err(|e| format!("set_nonblocking: {e}"))?;
+    let mut stream = mio::net::TcpStream::from_std(s);
+    poll.registry()
+        .register(
+            &mut stream,
+            Token(token),
+            Interest::READABLE | Interest::WRITABLE,
+        )
+        .map_err(|e| format!("register: {e}"))?;
+    Ok(stream)
+}
+
+/// What a candidate ping-pong measured.
+pub struct PingPong {
+    /// Candidates delivered before the end of the run, and in all (the ones in flight then
+    /// included).
+    pub in_time: u64,
+    pub delivered: u64,
+    /// Send to delivery of each, sorted.
+    pub latencies: Vec<Duration>,
+}
+
+/// Candidate ping-pong on `socks` (registered with `poll` under their index; pairs of members
+/// of one room, the first of each pair at an even index): each pair keeps one candidate in
+/// flight, the receiver sending it back, for `run`; then the last ones are waited for (up to
+/// [`DRAIN_TIMEOUT`]). The relay phases here and in `cluster`.
+pub fn ping_pong<S: Read + Write>(
+    poll: &mut Poll,
+    socks: &mut [WebSocket<S>],
+    run: Duration,
+) -> Result<PingPong, String> {
+    let msg = Message::text(json!({"type": "candidate", "candidate": CANDIDATE}).to_string());
+    let pairs = socks.len() / 2;
+    let stop = Instant::now() + run;
+    let mut sent_at = vec![Instant::now(); pairs];
     for (pair, at) in sent_at.iter_mut().enumerate() {
         *at = Instant::now();
         send(&mut socks[2 * pair], msg.clone())?;
     }
-    let mut in_flight = PAIRS;
+    let mut in_flight = pairs;
     let mut in_time = 0u64;
     let mut delivered = 0u64;
+    let mut latencies = Vec::with_capacity(1 << 20);
     let mut events = Events::with_capacity(1024);
     while in_flight > 0 {
         if Instant::now() > stop + DRAIN_TIMEOUT {
@@ -449,40 +501,16 @@ fn relay(addr: SocketAddr, server_pid: u32) -> Result<(Relay, Vec<Ws>), String> 
             }
         }
     }
-    let wall = start.elapsed();
-    let [server_before, client_before] = cpu_before;
-    let server = schedstat(&server_stat)?.since(server_before);
-    let client = schedstat(CLIENT_STAT)?.since(client_before);
     latencies.sort_unstable();
-    let relay = Relay {
-        rate: in_time as f64 / RELAY_TIME.as_secs_f64(),
+    Ok(PingPong {
+        in_time,
         delivered,
         latencies,
-        wall,
-        server,
-        client,
-    };
-    Ok((relay, socks))
+    })
 }
 
 /// Queues and writes one message; what the socket cannot take now goes out on `WRITABLE`.
-/// Makes a joined client socket non-blocking and registers it with `poll` under `token`, for
-/// reading and writing (the relay phases here and in `cluster`).
-pub fn register(poll: &Poll, s: TcpStream, token: usize) -> Result<mio::net::TcpStream, String> {
-    s.set_nonblocking(true)
-        .map_err(|e| format!("set_nonblocking: {e}"))?;
-    let mut stream = mio::net::TcpStream::from_std(s);
-    poll.registry()
-        .register(
-            &mut stream,
-            Token(token),
-            Interest::READABLE | Interest::WRITABLE,
-        )
-        .map_err(|e| format!("register: {e}"))?;
-    Ok(stream)
-}
-
-fn send(ws: &mut Ws, msg: Message) -> Result<(), String> {
+fn send<S: Read + Write>(ws: &mut WebSocket<S>, msg: Message) -> Result<(), String> {
     match ws.send(msg) {
         Ok(()) => Ok(()),
         Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
@@ -490,7 +518,7 @@ fn send(ws: &mut Ws, msg: Message) -> Result<(), String> {
     }
 }
 
-fn flush(ws: &mut Ws) -> Result<(), String> {
+fn flush<S: Read + Write>(ws: &mut WebSocket<S>) -> Result<(), String> {
     match ws.flush() {
         Ok(()) => Ok(()),
         Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
