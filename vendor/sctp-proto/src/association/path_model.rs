@@ -101,9 +101,7 @@ impl PathModel {
         let acked: u64 = self.acked.iter().sum();
         lost + acked >= LOSS_SHARE_MIN_CHUNKS && lost * CONGESTION_LOSS_RATIO > lost + acked
     }
-}
 
-impl PathModel {
     /// The recent RTT stands above the minimum by more than a quarter (at least 4 ms): a queue
     /// is building at the bottleneck.
     fn queue_building(&self) -> bool {
@@ -119,9 +117,8 @@ impl PathModel {
     /// as in slow start even above ssthresh, which a timeout or a loss while the flight was
     /// small may have left far below the path's capacity.
     pub(crate) fn has_room(&self) -> bool {
-        self.min_rtt().is_some()
-            && self.round_rtt.iter().any(Option::is_some)
-            && !self.queue_building()
+        // A sample in `round_rtt` has set `min_rtt` too.
+        self.round_rtt.iter().any(Option::is_some) && !self.queue_building()
     }
 }
 
