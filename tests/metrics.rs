@@ -24,16 +24,6 @@ fn test_upstream() -> String {
     })
 }
 
-/// The address a process logged for its metrics.
-fn metrics_addr(p: &mut Proc) -> SocketAddr {
-    let line = p.wait_line("metrics on http://", 10);
-    line.rsplit("http://")
-        .next()
-        .and_then(|a| a.trim().strip_suffix("/metrics"))
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-}
-
 /// GET /metrics; the page.
 fn scrape(addr: SocketAddr) -> String {
     let (status, head, body) = get(addr, "/metrics");
@@ -43,17 +33,6 @@ fn scrape(addr: SocketAddr) -> String {
         "{head}"
     );
     body
-}
-
-/// The value of the sample whose line starts with `series` (a name, or a name with labels)
-/// followed by a space.
-fn value(page: &str, series: &str) -> Option<f64> {
-    page.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
-fn must(page: &str, series: &str) -> f64 {
-    value(page, series).unwrap_or_else(|| panic!("no {series} in\n{page}"))
 }
 
 /// Scrapes until `check` holds for the page, or panics after `secs`.
@@ -100,11 +79,11 @@ fn the_counters_move_with_requests_through_the_tunnel() {
     let mut t = Tunnel::start_split(&test_upstream(), &serve_flags, &metrics);
     let (serve_m, proxy_m) = (metrics_addr(&mut t.serve), metrics_addr(&mut t.proxy));
     let page = scrape(serve_m);
-    assert_eq!(must(&page, "tunnel_consumers"), 1.0, "{page}");
-    assert_eq!(must(&page, "tunnel_streams_total"), 0.0, "{page}");
+    assert_eq!(metric(&page, "tunnel_consumers"), 1.0, "{page}");
+    assert_eq!(metric(&page, "tunnel_streams_total"), 0.0, "{page}");
     assert!(page.contains("tunnel_info{role=\"serve\""), "{page}");
     let page = scrape(proxy_m);
-    assert_eq!(must(&page, "tunnel_provider_connected"), 1.0, "{page}");
+    assert_eq!(metric(&page, "tunnel_provider_connected"), 1.0, "{page}");
     assert!(page.contains("tunnel_info{role=\"proxy\""), "{page}");
 
     let (status, _, body) = request(t.addr, "GET", "/big", b"");
@@ -119,12 +98,12 @@ fn the_counters_move_with_requests_through_the_tunnel() {
     let proxy_page = scrape(proxy_m);
     let down = (100_000 + 5_000 + refusal.len()) as f64;
     for page in [&serve_page, &proxy_page] {
-        assert_eq!(must(page, "tunnel_streams_total"), 3.0, "{page}");
-        assert_eq!(must(page, "tunnel_streams_open"), 0.0, "{page}");
+        assert_eq!(metric(page, "tunnel_streams_total"), 3.0, "{page}");
+        assert_eq!(metric(page, "tunnel_streams_open"), 0.0, "{page}");
         let up = "tunnel_bytes_total{direction=\"upstream\"}";
         let downstream = "tunnel_bytes_total{direction=\"downstream\"}";
-        assert_eq!(must(page, up), 5_000.0, "{page}");
-        assert_eq!(must(page, downstream), down, "{page}");
+        assert_eq!(metric(page, up), 5_000.0, "{page}");
+        assert_eq!(metric(page, downstream), down, "{page}");
         // The one peer, on a direct loopback path, with a measured round trip.
         let path = page
             .lines()
@@ -137,18 +116,18 @@ fn the_counters_move_with_requests_through_the_tunnel() {
             .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .unwrap_or_else(|| panic!("no round trip in\n{page}"));
         assert!(rtt > 0.0 && rtt < 1.0, "{rtt}");
-        assert_eq!(must(page, "tunnel_path_lost_total"), 0.0, "{page}");
+        assert_eq!(metric(page, "tunnel_path_lost_total"), 0.0, "{page}");
         // Loopback loses nothing; tests/wan.rs (cut3) sees these move.
-        must(page, "tunnel_sctp_retransmitted_chunks_total");
-        must(page, "tunnel_sctp_timeouts_total");
+        metric(page, "tunnel_sctp_retransmitted_chunks_total");
+        metric(page, "tunnel_sctp_timeouts_total");
     }
     let policy = "tunnel_refusals_total{reason=\"policy_403\"}";
-    assert_eq!(must(&serve_page, policy), 1.0, "{serve_page}");
+    assert_eq!(metric(&serve_page, policy), 1.0, "{serve_page}");
 
     // A second consumer is one too many for --max-consumers 1.
     let (_second, _) = proxy_with(&t.signal_url, &t.room, &[]);
     let full = "tunnel_refusals_total{reason=\"max_consumers\"}";
-    scrape_until(serve_m, 20, |page| value(page, full) >= Some(1.0));
+    scrape_until(serve_m, 20, |page| metric_value(page, full) >= Some(1.0));
     // The first consumer is still served.
     let (status, _, _) = request(t.addr, "GET", "/big", b"");
     assert_eq!(status, 200);
@@ -198,7 +177,7 @@ fn only_get_metrics_is_answered_and_bad_requests_are_refused() {
     assert_eq!(status, 421);
     let page = scrape(m);
     let misdirected = "tunnel_refusals_total{reason=\"misdirected\"}";
-    assert_eq!(must(&page, misdirected), 1.0, "{page}");
+    assert_eq!(metric(&page, misdirected), 1.0, "{page}");
 }
 
 #[test]
@@ -235,7 +214,7 @@ fn a_scraper_that_never_reads_does_not_hold_up_the_tunnel() {
         assert_eq!((status, body.len()), (200, 100_000));
     }
     let page = scrape(m);
-    assert!(must(&page, "tunnel_streams_total") >= 3.0, "{page}");
+    assert!(metric(&page, "tunnel_streams_total") >= 3.0, "{page}");
     // One response at most is buffered for the stuck connection.
     let grown = rss_kib(pid).saturating_sub(before);
     assert!(

@@ -169,8 +169,8 @@ fn three_second_cut_mid_download_completes_intact() {
     );
     // What the cut cost is counted: the data sent into it went again, after a timeout.
     let page = serve_metrics(&wan, &mut t);
-    let retransmitted = sample(&page, "tunnel_sctp_retransmitted_chunks_total");
-    let timeouts = sample(&page, "tunnel_sctp_timeouts_total");
+    let retransmitted = common::metric(&page, "tunnel_sctp_retransmitted_chunks_total");
+    let timeouts = common::metric(&page, "tunnel_sctp_timeouts_total");
     assert!(
         retransmitted > 0.0 && timeouts > 0.0,
         "cut3: serve's SCTP counters after the cut:\n{page}"
@@ -186,22 +186,10 @@ fn three_second_cut_mid_download_completes_intact() {
 
 /// serve's `--metrics` page (serve started with `--metrics 127.0.0.1:0`, side A).
 fn serve_metrics(wan: &Wan, t: &mut Tunnel) -> String {
-    let line = t.serve.wait_line("metrics on http://", 5);
-    let addr: SocketAddr = line
-        .rsplit("http://")
-        .next()
-        .and_then(|a| a.trim().strip_suffix("/metrics")?.parse().ok())
-        .unwrap_or_else(|| panic!("no metrics address in {line:?}"));
+    let addr = common::metrics_addr(&mut t.serve);
     let (status, _, page) = in_netns(&wan.ns('a'), move || common::get(addr, "/metrics"));
     assert_eq!(status, 200, "GET /metrics: {page}");
     page
-}
-
-/// The value of the unlabelled sample `name` on a metrics page.
-fn sample(page: &str, name: &str) -> f64 {
-    page.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in\n{page}"))
 }
 
 /// A 30 s cut of the whole path: the request in flight ends within the grace + 5 s, new

@@ -277,7 +277,7 @@ pub struct View<'a> {
 }
 
 /// Per-peer families: the path kind and the PING round trip of each of `peers` (session id and
-/// the member label to show), and the path-lost events of the process.
+/// the member label to show), and the path-lost events and SCTP retransmissions of the process.
 pub fn render_peers(page: &mut Exposition, net: &Net, peers: &[(PeerId, String)]) {
     page.single(
         "path_lost_total",

@@ -470,3 +470,25 @@ pub fn request(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16,
     s.write_all(body).unwrap();
     read_full_response(&mut s)
 }
+
+/// The address a process logged for its `--metrics` page.
+pub fn metrics_addr(p: &mut Proc) -> SocketAddr {
+    let line = p.wait_line("metrics on http://", 10);
+    line.rsplit("http://")
+        .next()
+        .and_then(|a| a.trim().strip_suffix("/metrics"))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+}
+
+/// The value of the sample on a metrics page whose line starts with `series` (a name, or a name
+/// with labels) followed by a space.
+pub fn metric_value(page: &str, series: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// [`metric_value`], which must be on the page.
+pub fn metric(page: &str, series: &str) -> f64 {
+    metric_value(page, series).unwrap_or_else(|| panic!("no {series} in\n{page}"))
+}
